@@ -1,0 +1,376 @@
+"""Category interaction ("effect equivalence") matrix Gamma.
+
+Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045), section 2 of
+``shared/methods/beyond_iid.md``. From a baseline set D0 one fine-tune per source category i is
+run with the amount of category i changed by ``Delta_i``; the performance ``P_j`` on every
+target category j is measured. The per-instruction effect is
+
+    e_ij = (P_j(D^(i)) - P_j(D0)) / Delta_i          (sign flipped for lower-is-better metrics)
+
+and the effect-equivalence matrix is ``Gamma[j, i] = e_ij / e_jj``: how many category-j
+instructions give category j the same gain as one category-i instruction. It has a unit
+diagonal; > 0 is synergy, < 0 antagonism.
+
+Orientation everywhere in jraise: ``gamma[target, source]`` (row = measured category j,
+column = intervened category i).
+
+Everything here is pure numpy in / numpy out, except the three small file helpers
+(:func:`save_gamma`, :func:`load_gamma`, :func:`load_digitized_fixture`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ORIENTATION = "gamma[target][source]"
+
+__all__ = [
+    "ORIENTATION",
+    "interaction_matrix",
+    "cluster_order",
+    "save_gamma",
+    "load_gamma",
+    "load_digitized_fixture",
+]
+
+
+def _category_label(names: Sequence[str] | None, j: int) -> str:
+    return f"{names[j]!r} (index {j})" if names is not None else f"index {j}"
+
+
+def interaction_matrix(
+    perf_base: np.ndarray,
+    perf_intervened: np.ndarray,
+    deltas: np.ndarray,
+    higher_is_better: bool = True,
+    *,
+    names: Sequence[str] | None = None,
+    self_effect_floor: float | None = None,
+    atol: float = 1e-12,
+) -> np.ndarray:
+    """Effect-equivalence matrix ``Gamma[target, source]`` from N+1 intervention runs.
+
+    Beyond IID (arXiv 2409.07045), section 2: ``e_ij = (P_j(D^(i)) - P_j(D0)) / Delta_i`` and
+    ``Gamma[j, i] = e_ij / e_jj``.
+
+    Args:
+      perf_base: ``(C,)`` per-category performance of the baseline model trained on D0.
+      perf_intervened: ``(C, C)``; row ``i`` is the per-category performance (columns = target
+        categories) of the model trained with source category ``i`` changed by ``deltas[i]``.
+      deltas: ``(C,)`` change in the number of category-i instructions (non-zero; may be
+        negative for removal interventions).
+      higher_is_better: ``True`` for accuracy-like metrics; ``False`` for loss-like metrics, in
+        which case the sign of every effect is flipped so that "positive effect = helps".
+      names: optional category names, only used in error messages.
+      self_effect_floor: policy for categories whose own effect ``e_jj`` is not positive.
+        ``None`` (default): raise ``ValueError`` naming the category, because a row of Gamma
+        cannot be expressed in "equivalent own-category instructions" when adding own data does
+        not help (``e_jj ~ 0`` divides by zero; ``e_jj < 0`` would flip every sign of the row).
+        A positive float: clip, i.e. divide row j by ``max(e_jj, self_effect_floor)``.
+      atol: ``e_jj <= atol`` counts as "not positive".
+
+    Returns:
+      ``(C, C)`` float64 array ``Gamma[target, source]`` with an exactly unit diagonal.
+    """
+    base = np.asarray(perf_base, dtype=np.float64)
+    inter = np.asarray(perf_intervened, dtype=np.float64)
+    delta = np.asarray(deltas, dtype=np.float64)
+    if base.ndim != 1:
+        raise ValueError(f"perf_base must be 1-D (C,), got shape {base.shape}")
+    c = base.shape[0]
+    if inter.shape != (c, c):
+        raise ValueError(
+            f"perf_intervened must have shape (C_src, C_tgt) = ({c}, {c}), got {inter.shape}"
+        )
+    if delta.shape != (c,):
+        raise ValueError(f"deltas must have shape ({c},), got {delta.shape}")
+    if names is not None and len(names) != c:
+        raise ValueError(f"names has {len(names)} entries, expected {c}")
+    for label, arr in (("perf_base", base), ("perf_intervened", inter), ("deltas", delta)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{label} contains non-finite values")
+    zero = np.flatnonzero(delta == 0)
+    if zero.size:
+        raise ValueError(
+            f"deltas must be non-zero; category {_category_label(names, int(zero[0]))} has "
+            "Delta = 0 (no intervention, the effect is undefined)"
+        )
+    if self_effect_floor is not None and not self_effect_floor > 0:
+        raise ValueError(f"self_effect_floor must be > 0, got {self_effect_floor}")
+
+    sign = 1.0 if higher_is_better else -1.0
+    # effect[i, j] = e_ij: source i (row of the intervention table), target j.
+    effect = sign * (inter - base[None, :]) / delta[:, None]
+    self_effect = np.diag(effect).copy()
+    bad = np.flatnonzero(self_effect <= atol)
+    if bad.size:
+        if self_effect_floor is None:
+            j = int(bad[0])
+            raise ValueError(
+                f"cannot normalise Gamma row of category {_category_label(names, j)}: its own "
+                f"effect e_jj = {self_effect[j]:.3g} is not positive (adding category-j data did "
+                "not improve category j); pass self_effect_floor=<small positive> to clip"
+            )
+        self_effect = np.maximum(self_effect, self_effect_floor)
+    # gamma[j, i] = effect[i, j] / e_jj  ->  transpose, then divide row j.
+    gamma = effect.T / self_effect[:, None]
+    # Unit diagonal by definition (it is e_jj / e_jj); set exactly to avoid rounding / clipping.
+    np.fill_diagonal(gamma, 1.0)
+    return gamma
+
+
+# --------------------------------------------------------------------------------------------
+# Ordering for plots
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_order(gamma: np.ndarray) -> np.ndarray:
+    """Permutation of categories from average-linkage hierarchical clustering.
+
+    Each category is described by both how it is affected (its row of Gamma) and how it affects
+    the others (its column), so that categories with similar interaction profiles sit together.
+    The same order is used for rows and columns, keeping the unit diagonal on the diagonal.
+    """
+    g = np.asarray(gamma, dtype=np.float64)
+    c = g.shape[0]
+    if c <= 2:
+        return np.arange(c)
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    features = np.concatenate([g, g.T], axis=1)
+    z = linkage(features, method="average", metric="euclidean", optimal_ordering=True)
+    return np.asarray(leaves_list(z), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # Write next to the destination so that os.replace is an atomic rename on one filesystem.
+    # open(..., "xb") with a unique name (rather than mkstemp) keeps the usual umask-based
+    # permissions instead of mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_gamma_names(gamma: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    g = np.asarray(gamma, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
+    names = [str(n) for n in names]
+    if len(names) != g.shape[0]:
+        raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
+    if len(set(names)) != len(names):
+        raise ValueError("category names must be unique")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("gamma contains non-finite values")
+    return g, names
+
+
+def save_gamma(
+    gamma: np.ndarray, names: Sequence[str], out_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write ``gamma.csv``, ``gamma.json`` and ``gamma_heatmap.png`` into ``out_dir``.
+
+    In: ``gamma[target, source]`` (C, C) and C category names. Out: the three paths by kind
+    (``{"csv", "json", "png"}``). Each file is written to a temporary name in ``out_dir`` and
+    then ``os.replace``-d, so readers never see a half-written file. The CSV has a header row
+    ``target\\source, <names...>`` and one row per target; the JSON holds ``names``, ``matrix``
+    and ``orientation = "gamma[target][source]"``; the heatmap orders rows and columns by
+    :func:`cluster_order` (same order on both axes).
+    """
+    g, names = _check_gamma_names(gamma, names)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "gamma.csv", "json": out / "gamma.json", "png": out / "gamma_heatmap.png"}
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["target\\source", *names])
+    for name, row in zip(names, g):
+        writer.writerow([name, *(repr(float(v)) for v in row)])
+    _atomic_write_bytes(paths["csv"], buf.getvalue().encode("utf-8"))
+
+    doc = {
+        "names": names,
+        "orientation": ORIENTATION,
+        "matrix": [[float(v) for v in row] for row in g],
+    }
+    _atomic_write_bytes(paths["json"], (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+
+    _atomic_write_bytes(paths["png"], _heatmap_png(g, names))
+    return paths
+
+
+def _heatmap_png(g: np.ndarray, names: list[str]) -> bytes:
+    # Figure + FigureCanvasAgg directly: the Agg backend without touching pyplot's global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = cluster_order(g)
+    sub = g[np.ix_(order, order)]
+    labels = [names[k] for k in order]
+    c = len(names)
+    size = max(4.0, 0.28 * c + 2.5)
+    fig = Figure(figsize=(size + 1.0, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    vmax = float(np.max(np.abs(sub))) or 1.0
+    im = ax.imshow(sub, cmap="bwr", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(c), labels=labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(c), labels=labels, fontsize=7)
+    ax.set_xlabel("source (intervened category i)")
+    ax.set_ylabel("target (measured category j)")
+    ax.set_title("Gamma[target, source] (Beyond IID effect equivalence)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _parse_float(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: value {value!r} is not finite")
+    return v
+
+
+def load_gamma(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read a Gamma written by :func:`save_gamma` back as ``(names, gamma[target, source])``.
+
+    ``path`` is ``gamma.json``, ``gamma.csv`` (chosen by suffix) or a directory holding
+    ``gamma.json``. Malformed input raises ``ValueError`` naming the file and the field.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "gamma.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such Gamma file")
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        return _load_gamma_json(p)
+    if suffix == ".csv":
+        return _load_gamma_csv(p)
+    raise ValueError(f"{p}: unsupported Gamma file type {suffix!r} (expected .json or .csv)")
+
+
+def _load_gamma_json(p: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{p}: top level must be an object with 'names' and 'matrix'")
+    orientation = doc.get("orientation", ORIENTATION)
+    if orientation != ORIENTATION:
+        raise ValueError(
+            f"{p}: field 'orientation' is {orientation!r}; only {ORIENTATION!r} is supported"
+        )
+    names = doc.get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{p}: field 'names' must be a list of strings")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{p}: field 'names' has duplicate entries")
+    matrix = doc.get("matrix")
+    c = len(names)
+    if not isinstance(matrix, list) or len(matrix) != c:
+        raise ValueError(f"{p}: field 'matrix' must be a list of {c} rows (one per name)")
+    g = np.empty((c, c), dtype=np.float64)
+    for r, row in enumerate(matrix):
+        if not isinstance(row, list) or len(row) != c:
+            raise ValueError(f"{p}: field 'matrix', row {r}: expected a list of {c} numbers")
+        for k, v in enumerate(row):
+            g[r, k] = _parse_float(v, f"{p}: field 'matrix'[{r}][{k}]")
+    return names, g
+
+
+def _load_gamma_csv(p: Path) -> tuple[list[str], np.ndarray]:
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if not rows:
+        raise ValueError(f"{p}: empty CSV (expected a header row of category names)")
+    header = rows[0]
+    names = header[1:]
+    c = len(names)
+    if c == 0:
+        raise ValueError(f"{p}: header row has no category names")
+    if len(set(names)) != c:
+        raise ValueError(f"{p}: header row has duplicate category names")
+    body = rows[1:]
+    if len(body) != c:
+        raise ValueError(f"{p}: expected {c} data rows (one per target), got {len(body)}")
+    g = np.empty((c, c), dtype=np.float64)
+    for r, row in enumerate(body):
+        if len(row) != c + 1:
+            raise ValueError(f"{p}: row {r + 2} has {len(row)} fields, expected {c + 1}")
+        if row[0] != names[r]:
+            raise ValueError(
+                f"{p}: row {r + 2}, field 'target': {row[0]!r} does not match column {names[r]!r}"
+                " (rows and columns must list the categories in the same order)"
+            )
+        for k, v in enumerate(row[1:]):
+            g[r, k] = _parse_float(v, f"{p}: row {r + 2}, column {names[k]!r}")
+    return names, g
+
+
+def load_digitized_fixture(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Turn the digitized paper figure (``shared/data/beyond_iid_gamma_qwen.json``) into Gamma.
+
+    The file holds ``rows`` (names top to bottom), ``cols`` (names left to right, = ``rows``
+    reversed) and ``M`` with ``M[r][c]`` the cell at row r, column c, so the unit diagonal is
+    ``M[i][C-1-i]``. Out: ``(names, gamma[target, source])`` with ``names = rows`` and
+    ``gamma = M[:, ::-1]``.
+
+    Assumptions (the figure does not say which axis is the intervened one):
+      * rows are taken as targets and columns as sources;
+      * null cells (hidden by annotation boxes) become 0 ("no interaction"), except on the
+        diagonal, which is set to exactly 1 by definition (digitized values read about 1.01).
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{p}: top level must be an object with 'rows', 'cols' and 'M'")
+    rows, cols, m = doc.get("rows"), doc.get("cols"), doc.get("M")
+    if not isinstance(rows, list) or not all(isinstance(n, str) for n in rows):
+        raise ValueError(f"{p}: field 'rows' must be a list of strings")
+    if cols != rows[::-1]:
+        raise ValueError(f"{p}: field 'cols' must be field 'rows' reversed")
+    c = len(rows)
+    if not isinstance(m, list) or len(m) != c:
+        raise ValueError(f"{p}: field 'M' must be a list of {c} rows")
+    raw = np.zeros((c, c), dtype=np.float64)
+    for r, row in enumerate(m):
+        if not isinstance(row, list) or len(row) != c:
+            raise ValueError(f"{p}: field 'M', row {r}: expected a list of {c} values")
+        for k, v in enumerate(row):
+            raw[r, k] = 0.0 if v is None else _parse_float(v, f"{p}: field 'M'[{r}][{k}]")
+    gamma = raw[:, ::-1].copy()  # un-reverse the columns: gamma[i, k] = M[i][C-1-k]
+    np.fill_diagonal(gamma, 1.0)
+    return list(rows), gamma
