@@ -1,0 +1,832 @@
+"""Instruction-data records: reading files, validating record shapes, tokenising with loss masks.
+
+Files
+-----
+The format follows the file name: ``.jsonl``/``.ndjson`` (one JSON object per line), ``.json``
+(a JSON array of objects; a ``.json`` file that does not start with ``[`` is read as JSON lines),
+``.parquet``, ``.csv``, or a directory written by ``datasets.Dataset.save_to_disk``.
+
+JSON and JSON-lines files are parsed record by record with the standard ``json`` module rather than
+``datasets``' JSON builder, for two reasons: ``datasets`` reports neither the line of a malformed
+line nor which record has a mistyped field, and it unifies the schema across rows (absent keys
+come back as ``None``, nested objects gain every other row's keys), so the records could not be
+written back unchanged. Parquet, CSV and saved dataset directories are columnar already and go
+through ``datasets`` (``Dataset.from_parquet``, ``Dataset.from_csv``, ``datasets.load_from_disk``).
+CSV cells are all read as strings with no NA guessing, so an ``id`` of ``007`` stays ``"007"`` and
+an answer ``NA`` stays ``"NA"``; an empty cell is an empty string.
+
+Where a problem is reported: ``<file>: line <n>`` (1-based line) for JSON lines and
+``<file>: record index <i>`` (0-based row) for every other format, then the field, e.g.
+``train.jsonl: line 7: field 'output': empty-response: ...``.
+
+Record shapes
+-------------
+The shape is recognised per record from the fields that are present and not null, in this order:
+
+* chat: ``messages``, a list of ``{"role", "content"}``; the last message must be the assistant's.
+  Every assistant turn is trained on (multi-turn: loss on all assistant turns, nothing else).
+* preference: ``prompt`` + ``chosen`` + ``rejected`` (only via ``kind="preference"``). ``prompt``
+  is a string (one user turn) or a message list; ``chosen``/``rejected`` are strings (the assistant
+  reply) or message lists ending in the assistant reply. A message list that repeats the prompt
+  messages first (the "full conversation" style) has that repetition dropped.
+* Alpaca: ``instruction``, optional ``input``, ``output``. The user turn is the instruction, plus
+  ``"\\n\\n" + input`` when the input is not empty (the usual Alpaca convention, where the input is a
+  document or an example the instruction talks about).
+* prompt/response: ``prompt``, ``response``.
+
+Optional ``category`` (string) and ``id`` (string or integer) fields are read; an empty string
+counts as absent. Every other field is ignored here and kept untouched in the record. Only
+``role`` and ``content`` of a message are given to the chat template.
+
+Errors and ``skip_bad``
+-----------------------
+A bad record raises `RecordError` (a ``ValueError``) naming file, record and field, with a reason
+from `REASONS`. With ``skip_bad=True`` bad records are dropped instead and counted in a
+`LoadReport` (counts by reason plus the first few problems with their location). A file that
+cannot be read at all (an unreadable JSON array, a missing file) raises either way.
+
+Ids
+---
+An example's id is its ``id`` field as a string when present, otherwise the first 16 hex digits of
+the sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of its content fields only:
+``{instruction, input ("" when absent), output}``, ``{prompt, response}``, ``{messages: [{role,
+content}]}`` or ``{prompt, chosen, rejected}``. So the hash does not depend on the file format,
+field order or passthrough fields. Two records with the same id are an error naming both (with
+``skip_bad`` the later one is dropped as ``duplicate-id``).
+
+Tokenisation and the loss mask
+------------------------------
+Text always goes through ``tokenizer.apply_chat_template(..., tokenize=False)``; the rendered string
+is then tokenised once, whole, with ``add_special_tokens=False`` (the template writes any BOS it
+wants) and ``return_offsets_mapping=True``, so a fast tokenizer is required. The token ids are the
+tokenizer's own tokenisation of the full text, never a concatenation of separately tokenised pieces.
+
+Which characters are assistant text is found by rendering prefixes of the conversation: for
+assistant turn k, ``render(messages[:k], add_generation_prompt=True)`` must be a prefix of
+``render(messages[:k+1])``, which must be a prefix of the whole rendering (templates that rewrite
+earlier turns are rejected as ``template-error``). Inside the text turn k adds, the content's
+offset is found by rendering the same prefix with a sentinel in place of the content (so template
+scaffolding that happens to contain the content's characters is never mistaken for it) and checked
+to be verbatim. The trained character span is the content plus the tokenizer's EOS token when the
+template writes it immediately after the content; trailing scaffolding (e.g. the ``"\\n\\n"`` the
+default template writes after EOS) is not trained.
+
+A token is a loss token when its first character lies in a trained span. Convention:
+``loss_mask[t] == 1`` means token t is response text the model must predict from position t-1, so
+``loss_mask[0]`` is always 0.
+
+Truncation (``max_len``)
+------------------------
+* ``truncation="error"`` (default): a rendering longer than ``max_len`` tokens is an ``over-long``
+  record: an error naming the prompt field (``input`` or ``instruction``, ``prompt``, ``messages``),
+  or dropped and counted with ``skip_bad=True``. Dropping rather than cutting keeps every trained
+  example exactly what the data says.
+* ``truncation="left_prompt"``: tokens are cut from the left of the first user turn's content
+  (the start of a long document is usually the least needed part, and the instruction's end sits
+  next to the response) until the example fits, all of it if needed. When even that is not
+  enough, the record is ``over-long`` naming the response field, since the response (or the rest
+  of the conversation) alone does not fit. For a preference pair both sides lose the same number
+  of prompt tokens, so the two prompts stay identical. Cut examples are counted in
+  ``LoadReport.n_truncated``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+REASONS = (
+    "malformed-json",  # a JSON line that does not parse
+    "not-an-object",  # a record that is not a JSON object
+    "missing-field",  # a required field is absent or null
+    "wrong-type",  # a field has the wrong type
+    "empty-prompt",  # instruction / prompt text is empty
+    "empty-response",  # a response / assistant turn is empty or whitespace only
+    "bad-messages",  # a message list with no assistant reply at its end
+    "wrong-shape",  # e.g. a preference pair given to the instruction loader
+    "template-error",  # the chat template failed or rewrote earlier turns
+    "over-long",  # longer than max_len tokens (after any allowed truncation)
+    "duplicate-id",  # a second record with an id already seen
+)
+TRUNCATION_MODES = ("error", "left_prompt")
+KINDS = ("instruction", "preference")
+MAX_REPORTED_PROBLEMS = 5  # how many problems a LoadReport keeps verbatim
+PROGRESS_THRESHOLD = 2000  # show a progress bar when tokenising more records than this
+_TOKENISE_CHUNK = 512  # records tokenised per batched tokenizer call
+# Stands in for a message's content to locate where the template puts the content.
+_SENTINEL = "\u27e6jraise-content-sentinel\u27e7"
+
+
+# ----------------------------------------------------------------------------------------------
+# Locations, errors, reports
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from: ``line`` (1-based) for JSON lines, else ``index`` (0-based)."""
+
+    file: str
+    index: int
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.file}: line {self.line}"
+        return f"{self.file}: record index {self.index}"
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names file, record, field and reason."""
+
+    def __init__(self, location: Location, field: str | None, reason: str, detail: str):
+        assert reason in REASONS, reason
+        self.location, self.field, self.reason, self.detail = location, field, reason, detail
+        where = f"{location}: field {field!r}" if field else str(location)
+        super().__init__(f"{where}: {reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped record, as kept in a `LoadReport`."""
+
+    file: str
+    line: int | None
+    index: int
+    field: str | None
+    reason: str
+    message: str
+
+    @classmethod
+    def from_error(cls, err: RecordError) -> Problem:
+        loc = err.location
+        return cls(loc.file, loc.line, loc.index, err.field, err.reason, str(err))
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading did: records read and kept, examples truncated, skipped records by reason."""
+
+    source: str
+    n_read: int
+    n_kept: int
+    n_truncated: int
+    skipped: Mapping[str, int]  # reason -> count (read-only)
+    problems: tuple[Problem, ...]  # the first MAX_REPORTED_PROBLEMS skipped records
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        text = f"{self.source}: kept {self.n_kept} of {self.n_read} records"
+        if self.n_truncated:
+            text += f", {self.n_truncated} truncated"
+        if self.skipped:
+            text += "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
+        return text
+
+
+class _ProblemLog:
+    """Raises each `RecordError`, or with ``skip_bad`` counts it for the report."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+        self.counts: Counter[str] = Counter()
+        self.problems: list[Problem] = []
+
+    def reject(self, err: RecordError) -> None:
+        if not self.skip_bad:
+            raise err
+        self.counts[err.reason] += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(Problem.from_error(err))
+
+    def report(self, source: str, n_read: int, n_kept: int, n_truncated: int) -> LoadReport:
+        skipped = MappingProxyType(dict(sorted(self.counts.items())))
+        return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One record as stored, with where it came from."""
+
+    location: Location
+    record: dict
+
+
+def file_format(path: Path) -> str:
+    """'jsonl', 'json', 'parquet', 'csv' or 'dataset_dir', from the path."""
+    if path.is_dir():
+        return "dataset_dir"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
+            head = fh.read(4096).lstrip()
+        return "json" if head.startswith("[") else "jsonl"
+    if suffix in (".parquet", ".csv"):
+        return suffix[1:]
+    raise ValueError(
+        f"{path}: unknown data format {suffix!r}; expected .jsonl, .json, .parquet, .csv "
+        "or a directory saved with datasets' save_to_disk"
+    )
+
+
+def read_records(path: str | os.PathLike, problems: _ProblemLog) -> tuple[list[SourceRecord], int]:
+    """All records in the file at ``path`` and how many were read (bad ones included)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: data file does not exist")
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, problems)
+    if fmt == "json":
+        rows = _read_json_array(path)
+    else:
+        rows = _read_with_datasets(path, fmt)
+    records = []
+    for index, row in enumerate(rows):
+        location = Location(str(path), index)
+        if isinstance(row, dict):
+            records.append(SourceRecord(location, row))
+        else:
+            problems.reject(RecordError(location, None, "not-an-object", _type_name(row)))
+    return records, len(rows)
+
+
+def _read_jsonl(path: Path, problems: _ProblemLog) -> tuple[list[SourceRecord], int]:
+    """One record per non-blank line; a malformed line is reported with its 1-based number."""
+    records, n_read = [], 0
+    with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            location = Location(str(path), n_read, line_no)
+            n_read += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.reject(
+                    RecordError(location, None, "malformed-json", err.msg + f" (column {err.colno})")
+                )
+                continue
+            if not isinstance(row, dict):
+                problems.reject(RecordError(location, None, "not-an-object", _type_name(row)))
+                continue
+            records.append(SourceRecord(location, row))
+    return records, n_read
+
+
+def _read_json_array(path: Path) -> list:
+    """A JSON array; a syntax error anywhere makes the whole file unreadable."""
+    with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
+        text = fh.read()
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})"
+        ) from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got {_type_name(rows)}")
+    return rows
+
+
+def _read_with_datasets(path: Path, fmt: str) -> list[dict]:
+    """Rows of a parquet file, CSV file or saved dataset directory, read through ``datasets``."""
+    import datasets
+
+    if fmt == "parquet":
+        table = datasets.Dataset.from_parquet(str(path))
+    elif fmt == "csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+        if not header:
+            return []
+        # Every column a string column, no NA guessing: what the cell says is what we get.
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        table = datasets.Dataset.from_csv(str(path), features=features, keep_default_na=False)
+    else:
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            if len(table) != 1:
+                raise ValueError(
+                    f"{path}: a DatasetDict with splits {sorted(table)}; pass one split's directory"
+                )
+            table = next(iter(table.values()))
+    return table.to_list()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validating records
+
+
+Message = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Messages to render. Assistant turns at positions >= ``n_context`` are trained.
+
+    ``prompt_field`` / ``response_field`` are the record fields an over-long error names.
+    """
+
+    messages: tuple[Message, ...]
+    n_context: int
+    prompt_field: str
+    response_field: str
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """A validated record: its id, category, shape and conversations (one, or chosen+rejected)."""
+
+    source: SourceRecord
+    id: str
+    shape: str
+    category: str | None
+    conversations: tuple[Conversation, ...]
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_absent(value) -> bool:
+    """Null, or a float NaN (how pandas-built parquet files store a missing string)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(rec: dict, field: str, loc: Location, empty_reason: str | None = None) -> str:
+    """A required string field; with ``empty_reason`` a blank string is an error too."""
+    value = rec.get(field)
+    if _is_absent(value):
+        raise RecordError(loc, field, "missing-field", "required field is absent or null")
+    if not isinstance(value, str):
+        raise RecordError(loc, field, "wrong-type", f"expected a string, got {_type_name(value)}")
+    if empty_reason and not value.strip():
+        raise RecordError(loc, field, empty_reason, "text is empty")
+    return value
+
+
+def _optional_text(rec: dict, field: str, loc: Location) -> str | None:
+    """An optional string field; absent, null and "" all give None."""
+    value = rec.get(field)
+    if _is_absent(value) or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(loc, field, "wrong-type", f"expected a string or null, got {_type_name(value)}")
+    return value
+
+
+def _messages(value, field: str, loc: Location) -> tuple[Message, ...]:
+    """A list of {role, content} dicts as (role, content) pairs; assistant contents non-blank."""
+    if _is_absent(value):
+        raise RecordError(loc, field, "missing-field", "required field is absent or null")
+    if not isinstance(value, list):
+        raise RecordError(loc, field, "wrong-type", f"expected a list of messages, got {_type_name(value)}")
+    if not value:
+        raise RecordError(loc, field, "bad-messages", "the message list is empty")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RecordError(
+                loc, f"{field}[{i}]", "wrong-type", f"expected an object, got {_type_name(message)}"
+            )
+        role, content = message.get("role"), message.get("content")
+        for key, item in (("role", role), ("content", content)):
+            if _is_absent(item):
+                raise RecordError(
+                    loc, f"{field}[{i}].{key}", "missing-field", "required field is absent or null"
+                )
+            if not isinstance(item, str):
+                raise RecordError(
+                    loc, f"{field}[{i}].{key}", "wrong-type", f"expected a string, got {_type_name(item)}"
+                )
+        if role == "assistant" and not content.strip():
+            raise RecordError(loc, f"{field}[{i}].content", "empty-response", "assistant text is empty")
+        messages.append((role, content))
+    return tuple(messages)
+
+
+def _ending_in_reply(messages: tuple[Message, ...], field: str, loc: Location) -> tuple[Message, ...]:
+    if messages[-1][0] != "assistant":
+        raise RecordError(
+            loc, field, "bad-messages", f"the last message is from {messages[-1][0]!r}, not the assistant"
+        )
+    return messages
+
+
+def _as_json_messages(messages: Sequence[Message]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in messages]
+
+
+def detect_shape(rec: dict) -> str | None:
+    """'chat', 'preference', 'alpaca', 'prompt_response' or None, from the non-null fields."""
+
+    def present(field: str) -> bool:
+        return not _is_absent(rec.get(field))
+
+    if present("messages"):
+        return "chat"
+    if present("chosen") or present("rejected"):
+        return "preference"
+    if present("instruction"):
+        return "alpaca"
+    if present("prompt") or present("response"):
+        return "prompt_response"
+    return None
+
+
+def _alpaca(rec: dict, loc: Location) -> tuple[dict, Conversation]:
+    instruction = _text(rec, "instruction", loc, "empty-prompt")
+    document = _optional_text(rec, "input", loc) or ""
+    output = _text(rec, "output", loc, "empty-response")
+    user = instruction + ("\n\n" + document if document else "")
+    content = {"instruction": instruction, "input": document, "output": output}
+    conv = Conversation(
+        (("user", user), ("assistant", output)), 0, "input" if document else "instruction", "output"
+    )
+    return content, conv
+
+
+def _prompt_response(rec: dict, loc: Location) -> tuple[dict, Conversation]:
+    prompt = _text(rec, "prompt", loc, "empty-prompt")
+    response = _text(rec, "response", loc, "empty-response")
+    conv = Conversation((("user", prompt), ("assistant", response)), 0, "prompt", "response")
+    return {"prompt": prompt, "response": response}, conv
+
+
+def _chat(rec: dict, loc: Location) -> tuple[dict, Conversation]:
+    messages = _ending_in_reply(_messages(rec.get("messages"), "messages", loc), "messages", loc)
+    conv = Conversation(messages, 0, "messages", "messages")
+    return {"messages": _as_json_messages(messages)}, conv
+
+
+def _preference(rec: dict, loc: Location) -> tuple[dict, tuple[Conversation, Conversation]]:
+    raw_prompt = rec.get("prompt")
+    if isinstance(raw_prompt, list):
+        prompt = _messages(raw_prompt, "prompt", loc)
+        prompt_content = _as_json_messages(prompt)
+    else:
+        prompt_content = _text(rec, "prompt", loc, "empty-prompt")
+        prompt = (("user", prompt_content),)
+    content = {"prompt": prompt_content}
+    conversations = []
+    for side in ("chosen", "rejected"):
+        raw = rec.get(side)
+        if isinstance(raw, list):
+            reply = _ending_in_reply(_messages(raw, side, loc), side, loc)
+            content[side] = _as_json_messages(reply)
+            if len(reply) > len(prompt) and reply[: len(prompt)] == prompt:
+                reply = reply[len(prompt) :]  # full-conversation style: the prompt is repeated
+        else:
+            content[side] = _text(rec, side, loc, "empty-response")
+            reply = (("assistant", content[side]),)
+        conversations.append(Conversation(prompt + reply, len(prompt), "prompt", side))
+    return content, (conversations[0], conversations[1])
+
+
+# Instruction shapes -> (canonical content for the hash id, conversation to render).
+_INSTRUCTION_PARSERS = {"alpaca": _alpaca, "prompt_response": _prompt_response, "chat": _chat}
+
+
+def content_hash_id(content: dict) -> str:
+    """First 16 hex digits of sha256 over the canonical JSON of ``content``."""
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _record_id(rec: dict, content: dict, loc: Location) -> str:
+    value = rec.get("id")
+    if _is_absent(value) or value == "":
+        return content_hash_id(content)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError(loc, "id", "wrong-type", f"expected a string or integer, got {_type_name(value)}")
+    return str(value)
+
+
+def parse_record(source: SourceRecord, kind: str = "instruction") -> ParsedRecord:
+    """Validates one record for ``kind`` ('instruction' or 'preference'); raises `RecordError`."""
+    rec, loc = source.record, source.location
+    shape = detect_shape(rec)
+    if kind == "preference":
+        if shape != "preference":
+            for field in ("prompt", "chosen", "rejected"):
+                _require_present(rec, field, loc)
+        content, conversations = _preference(rec, loc)
+    else:
+        if shape is None:
+            _require_present(rec, "instruction", loc)
+        if shape == "preference":
+            raise RecordError(
+                loc, "chosen", "wrong-shape", "a preference pair; load it with load_preference_pool"
+            )
+        content, conversation = _INSTRUCTION_PARSERS[shape](rec, loc)
+        conversations = (conversation,)
+    category = _optional_text(rec, "category", loc)
+    return ParsedRecord(source, _record_id(rec, content, loc), shape, category, tuple(conversations))
+
+
+def _require_present(rec: dict, field: str, loc: Location) -> None:
+    if _is_absent(rec.get(field)):
+        shapes = (
+            "instruction+output, prompt+response, messages"
+            if field == "instruction"
+            else "prompt+chosen+rejected"
+        )
+        raise RecordError(
+            loc, field, "missing-field", f"required field is absent or null (expected {shapes})"
+        )
+
+
+def drop_duplicate_ids(parsed: list[ParsedRecord], problems: _ProblemLog) -> list[ParsedRecord]:
+    """Records with ids not seen before; a repeated id is an error naming both records."""
+    first_seen: dict[str, ParsedRecord] = {}
+    unique = []
+    for item in parsed:
+        earlier = first_seen.get(item.id)
+        if earlier is None:
+            first_seen[item.id] = item
+            unique.append(item)
+            continue
+        how = (
+            "id field" if not _is_absent(item.source.record.get("id")) else "content hash: identical content"
+        )
+        problems.reject(
+            RecordError(
+                item.source.location,
+                "id",
+                "duplicate-id",
+                f"id {item.id!r} ({how}) already used by {earlier.source.location}",
+            )
+        )
+    return unique
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering: the chat template's text and the character spans to train on
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation's full text, its trained character spans and its truncatable span."""
+
+    text: str
+    loss_spans: tuple[tuple[int, int], ...]
+    cut_span: tuple[int, int] | None  # first user turn's content, cut from the left if allowed
+
+
+class TemplateError(ValueError):
+    """The chat template failed, or its output cannot be split into turns."""
+
+
+def _render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            _as_json_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as err:  # arbitrary template code can raise anything; reported per record
+        raise TemplateError(f"chat template failed: {type(err).__name__}: {err}") from err
+    if not isinstance(text, str):
+        raise TemplateError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+    return text
+
+
+def _require_prefix(prefix: str, text: str, what: str) -> None:
+    if not text.startswith(prefix):
+        raise TemplateError(f"the chat template is not prefix-stable: {what}")
+
+
+def _content_span(
+    tokenizer, messages: Sequence[Message], k: int, full: str, assistant: bool
+) -> tuple[int, int]:
+    """Character span of message k's content in ``full`` (the whole conversation's text)."""
+    role, content = messages[k]
+    # Text before turn k's own text; transformers refuses to render an empty conversation.
+    before = _render(tokenizer, messages[:k], add_generation_prompt=assistant) if k else ""
+    through = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
+    _require_prefix(before, through, f"rendering of messages[:{k}] is not a prefix of messages[:{k + 1}]")
+    _require_prefix(through, full, f"rendering of messages[:{k + 1}] is not a prefix of the whole")
+    probe = _render(tokenizer, [*messages[:k], (role, _SENTINEL)], add_generation_prompt=False)
+    lead = probe.find(_SENTINEL, len(before)) - len(before) if probe.startswith(before) else -1
+    segment = through[len(before) :]
+    if lead < 0 or segment[lead : lead + len(content)] != content:
+        raise TemplateError(
+            f"messages[{k}] ({role}) content does not appear verbatim where the template puts it"
+        )
+    return len(before) + lead, len(before) + lead + len(content)
+
+
+def render_conversation(tokenizer, conversation: Conversation, need_cut_span: bool = False) -> Rendered:
+    """The chat-template text and trained spans (assistant contents + the EOS right after)."""
+    messages = conversation.messages
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    eos = tokenizer.eos_token or ""
+    spans = []
+    for k in range(conversation.n_context, len(messages)):
+        if messages[k][0] != "assistant":
+            continue
+        start, end = _content_span(tokenizer, messages, k, full, assistant=True)
+        if eos and full.startswith(eos, end):
+            end += len(eos)
+        spans.append((start, end))
+    cut_span = None
+    if need_cut_span:
+        first_user = next((k for k, (role, _) in enumerate(messages) if role == "user"), None)
+        if first_user is not None:
+            cut_span = _content_span(tokenizer, messages, first_user, full, assistant=False)
+    return Rendered(full, tuple(spans), cut_span)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising and fitting into max_len
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One conversation's token ids (int32), loss mask (bool) and truncatable token positions."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    cuttable: np.ndarray  # positions (ascending) of tokens inside the first user turn's content
+
+
+def encode_rendered(
+    rendered: Rendered, token_ids: Sequence[int], offsets: Sequence[tuple[int, int]]
+) -> Encoded:
+    """Loss mask from offsets: a token is trained when its first character is in a trained span."""
+    tokens = np.asarray(token_ids, dtype=np.int32)
+    offsets_arr = np.asarray(offsets, dtype=np.int64).reshape(len(tokens), 2)
+    starts, ends = offsets_arr[:, 0], offsets_arr[:, 1]
+    mask = np.zeros(len(tokens), dtype=bool)
+    for start, end in rendered.loss_spans:
+        mask |= (starts >= start) & (starts < end)
+    if len(mask):
+        mask[0] = False  # nothing predicts the first token
+    if rendered.cut_span is None:
+        cuttable = np.zeros(0, dtype=np.int64)
+    else:
+        start, end = rendered.cut_span
+        cuttable = np.flatnonzero((starts >= start) & (ends <= end) & (ends > starts))
+    return Encoded(tokens, mask, cuttable)
+
+
+class _OverLong(Exception):
+    """Too long; ``side`` is the side whose response does not fit, None when the prompt is to blame."""
+
+    def __init__(self, side: int | None, detail: str):
+        super().__init__(detail)
+        self.side, self.detail = side, detail
+
+
+def fit_to_max_len(
+    sides: Sequence[Encoded], max_len: int, truncation: str
+) -> tuple[tuple[Encoded, ...], bool]:
+    """The sides cut to ``max_len`` per the truncation policy, and whether anything was cut.
+
+    All sides (chosen and rejected of a pair) lose the same number of leading prompt tokens.
+    """
+    longest = max(len(side.tokens) for side in sides)
+    excess = longest - max_len
+    if excess <= 0:
+        return tuple(sides), False
+    if truncation == "error":
+        raise _OverLong(None, f"{longest} tokens > max_len {max_len}")
+    fitted = []
+    for number, side in enumerate(sides):
+        if len(side.cuttable) < excess:
+            raise _OverLong(
+                number,
+                f"{longest} tokens > max_len {max_len}; cutting the whole first user turn "
+                f"({len(side.cuttable)} tokens) is not enough",
+            )
+        keep = np.ones(len(side.tokens), dtype=bool)
+        keep[side.cuttable[:excess]] = False
+        mask = side.loss_mask[keep].copy()
+        if len(mask):
+            mask[0] = False
+        fitted.append(Encoded(side.tokens[keep], mask, np.zeros(0, dtype=np.int64)))
+    return tuple(fitted), True
+
+
+@dataclass(frozen=True)
+class EncodedRecord:
+    """A record ready for a pool: id, category, original record and one Encoded per side."""
+
+    id: str
+    category: str | None
+    record: dict
+    location: Location
+    sides: tuple[Encoded, ...]
+    truncated: bool
+
+
+def _encode_chunk(
+    tokenizer, chunk: list[ParsedRecord], max_len: int, truncation: str, problems: _ProblemLog
+) -> list[EncodedRecord]:
+    need_cut = truncation == "left_prompt"
+    rendered_items = []
+    for item in chunk:
+        try:
+            rendered = [render_conversation(tokenizer, conv, need_cut) for conv in item.conversations]
+        except TemplateError as err:
+            problems.reject(
+                RecordError(
+                    item.source.location, item.conversations[0].response_field, "template-error", str(err)
+                )
+            )
+            continue
+        rendered_items.append((item, rendered))
+    texts = [r.text for _, rendered in rendered_items for r in rendered]
+    if not texts:
+        return []
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out, pos = [], 0
+    for item, rendered in rendered_items:
+        sides = []
+        for r in rendered:
+            sides.append(encode_rendered(r, batch["input_ids"][pos], batch["offset_mapping"][pos]))
+            pos += 1
+        try:
+            fitted, truncated = fit_to_max_len(sides, max_len, truncation)
+        except _OverLong as err:
+            conv = item.conversations[err.side or 0]
+            field = conv.prompt_field if err.side is None else conv.response_field
+            problems.reject(RecordError(item.source.location, field, "over-long", err.detail))
+            continue
+        if any(not side.loss_mask.any() for side in fitted):
+            # Only reachable with a template that cuts the reply away; never train on nothing.
+            problems.reject(
+                RecordError(
+                    item.source.location,
+                    item.conversations[0].response_field,
+                    "template-error",
+                    "no response tokens",
+                )
+            )
+            continue
+        out.append(
+            EncodedRecord(item.id, item.category, item.source.record, item.source.location, fitted, truncated)
+        )
+    return out
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def load_encoded(
+    path: str | os.PathLike,
+    tokenizer,
+    *,
+    kind: str = "instruction",
+    max_len: int = 512,
+    skip_bad: bool = False,
+    truncation: str = "error",
+) -> tuple[list[EncodedRecord], LoadReport]:
+    """Reads, validates, de-duplicates and tokenises every record of a file, in file order."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("a fast (Rust) tokenizer is needed: loss masks come from offset mappings")
+    problems = _ProblemLog(skip_bad)
+    sources, n_read = read_records(path, problems)
+    parsed = []
+    for source in sources:
+        try:
+            parsed.append(parse_record(source, kind))
+        except RecordError as err:
+            problems.reject(err)
+    parsed = drop_duplicate_ids(parsed, problems)
+
+    from tqdm.auto import tqdm
+
+    encoded = []
+    disable = None if len(parsed) > PROGRESS_THRESHOLD else True  # None: shown on a terminal only
+    with tqdm(total=len(parsed), desc=f"tokenising {Path(path).name}", unit="rec", disable=disable) as bar:
+        for chunk in _chunks(parsed, _TOKENISE_CHUNK):
+            encoded.extend(_encode_chunk(tokenizer, chunk, max_len, truncation, problems))
+            bar.update(len(chunk))
+    n_truncated = sum(item.truncated for item in encoded)
+    return encoded, problems.report(str(path), n_read, len(encoded), n_truncated)

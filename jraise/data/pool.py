@@ -1,0 +1,250 @@
+"""Tokenised instruction pools: the candidates that data selection chooses from.
+
+`load_pool` reads a file (see `jraise.data.formats` for formats, record shapes, the loss-mask
+convention and the truncation policy) into an `InstructionPool`; `load_preference_pool` reads
+prompt/chosen/rejected pairs into a `PreferencePool`. The load report (counts of kept, truncated
+and skipped records) is attached to the pool as its ``report`` attribute, so a loader returns one
+thing. `write_selection_jsonl` writes chosen records back, unchanged, as JSON lines.
+
+Fingerprint
+-----------
+``fingerprint`` is the sha256 hex digest over, in this order: a format version, the pool kind, the
+tokenizer's name (last component of ``name_or_path``, so the same tokenizer in another directory
+gives the same fingerprint) and vocabulary size (``len(tokenizer)``, added tokens included),
+``max_len``, then per example in pool order its id, category, and for each side its token ids
+(int32 little-endian) and loss mask (uint8), each length-prefixed. It depends neither on the file
+format nor on the path nor on passthrough fields, so the same records read from JSONL, parquet,
+CSV or a saved dataset give the same fingerprint, and any change to the trained text, masks, ids,
+categories, order or truncation changes it. Use it as a cache key for per-example statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jraise.data.formats import EncodedRecord, LoadReport, load_encoded
+
+FINGERPRINT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class InstructionPool:
+    """Ragged tokenised examples with loss masks, in file order (bad records dropped).
+
+    ``tokens[i]`` is int32 ``[lengths[i]]``; ``loss_masks[i]`` is bool ``[lengths[i]]`` with
+    ``loss_masks[i][t]`` true when token t is response text predicted from position t-1.
+    ``records[i]`` is the original record, unchanged. ``==`` is identity (arrays inside);
+    compare ``fingerprint`` to know whether two pools hold the same tokenised data.
+    """
+
+    ids: tuple[str, ...]
+    tokens: list[np.ndarray]
+    loss_masks: list[np.ndarray]
+    lengths: np.ndarray  # int32 [N]
+    categories: tuple[str | None, ...]
+    records: list[dict]
+    source: str
+    fingerprint: str
+    pad_id: int
+    max_len: int
+    report: LoadReport | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n = len(self.ids)
+        sizes = (
+            len(self.tokens),
+            len(self.loss_masks),
+            len(self.lengths),
+            len(self.categories),
+            len(self.records),
+        )
+        if any(size != n for size in sizes):
+            raise ValueError(f"pool fields disagree on the number of examples: {n} ids vs {sizes}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class PreferencePool:
+    """Prompt/chosen/rejected pairs, each side tokenised like an `InstructionPool` example.
+
+    ``chosen_masks`` / ``rejected_masks`` mark the reply tokens only (prompt turns are context,
+    even assistant turns inside a message-list prompt). ``lengths`` (int32 [N]) is the longer
+    side's length, what a batch of pairs must fit.
+    """
+
+    ids: tuple[str, ...]
+    chosen_tokens: list[np.ndarray]
+    chosen_masks: list[np.ndarray]
+    rejected_tokens: list[np.ndarray]
+    rejected_masks: list[np.ndarray]
+    chosen_lengths: np.ndarray  # int32 [N]
+    rejected_lengths: np.ndarray  # int32 [N]
+    lengths: np.ndarray  # int32 [N], max of the two sides
+    categories: tuple[str | None, ...]
+    records: list[dict]
+    source: str
+    fingerprint: str
+    pad_id: int
+    max_len: int
+    report: LoadReport | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n = len(self.ids)
+        fields = (
+            self.chosen_tokens,
+            self.chosen_masks,
+            self.rejected_tokens,
+            self.rejected_masks,
+            self.lengths,
+            self.categories,
+            self.records,
+        )
+        if any(len(f) != n for f in fields):
+            raise ValueError(f"preference pool fields disagree on the number of examples ({n} ids)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenizer_name(tokenizer) -> str:
+    """Last path component of ``name_or_path`` ('Qwen2.5-0.5B'), or the class name if empty."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "").rstrip("/\\")
+    return Path(name).name or type(tokenizer).__name__
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token id; load it with load_tokenizer")
+    return int(pad)
+
+
+def pool_fingerprint(kind: str, tokenizer, max_len: int, encoded: Sequence[EncodedRecord]) -> str:
+    """sha256 hex over tokenizer identity, max_len and every example's id, category, tokens, mask."""
+    digest = hashlib.sha256()
+    header = {
+        "version": FINGERPRINT_VERSION,
+        "kind": kind,
+        "tokenizer": tokenizer_name(tokenizer),
+        "vocab_size": len(tokenizer),
+        "max_len": max_len,
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+
+    def put(chunk: bytes) -> None:  # length-prefixed, so field boundaries are unambiguous
+        digest.update(struct.pack("<Q", len(chunk)))
+        digest.update(chunk)
+
+    for item in encoded:
+        put(item.id.encode("utf-8"))
+        put(b"\x00" if item.category is None else b"\x01" + item.category.encode("utf-8"))
+        for side in item.sides:
+            put(side.tokens.astype("<i4").tobytes())
+            put(side.loss_mask.astype(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def load_pool(
+    path: str | os.PathLike,
+    tokenizer,
+    max_len: int = 512,
+    skip_bad: bool = False,
+    truncation: str = "error",
+) -> InstructionPool:
+    """Reads Alpaca, prompt/response and chat records into an `InstructionPool`.
+
+    Raises `jraise.data.formats.RecordError` on the first bad record unless ``skip_bad``; the
+    `LoadReport` is ``pool.report``. ``truncation`` is 'error' (over-long records are bad) or
+    'left_prompt' (cut the first user turn from the left).
+    """
+    encoded, report = load_encoded(
+        path, tokenizer, kind="instruction", max_len=max_len, skip_bad=skip_bad, truncation=truncation
+    )
+    tokens = [item.sides[0].tokens for item in encoded]
+    return InstructionPool(
+        ids=tuple(item.id for item in encoded),
+        tokens=tokens,
+        loss_masks=[item.sides[0].loss_mask for item in encoded],
+        lengths=np.array([len(t) for t in tokens], dtype=np.int32),
+        categories=tuple(item.category for item in encoded),
+        records=[item.record for item in encoded],
+        source=str(path),
+        fingerprint=pool_fingerprint("instruction", tokenizer, max_len, encoded),
+        pad_id=_pad_id(tokenizer),
+        max_len=max_len,
+        report=report,
+    )
+
+
+def load_preference_pool(
+    path: str | os.PathLike,
+    tokenizer,
+    max_len: int = 512,
+    skip_bad: bool = False,
+    truncation: str = "error",
+) -> PreferencePool:
+    """Reads prompt/chosen/rejected records into a `PreferencePool` (report as ``pool.report``)."""
+    encoded, report = load_encoded(
+        path, tokenizer, kind="preference", max_len=max_len, skip_bad=skip_bad, truncation=truncation
+    )
+    chosen = [item.sides[0] for item in encoded]
+    rejected = [item.sides[1] for item in encoded]
+    chosen_lengths = np.array([len(s.tokens) for s in chosen], dtype=np.int32)
+    rejected_lengths = np.array([len(s.tokens) for s in rejected], dtype=np.int32)
+    return PreferencePool(
+        ids=tuple(item.id for item in encoded),
+        chosen_tokens=[s.tokens for s in chosen],
+        chosen_masks=[s.loss_mask for s in chosen],
+        rejected_tokens=[s.tokens for s in rejected],
+        rejected_masks=[s.loss_mask for s in rejected],
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        lengths=np.maximum(chosen_lengths, rejected_lengths),
+        categories=tuple(item.category for item in encoded),
+        records=[item.record for item in encoded],
+        source=str(path),
+        fingerprint=pool_fingerprint("preference", tokenizer, max_len, encoded),
+        pad_id=_pad_id(tokenizer),
+        max_len=max_len,
+        report=report,
+    )
+
+
+def write_selection_jsonl(
+    pool: InstructionPool | PreferencePool, indices: Sequence[int], path: str | os.PathLike
+) -> Path:
+    """Writes ``pool.records[i]`` for i in ``indices`` (in that order) as JSON lines, atomically.
+
+    The text goes to a temporary file beside ``path`` that then replaces it, so a reader never
+    sees half a file. Negative indices are refused (no Python wrap-around). Returns the path.
+    """
+    path = Path(path)
+    chosen = [int(i) for i in indices]
+    bad = [i for i in chosen if not 0 <= i < len(pool)]
+    if bad:
+        raise IndexError(f"indices out of range for a pool of {len(pool)}: {bad[:5]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for i in chosen:
+                fh.write(json.dumps(pool.records[i], ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a data file should not be
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
