@@ -209,7 +209,7 @@ class CausalLM(nnx.Module):
                                       rngs=rngs)
 
     def _embed(self, input_ids):
-        return embedding_lookup(self.embed_tokens[...], input_ids).astype(dtype_of(self.config.dtype))
+        return self.embed_tokens[...][input_ids].astype(dtype_of(self.config.dtype))
 
     def _logits(self, h):
         if self.lm_head is None:
@@ -255,39 +255,6 @@ class CausalLM(nnx.Module):
             x, c = layer(x, positions, mask, layer_cache, cache_index)
             new_cache.append(c)
         return self._logits(self.norm(x)), tuple(new_cache)
-
-
-# Below this vocabulary size the embedding gradient is a one-hot matmul instead of a scatter-add.
-# XLA's CPU scatter-add is slow (measured: ~40% of a small-preset training step); the matmul costs
-# B*T*V*D flops, no more than the LM head's own forward matmul, so it is cheap while V is small.
-# Large vocabularies (and accelerators, where scatter is fast) keep the scatter.
-ONE_HOT_GRAD_MAX_VOCAB = 16384
-
-
-@jax.custom_vjp
-def _lookup_one_hot_grad(table, ids):
-    return table[ids]
-
-
-def _lookup_fwd(table, ids):
-    return table[ids], (ids, table)  # the table is an input already: keeping it costs no copy
-
-
-def _lookup_bwd(res, g):
-    ids, table = res
-    one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=g.dtype)
-    grad = jnp.einsum("...V,...D->VD", one_hot, g).astype(table.dtype)
-    return grad, np.zeros(ids.shape, jax.dtypes.float0)
-
-
-_lookup_one_hot_grad.defvjp(_lookup_fwd, _lookup_bwd)
-
-
-def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows of `table` [V, D] for `ids`; the backward pass picks the faster form for V."""
-    if table.shape[0] <= ONE_HOT_GRAD_MAX_VOCAB:
-        return _lookup_one_hot_grad(table, ids)
-    return table[ids]
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
