@@ -1,0 +1,51 @@
+"""The `jraise` command line, run as a user would (a subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from typer.testing import CliRunner
+
+from jraise.cli import app
+
+from jraise.model import load_model, load_tokenizer
+
+
+def _jraise(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jraise.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_testbed_then_init_model_writes_a_loadable_hf_directory(tmp_path):
+    run = _jraise("testbed", tmp_path / "tb", "--n-train", 40, "--n-test", 2, "--n-val", 2)
+    assert run.returncode == 0, run.stderr
+    paths = json.loads(run.stdout)
+    assert {"pool", "val", "val_pref", "test", "tokenizer"} <= set(paths)
+    run = _jraise("init-model", tmp_path / "m", "--preset", "tiny", "--tokenizer", paths["tokenizer"],
+                  "--seed", 3, "--model-type", "qwen2", "--tie-embeddings")
+    assert run.returncode == 0, run.stderr
+    model, config = load_model(tmp_path / "m")
+    tok = load_tokenizer(tmp_path / "m")
+    assert config.model_type == "qwen2" and config.tie_word_embeddings and config.attention_bias
+    assert config.vocab_size == len(tok) and config.eos_token_id == tok.eos_token_id
+    ids = jnp.asarray([tok("abc", add_special_tokens=False).input_ids])
+    assert np.isfinite(np.asarray(model(ids))).all()
+    # Same seed, same weights; another seed, other weights (in-process: no interpreter start-up).
+    for name, seed in (("m2", 3), ("m3", 4)):
+        result = CliRunner().invoke(app, ["init-model", str(tmp_path / name), "--tokenizer", paths["tokenizer"],
+                                          "--seed", str(seed), "--model-type", "qwen2", "--tie-embeddings"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "m2" / "model.safetensors").read_bytes()
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != (tmp_path / "m3" / "model.safetensors").read_bytes()
+
+
+def test_init_model_with_a_bad_preset_fails_clearly(tmp_path):
+    from jraise.model import build_char_tokenizer
+
+    build_char_tokenizer(tmp_path / "tok", ["ab"])
+    result = CliRunner().invoke(app, ["init-model", str(tmp_path / "m"), "--preset", "huge",
+                                      "--tokenizer", str(tmp_path / "tok")])
+    assert result.exit_code != 0
+    assert "unknown preset 'huge'" in str(result.exception)
