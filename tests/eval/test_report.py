@@ -9,6 +9,8 @@ single shape is compiled), and generations from `generate` on one prompt at a ti
 from __future__ import annotations
 
 import json
+from collections import Counter
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -194,11 +196,11 @@ def test_multiple_choice_answer_can_be_made_right_or_wrong(model, tok):
 # Exact match
 
 
-def greedy_one(model, tok, record):
+def greedy_tokens(model, tok, record, eos):
     ids = prompt_ids(tok, record)
-    out = generate(model, np.array([ids]), np.ones((1, len(ids))), NEW_TOKENS,
-                   eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
-    return tok.decode(np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist(), skip_special_tokens=True)
+    out = generate(model, np.array([ids]), np.ones((1, len(ids))), NEW_TOKENS, eos_token_ids=eos,
+                   pad_token_id=tok.pad_token_id)
+    return np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
 
 
 # Equal prompt lengths: the one-prompt-at-a-time loop compiles once. Six prompts in batches of 4:
@@ -207,9 +209,27 @@ EM_RECORDS = [{"instruction": f"Reverse {w}", "output": "?", "category": c}
               for w, c in zip(["apple", "mango", "zebra", "quilt", "vivid", "oxbow"], ["reverse", "sort"] * 3)]
 
 
-def test_exact_match_of_own_greedy_outputs(model, tok):
-    records = EM_RECORDS
-    own = [greedy_one(model, tok, r) for r in records]
+@pytest.fixture(scope="module")
+def eos_model(model, tok):
+    """The model, except that it says EOS where it would say one ordinary token that some (not
+    all) of its EM_RECORDS replies contain: EOS's output column becomes a copy of that token's,
+    and argmax ties go to the lower id, EOS's. So some replies stop early, and decoding must
+    drop the EOS. Same shapes as `model`: nothing new to compile."""
+    free = [greedy_tokens(model, tok, r, eos=())[1:] for r in EM_RECORDS]
+    counts = Counter(t for row in free for t in set(row))
+    token = min(t for t, n in counts.items() if n < len(free))
+    assert tok.eos_token_id < token
+    clone = nnx.clone(model)
+    kernel = clone.lm_head.kernel
+    kernel.value = kernel[...].at[:, tok.eos_token_id].set(kernel[...][:, token])
+    return clone
+
+
+def test_exact_match_of_own_greedy_outputs(eos_model, tok):
+    model, records = eos_model, EM_RECORDS
+    tokens = [greedy_tokens(model, tok, r, eos=(tok.eos_token_id,)) for r in records]
+    assert any(t[-1] == tok.eos_token_id for t in tokens) and any(len(t) == NEW_TOKENS for t in tokens)
+    own = [tok.decode(t, skip_special_tokens=True) for t in tokens]
     assert len(set(own)) > 1  # distinct outputs, so a mixed-up row order would be caught
     same = [dict(r, output=o) for r, o in zip(records, own)]
     res = evaluate(model, tok, same, kinds=("exact_match",), max_new_tokens=NEW_TOKENS, batch_size=BATCH,

@@ -1,0 +1,270 @@
+"""Scoring pieces for evaluation: token log-likelihoods, response loss, option choice, answer matching.
+
+Everything here is a pure function of arrays or strings; the two that run the model
+(`response_token_nll`, `sequence_log_probs`) are jitted with static shapes, so a caller that pads
+to a few length buckets compiles a few programs. `jraise.eval.report` strings them together over
+files and pools.
+
+Conventions shared with the data layer (`jraise.data.batching`): a score mask [B, T] marks the
+tokens whose log-probability counts, ``mask[t] == 1`` meaning token t is predicted from position
+t-1 (so ``mask[:, 0]`` never counts); rows with ``example_mask == 0`` are padding and score zero.
+
+Averaging of the response loss (`loss_summary`), reported both ways:
+
+* ``per_example``: each example's mean token NLL (sum / its response tokens), then the plain mean
+  over examples, so a long answer weighs as much as a short one (what per-category comparisons
+  want: a category is not dominated by its longest examples);
+* ``per_token``: total NLL / total response tokens, the usual corpus-level loss (and what
+  ``exp`` turns into perplexity).
+
+The overall numbers pool every example with the same rule (not a mean of category means).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jraise.data.testbed import normalise_answer
+
+NO_CATEGORY = "(none)"  # the per-category key of examples without a category (JSON keys are strings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihoods (jitted where the model runs)
+
+
+def next_token_log_probs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """log p(input_ids[:, t] | input_ids[:, :t]) at each position t, as float32 [B, T].
+
+    Position 0 has no predictor and holds 0. Computed as the picked logit minus logsumexp, which
+    never materialises a second [B, T, V] array (the vocabulary can be 150k wide).
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.pad(log_probs, ((0, 0), (1, 0)))
+
+
+def masked_log_prob_sums(logits: jax.Array, input_ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: (sum of log-probs of the tokens where ``mask`` is 1, how many tokens) [B] each."""
+    mask = mask.astype(jnp.float32).at[:, 0].set(0.0)  # token 0 is never predicted
+    log_probs = next_token_log_probs(logits, input_ids)
+    return jnp.sum(log_probs * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+@jax.jit
+def _scored_sums(graphdef, state, input_ids, attention_mask, mask):
+    model = nnx.merge(graphdef, state)
+    logits = model(input_ids, attention_mask)
+    # A scored token outside the attention mask would be a padding token: never count it.
+    return masked_log_prob_sums(logits, input_ids, mask * attention_mask)
+
+
+def eval_view(model: nnx.Module) -> nnx.Module:
+    """The model with every dropout switched off (a view sharing the arrays; the caller's model
+    is not touched). Models without dropout come back as they are."""
+    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
+        return nnx.view(model, only=nnx.Dropout, deterministic=True)
+    return model
+
+
+def split_for_eval(model: nnx.Module):
+    """(graphdef, state) of the eval view: split once, then call `scored_sums` per batch."""
+    return nnx.split(eval_view(model))
+
+
+def scored_sums(graphdef, state, input_ids, attention_mask, mask) -> tuple[jax.Array, jax.Array]:
+    """`sequence_log_probs` on an already split model (avoids re-splitting in a batch loop)."""
+    return _scored_sums(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                        jnp.asarray(mask, jnp.float32))
+
+
+def sequence_log_probs(model: nnx.Module, input_ids, attention_mask, score_mask) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probability of the tokens in ``score_mask`` per row, and their count ([B] each).
+
+    ``input_ids``/``attention_mask``/``score_mask`` are [B, T]; padding may be on either side
+    (positions follow the attention mask). Used to score multiple-choice options.
+    """
+    graphdef, state = split_for_eval(model)
+    return scored_sums(graphdef, state, input_ids, attention_mask, score_mask)
+
+
+def response_token_nll(model: nnx.Module, batch: Mapping[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+    """Per example: (sum of response-token NLL, number of response tokens), float32 [B] each.
+
+    ``batch`` is a `jraise.data.batching.make_batch` batch: ``input_ids``, ``attention_mask``,
+    ``loss_mask`` and ``example_mask`` (extra keys are ignored). Padding rows
+    (``example_mask == 0``) give (0, 0) whatever their other masks say.
+    """
+    graphdef, state = split_for_eval(model)
+    return response_nll_sums(graphdef, state, batch)
+
+
+def response_nll_sums(graphdef, state, batch: Mapping[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+    """`response_token_nll` on an already split model."""
+    mask = np.asarray(batch["loss_mask"], np.float32) * np.asarray(batch["example_mask"], np.float32)[:, None]
+    sum_log_prob, n_tokens = scored_sums(graphdef, state, batch["input_ids"], batch["attention_mask"], mask)
+    return -sum_log_prob, n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries by category
+
+
+def category_key(category: str | None) -> str:
+    return NO_CATEGORY if category is None else str(category)
+
+
+def finite_or_none(value: float) -> float | None:
+    """A float for JSON, or None when it is NaN/inf (strict JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _groups(categories: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """Row indices per category key, keys in first-seen order."""
+    keys = np.array([category_key(c) for c in categories], dtype=object)
+    return {key: np.flatnonzero(keys == key) for key in dict.fromkeys(keys.tolist())}
+
+
+def _loss_group(sum_nll: np.ndarray, n_tokens: np.ndarray) -> dict:
+    scored = n_tokens > 0  # an example without response tokens has no loss to average
+    per_example = sum_nll[scored] / n_tokens[scored]
+    total_tokens = float(n_tokens.sum())
+    return {
+        "n_examples": int(scored.sum()),
+        "n_tokens": int(total_tokens),
+        "per_example": finite_or_none(per_example.mean()) if scored.any() else None,
+        "per_token": finite_or_none(sum_nll.sum() / total_tokens) if total_tokens else None,
+    }
+
+
+def loss_summary(sum_nll: Sequence[float], n_tokens: Sequence[float], categories: Sequence[str | None]) -> dict:
+    """Mean response NLL overall and per category, both ``per_example`` and ``per_token`` (see the
+    module docstring), with example and token counts: ``{"overall": {...}, "per_category": {...}}``."""
+    sum_nll, n_tokens = np.asarray(sum_nll, np.float64), np.asarray(n_tokens, np.float64)
+    return {
+        "overall": _loss_group(sum_nll, n_tokens),
+        "per_category": {key: _loss_group(sum_nll[rows], n_tokens[rows]) for key, rows in _groups(categories).items()},
+    }
+
+
+def _accuracy_group(correct: np.ndarray) -> dict:
+    n = len(correct)
+    return {"n": n, "n_correct": int(correct.sum()), "accuracy": float(correct.mean()) if n else None}
+
+
+def accuracy_summary(correct: Sequence[bool], categories: Sequence[str | None]) -> dict:
+    """Accuracy with counts, overall (pooled over examples) and per category."""
+    correct = np.asarray(correct, bool)
+    return {
+        "overall": _accuracy_group(correct),
+        "per_category": {key: _accuracy_group(correct[rows]) for key, rows in _groups(categories).items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def option_scores(sum_log_probs: Sequence[float], n_tokens: Sequence[float], length_normalise: bool) -> np.ndarray:
+    """An option's score: its summed log-prob, or with ``length_normalise`` the mean per scored
+    token (sum / number of scored tokens), which stops long options losing for being long."""
+    sums = np.asarray(sum_log_probs, np.float64)
+    if not length_normalise:
+        return sums
+    counts = np.asarray(n_tokens, np.float64)
+    if (counts <= 0).any():
+        raise ValueError("an option with no scored tokens cannot be length-normalised")
+    return sums / counts
+
+
+def choose_options(scores: Sequence[float], offsets: Sequence[int]) -> np.ndarray:
+    """Argmax option per question; question q owns ``scores[offsets[q]:offsets[q+1]]``.
+
+    Ties go to the lowest option index (``np.argmax``), deterministic and independent of batching.
+    """
+    scores, offsets = np.asarray(scores), np.asarray(offsets)
+    if offsets[0] != 0 or offsets[-1] != len(scores) or (np.diff(offsets) < 1).any():
+        raise ValueError("offsets must start at 0, end at len(scores) and give every question an option")
+    return np.array([int(np.argmax(scores[a:b])) for a, b in itertools.pairwise(offsets)], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact match
+
+# A number as people write it: optional sign, digits with thousands commas, optional decimals.
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+GSM8K_ANSWER_MARK = "####"
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final numeric answer in ``text``, canonical, or None when there is no number.
+
+    Takes the text after the last ``####`` when present (GSM8K's reference format), then the last
+    number in it; drops thousands commas, a leading '+', and trailing decimal zeros, so "1,234.50"
+    and "1234.5" agree and "72.00" is "72".
+    """
+    if GSM8K_ANSWER_MARK in text:
+        text = text.rsplit(GSM8K_ANSWER_MARK, 1)[1]
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    number = numbers[-1].replace(",", "").lstrip("+")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return "0" if number in ("-0", "") else number
+
+
+def _testbed(text: str, category: str | None) -> str:
+    return normalise_answer(text, category)
+
+
+def _gsm8k(text: str, category: str | None) -> str | None:
+    return gsm8k_answer(text)
+
+
+def _exact(text: str, category: str | None) -> str:
+    return text
+
+
+# name -> normaliser(text, category) -> canonical answer, or None when no answer can be read off.
+#   testbed: `jraise.data.testbed.normalise_answer` (whitespace runs collapsed, ends stripped,
+#            case folded for testbed categories whose task is not about case);
+#   gsm8k:   `gsm8k_answer` (the last number, after '####' when present);
+#   exact:   the decoded text unchanged.
+NORMALISERS: Mapping[str, Callable[[str, str | None], str | None]] = {
+    "testbed": _testbed,
+    "gsm8k": _gsm8k,
+    "exact": _exact,
+}
+
+Normaliser = str | Callable[[str, str | None], str | None]
+
+
+def resolve_normaliser(normaliser: Normaliser) -> Callable[[str, str | None], str | None]:
+    if callable(normaliser):
+        return normaliser
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"unknown answer normaliser {normaliser!r}; known: {', '.join(NORMALISERS)}")
+    return NORMALISERS[normaliser]
+
+
+def answers_match(prediction: str, reference: str, category: str | None = None, normaliser: Normaliser = "testbed") -> bool:
+    """Whether the normalised prediction equals the normalised reference.
+
+    A reference with no readable answer (the normaliser gives None) is never matched, so two
+    answer-less texts do not count as agreeing.
+    """
+    norm = resolve_normaliser(normaliser)
+    ref = norm(reference, category)
+    return ref is not None and norm(prediction, category) == ref
