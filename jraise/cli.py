@@ -54,6 +54,136 @@ def testbed_cmd(
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
+def _read_order(path: Path, ids: tuple[str, ...]):
+    """An explicit data order: a JSON list, or one entry per line; entries are pool indices or ids."""
+    import numpy as np
+
+    text = path.read_text()
+    try:
+        entries = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"{path}: not a JSON list ({err})") from err
+    position = {pid: i for i, pid in enumerate(ids)}
+    order = []
+    for line, entry in enumerate(entries, 1):
+        key = str(entry)
+        if key in position:
+            order.append(position[key])
+        elif key.lstrip("-").isdigit() and 0 <= int(key) < len(ids):
+            order.append(int(key))
+        else:
+            raise typer.BadParameter(f"{path}: entry {line} ({key!r}) is neither a pool id nor an index < {len(ids)}")
+    return np.asarray(order, np.int64)
+
+
+def _tokenizer_dir(model_dir: Path, tokenizer: Optional[Path]) -> Path:
+    if tokenizer is not None:
+        return tokenizer
+    if (model_dir / "tokenizer_config.json").is_file():
+        return model_dir
+    raise typer.BadParameter(f"{model_dir} holds no tokenizer files; pass --tokenizer DIR")
+
+
+@app.command("train")
+def train_cmd(
+    model: Path = typer.Option(..., help="HF model directory to start from."),
+    data: Path = typer.Option(..., help="Training data (JSONL, JSON, parquet, CSV or a saved dataset dir)."),
+    out: Path = typer.Option(..., help="Run directory: checkpoints, metrics.jsonl, final/ model."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+    eval_data: Optional[Path] = typer.Option(None, help="Data for the periodic evaluation loss."),
+    lora_rank: int = typer.Option(0, help="LoRA rank; 0 fine-tunes all parameters."),
+    lora_alpha: float = typer.Option(16.0, help="LoRA alpha (the branch is scaled by alpha / rank)."),
+    epochs: int = typer.Option(1), lr: float = typer.Option(2e-5), batch_size: int = typer.Option(8),
+    accum: int = typer.Option(1, help="Gradient-accumulation micro-batches per update."),
+    schedule: str = typer.Option("linear", help="linear, cosine or constant (after warmup)."),
+    warmup_ratio: float = typer.Option(0.03), weight_decay: float = typer.Option(0.0),
+    max_len: int = typer.Option(512, help="Longest sequence in tokens; longer records are errors unless --skip-bad."),
+    max_steps: Optional[int] = typer.Option(None), seed: int = typer.Option(0),
+    eval_every: int = typer.Option(0), save_every: int = typer.Option(0),
+    order: Optional[Path] = typer.Option(None, help="Train on these pool indices/ids exactly in order."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    skip_bad: bool = typer.Option(False, help="Skip bad records (reported) instead of stopping."),
+    resume: bool = typer.Option(True, help="Continue from the run directory's latest checkpoint."),
+):
+    """Fine-tune a model (full or LoRA); checkpoints hold weights, Adam moments and the lr history."""
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+    from jraise.model.lora import LoRAConfig, add_lora
+    from jraise.train import TrainConfig, train
+
+    tok_dir = _tokenizer_dir(model, tokenizer)
+    tok = load_tokenizer(tok_dir)
+    pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad)
+    if pool.report.n_skipped:
+        typer.echo(pool.report.summary(), err=True)
+    eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad) if eval_data else None
+    net, _ = load_model(model, dtype=dtype)
+    if lora_rank:
+        add_lora(net, LoRAConfig(rank=lora_rank, alpha=lora_alpha), seed=seed)
+    config = TrainConfig(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                         epochs=epochs, batch_size=batch_size, accum=accum, seed=seed, eval_every=eval_every,
+                         save_every=save_every, max_steps=max_steps)
+    result = train(net, pool, config, out, eval_pool=eval_pool,
+                   order=_read_order(order, pool.ids) if order else None, resume=resume, tokenizer_dir=tok_dir)
+    typer.echo(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
+                           "final_model": str(result.final_dir) if result.final_dir else None,
+                           "last_eval": result.last_eval}, indent=2, default=str))
+
+
+def _model_for_eval(path: Path, step: Optional[int], base: Optional[Path]):
+    """A model directory, or a run directory (its final/ model, or checkpoint --step over --base)."""
+    from jraise.model import load_model
+    from jraise.train import restore_model
+
+    if step is not None:
+        if base is None:
+            raise typer.BadParameter("--step needs --base (the model directory the run started from)")
+        return restore_model(path, base, step), base
+    for candidate in (path, path / "final"):
+        if (candidate / "config.json").is_file():
+            return load_model(candidate)[0], candidate
+    raise typer.BadParameter(f"{path}: neither a model directory (config.json) nor a finished run (final/)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="Model directory, or a run directory (uses its final/ model)."),
+    data: Path = typer.Option(..., help="Evaluation records (JSONL etc.)."),
+    out: Optional[Path] = typer.Option(None, help="Write the report JSON here."),
+    kinds: str = typer.Option("loss,exact_match", help="Comma-separated: loss, exact_match, multiple_choice."),
+    max_new_tokens: int = typer.Option(32), batch_size: int = typer.Option(16),
+    normaliser: str = typer.Option("testbed", help="Answer normaliser for exact match: testbed, gsm8k, exact."),
+    length_normalise: bool = typer.Option(False, help="Multiple choice: divide option log-probs by length."),
+    step: Optional[int] = typer.Option(None, help="Evaluate this checkpoint step of a run (needs --base)."),
+    base: Optional[Path] = typer.Option(None, help="The base model directory of the run (with --step)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+):
+    """Response loss, exact match and/or multiple-choice accuracy, overall and per category."""
+    from jraise.eval import evaluate
+    from jraise.model import load_tokenizer
+
+    net, model_dir = _model_for_eval(model, step, base)
+    tok = load_tokenizer(_tokenizer_dir(model_dir, tokenizer))
+    report = evaluate(net, tok, data, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, out_path=out, normaliser=normaliser,
+                      length_normalise=length_normalise)
+    summary = {k: report[k]["overall"] for k in report["kinds"]}
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo_out"), help="Working directory for the demo's files."),
+    n_train: int = typer.Option(1200, help="Pool size of the testbed."),
+    steps: int = typer.Option(300, help="Optimizer steps per fine-tune."),
+    seed: int = typer.Option(0),
+):
+    """The main job on the built-in testbed: clean vs 50%-noise fine-tuning, evaluated per category."""
+    from jraise.demo import run_demo
+
+    run_demo(out, n_train=n_train, steps=steps, seed=seed, echo=typer.echo)
+
+
 def main():  # console-script entry point
     app()
 
