@@ -1,0 +1,453 @@
+"""The supervised fine-tuning loop: batches in a chosen order, jitted steps, evaluation, checkpoints.
+
+``train(model, pool, config, run_dir)`` fine-tunes ``model`` (full, or only its LoRA adapters when
+they are attached) on ``pool`` and writes into ``run_dir``:
+
+* ``train_config.json``: the `TrainConfig`; a run dir only resumes under the same config;
+* ``metrics.jsonl``: one JSON line per optimizer step (step, epoch, loss, lr, tokens, time,
+  grad norm, and ``eval`` on evaluation steps), each appended with a single write;
+* ``checkpoints/<step>/``: Orbax checkpoints (see `jraise.train.checkpoint`) at every epoch end,
+  every ``save_every`` steps and at the last step;
+* ``final/``: the trained model as a Hugging Face directory (LoRA merged), plus the tokenizer.
+
+Data order. Without ``order``, epoch e visits the pool in ``epoch_order(n, seed, e)``. With
+``order`` (pool indices), training follows it exactly: a 1-D sequence is used for every epoch, a
+list of ``epochs`` sequences gives each epoch its own. Either way an epoch is cut into consecutive
+chunks of ``batch_size`` indices, one chunk per optimizer step (the last chunk of an epoch is
+completed with padding rows), so a curriculum or selector decides exactly what each step sees.
+
+Resuming. With ``resume=True`` a run restarts from its latest checkpoint: the weights, Adam state,
+learning-rate history and data-order position come back, dropout keys are a function of (seed,
+step) and batches of (order, position), so the resumed run performs the very same updates as an
+uninterrupted one (bitwise on the same machine). Lines of ``metrics.jsonl`` written after that
+checkpoint (by the crashed attempt) are dropped first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jraise.data.batching import PAD_INDEX, bucket_lengths, epoch_order, iterate_batches
+from jraise.data.pool import InstructionPool
+from jraise.train.checkpoint import (
+    checkpoint_manager,
+    export_model,
+    lora_settings,
+    restore_state,
+    save_checkpoint,
+)
+from jraise.train.step import (
+    MODEL_KEYS,
+    SCHEDULES,
+    assign_trainable,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    param_dtypes,
+    split_trainable,
+    trainable_filter,
+)
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a run; saved as ``train_config.json``.
+
+    ``batch_size`` is the number of examples per optimizer update; ``accum`` splits it into that
+    many micro-batches of ``batch_size // accum`` rows (memory only: the update is the same).
+    ``schedule``: "linear", "cosine" or "constant" after a linear warmup of
+    ``ceil(warmup_ratio * total_steps)`` steps from 0. ``max_grad_norm`` None/0 disables
+    clipping. ``eval_every``/``save_every`` 0: only at the end / at epoch ends. ``max_steps`` caps
+    the run (and the schedule's length). ``max_to_keep`` None keeps every checkpoint.
+    """
+
+    lr: float = 2e-5
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 8
+    accum: int = 1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    max_steps: int | None = None
+    n_buckets: int = 4
+    max_to_keep: int | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            problems.append(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("epochs", "batch_size", "accum", "n_buckets"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.accum >= 1 and self.batch_size % self.accum:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of accum ({self.accum})")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            problems.append(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a ``callback`` sees after each optimizer step: the step number (1-based count of
+    updates done), its epoch, the pool indices it trained on (padding rows removed) and the
+    metrics record written to ``metrics.jsonl``."""
+
+    step: int
+    epoch: int
+    indices: np.ndarray
+    record: dict
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained model (the one passed in, updated in place), the number of optimizer steps
+    done, where things were written, the lr used at each step, and the last evaluation."""
+
+    model: nnx.Module
+    steps: int
+    metrics_path: Path
+    run_dir: Path
+    final_dir: Path | None
+    completed: bool
+    lr_history: tuple[float, ...]
+    last_eval: dict | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: data order, steps, optimizer arguments (pure functions of config and inputs)
+
+
+def epoch_orders(n: int, config: TrainConfig, order=None) -> list[np.ndarray]:
+    """The pool indices of each epoch, in training order (see the module docstring)."""
+    if n < 1:
+        raise ValueError("the training pool is empty")
+    if order is None:
+        return [epoch_order(n, config.seed, e) for e in range(config.epochs)]
+    if isinstance(order, (list, tuple)) and len(order) and np.ndim(order[0]) > 0:
+        orders = [np.asarray(o, dtype=np.int64).reshape(-1) for o in order]  # one per epoch
+    else:
+        flat = np.asarray(order, dtype=np.int64)
+        if flat.ndim not in (1, 2):
+            raise ValueError(f"order must be 1-D (every epoch) or one sequence per epoch, got shape {flat.shape}")
+        orders = [flat] * config.epochs if flat.ndim == 1 else list(flat)
+    if len(orders) != config.epochs:
+        raise ValueError(f"order gives {len(orders)} per-epoch sequences but config.epochs is "
+                         f"{config.epochs}; pass one sequence per epoch, or one 1-D sequence for all")
+    for e, o in enumerate(orders):
+        if len(o) == 0:
+            raise ValueError(f"order for epoch {e} is empty")
+        bad = o[(o < 0) | (o >= n)]
+        if len(bad):
+            raise IndexError(f"order for epoch {e} has indices outside the pool of {n}: {bad[:5].tolist()}")
+    return orders
+
+
+def order_fingerprint(orders: Sequence[np.ndarray]) -> str:
+    """sha256 over the per-epoch index sequences: a resumed run must follow the same order."""
+    digest = hashlib.sha256()
+    for o in orders:
+        digest.update(len(o).to_bytes(8, "little"))
+        digest.update(np.asarray(o, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def steps_per_epoch(orders: Sequence[np.ndarray], batch_size: int) -> list[int]:
+    return [math.ceil(len(o) / batch_size) for o in orders]
+
+
+def optimizer_args(config: TrainConfig, total_steps: int) -> dict:
+    """`make_optimizer` keyword arguments; stored in every checkpoint's metadata."""
+    return {
+        "lr": config.lr, "total_steps": total_steps,
+        "warmup_steps": math.ceil(config.warmup_ratio * total_steps), "schedule": config.schedule,
+        "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm,
+        "b1": config.b1, "b2": config.b2, "eps": config.eps,
+    }
+
+
+def accumulation_batch(batch: dict, accum: int) -> dict:
+    """[B, L] model inputs -> [accum, B / accum, L]: consecutive rows form a micro-batch."""
+    return {k: batch[k].reshape(accum, -1, *batch[k].shape[1:]) for k in MODEL_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: config, metrics log
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    current = json.loads(json.dumps(current))  # same normalisation as the saved file
+    return [f"{k}: saved {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, object()) != current.get(k, object())]
+
+
+def _prepare_config(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    path = run_dir / CONFIG_FILE
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        diffs = _config_differences(saved, config.to_dict())
+        if diffs:
+            raise ValueError(f"{path}: cannot resume, the saved TrainConfig differs in "
+                             + "; ".join(diffs) + ". Use a new run_dir, or the saved config.")
+        return
+    _atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None  # strict JSON has no NaN
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Appends one JSON line with a single O_APPEND write, so a reader (or a crash) never sees
+    half a line interleaved with another."""
+    line = (json.dumps(_json_safe(record), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keeps only the records of steps <= ``last_step`` (a torn last line is dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    _atomic_write_text(path, "".join(kept))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
+                  n_buckets: int) -> dict:
+    """Mean response-token NLL over ``pool`` (total NLL / total response tokens), overall and,
+    when the pool has categories, per category with the same per-token rule."""
+    buckets = bucket_lengths(pool.max_len, n_buckets)
+    nll = np.zeros(len(pool), np.float64)
+    tokens = np.zeros(len(pool), np.float64)
+    for batch in iterate_batches(pool, np.arange(len(pool)), batch_size, buckets):
+        row_nll, row_tokens = eval_step(trainable, frozen, {k: batch[k] for k in MODEL_KEYS})
+        real = batch["index"] != PAD_INDEX
+        nll[batch["index"][real]] = np.asarray(row_nll)[real]
+        tokens[batch["index"][real]] = np.asarray(row_tokens)[real]
+    result = {"loss": float(nll.sum() / max(tokens.sum(), 1.0)), "tokens": int(tokens.sum())}
+    if any(c is not None for c in pool.categories):
+        cats = np.array([str(c) for c in pool.categories], dtype=object)
+        result["by_category"] = {
+            c: float(nll[cats == c].sum() / max(tokens[cats == c].sum(), 1.0))
+            for c in dict.fromkeys(cats.tolist())}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+# Jitted steps of recent runs, so repeated `train` calls on the same architecture and optimizer
+# (curricula, selectors that retrain, resumes, tests) compile once. The schedule is part of the
+# optimizer, hence of the key; GraphDefs hash by structure.
+_STEP_CACHE: dict = {}
+_STEP_CACHE_SIZE = 8
+
+
+def _step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
+    """(tx, train_step, eval_step) for this model structure and optimizer, built once."""
+    dtype_key = tuple((jax.tree_util.keystr(p), str(d)) for p, d in jax.tree_util.tree_leaves_with_path(dtypes))
+    key = (graphdef, tuple(sorted(opt_args.items())), dtype_key)
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        tx, _ = make_optimizer(**opt_args)
+        _STEP_CACHE[key] = (tx, make_train_step(graphdef, tx, dtypes), make_eval_step(graphdef, dtypes))
+    return _STEP_CACHE[key]
+
+
+def _placement(tree):
+    """Where the training state lives: the device of its first leaf (single-device training)."""
+    return jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(tree)[0].devices())))
+
+
+def _check_same_run(run_dir: Path, meta: dict, identity: dict) -> None:
+    diffs = [f"{k}: checkpoint {meta.get(k)!r}, now {v!r}" for k, v in identity.items() if meta.get(k) != v]
+    if diffs:
+        raise ValueError(f"{run_dir}: cannot resume from the checkpoint at step {meta['step']}, the run "
+                         "differs in " + "; ".join(diffs) + ". Use a new run_dir, or resume=False there.")
+
+
+def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir: str | os.PathLike,
+          eval_pool: InstructionPool | None = None, order=None, resume: bool = True,
+          tokenizer_dir: str | os.PathLike | None = None,
+          callback: Callable[[StepInfo], bool | None] | None = None, export: bool = True) -> TrainResult:
+    """Fine-tunes ``model`` in place on ``pool``; see the module docstring for files and order.
+
+    ``callback(info)`` runs after every step; returning True stops the run cleanly (a checkpoint
+    is written at that step, so ``resume=True`` continues it; no export). ``resume=False`` starts
+    from step 0 and refuses a run dir that already holds checkpoints.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    orders = epoch_orders(len(pool), config, order)
+    per_epoch = steps_per_epoch(orders, config.batch_size)
+    epoch_starts = np.concatenate([[0], np.cumsum(per_epoch)]).tolist()
+    total = sum(per_epoch) if config.max_steps is None else min(sum(per_epoch), config.max_steps)
+    opt_args = optimizer_args(config, total)
+    _, schedule = make_optimizer(**opt_args)
+    lrs = np.asarray(jax.jit(schedule)(jnp.arange(total)), dtype=np.float64)  # one program, not many ops
+
+    graphdef, trainable, frozen = split_trainable(model)
+    dtypes = param_dtypes(model)
+    tx, step_fn, eval_fn = _step_functions(graphdef, opt_args, dtypes)
+    opt_state = jax.jit(tx.init)(trainable)
+    lora = lora_settings(model) if trainable_filter(model) is nnx.LoRAParam else None
+    identity = {"pool_fingerprint": pool.fingerprint, "order_fingerprint": order_fingerprint(orders),
+                "trainable": "lora" if lora else "full", "lora": lora,
+                "param_dtype": model.config.param_dtype, "total_steps": total}
+
+    _prepare_config(run_dir, config, resume)
+    manager = checkpoint_manager(run_dir, config.max_to_keep)
+    step, epoch, next_batch, lr_history, elapsed = 0, 0, 0, [], 0.0
+    latest = manager.latest_step()
+    if latest is not None:
+        if not resume:
+            raise FileExistsError(f"{run_dir}: holds checkpoints (latest step {latest}); pass resume=True "
+                                  "to continue that run, or use an empty run_dir")
+        trainable, opt_state, meta = restore_state(run_dir, latest, trainable, opt_state)
+        _check_same_run(run_dir, meta, identity)
+        step, epoch, next_batch = meta["step"], meta["next_epoch"], meta["next_batch"]
+        lr_history, elapsed = list(meta["lr_history"]), meta["elapsed"]
+    # Restored arrays are committed to a device, fresh ones are not; jit keys its cache on that,
+    # so without this a resumed run would compile its step a second time.
+    trainable, opt_state = jax.device_put((trainable, opt_state), _placement(trainable))
+    metrics_path = run_dir / METRICS_FILE
+    _truncate_log(metrics_path, step)
+
+    buckets = bucket_lengths(pool.max_len, config.n_buckets)
+    base_key = jax.random.key(config.seed)
+    last_eval = None
+    stopped = False
+    start_time = time.perf_counter()
+
+    def save(epoch_done: int, batch_done: int, epoch_end: bool) -> None:
+        this_epoch = lr_history[epoch_starts[epoch_done]:step]
+        meta = {**identity, "step": step, "epoch": epoch_done, "epoch_end": epoch_end,
+                "next_epoch": epoch_done + 1 if epoch_end else epoch_done,
+                "next_batch": 0 if epoch_end else batch_done + 1,
+                "lr_history": lr_history, "epoch_mean_lr": float(np.mean(this_epoch)) if this_epoch else None,
+                "elapsed": elapsed + time.perf_counter() - start_time, "optimizer": opt_args,
+                "train_config": config.to_dict()}
+        save_checkpoint(manager, step, trainable, opt_state, meta)
+
+    bar = tqdm(total=total, initial=step, disable=None, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while step < total and epoch < len(orders):
+            start = next_batch * config.batch_size
+            batches = iterate_batches(pool, orders[epoch][start:], config.batch_size, buckets)
+            upcoming = next(batches, None)
+            b = next_batch
+            while upcoming is not None and step < total:
+                batch = upcoming
+                key = jax.random.fold_in(base_key, step)
+                trainable, opt_state, metrics = step_fn(
+                    trainable, opt_state, frozen, accumulation_batch(batch, config.accum), key)
+                upcoming = next(batches, None)  # builds the next batch while the step runs
+                lr_history.append(float(lrs[step]))
+                step += 1
+                metrics = jax.device_get(metrics)
+                record = {"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": lr_history[-1],
+                          "tokens": int(metrics["tokens"]), "response_tokens": int(metrics["response_tokens"]),
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "time": elapsed + time.perf_counter() - start_time}
+                if eval_pool is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
+                    last_eval = evaluate_loss(eval_fn, trainable, frozen, eval_pool, config.micro_batch_size,
+                                              config.n_buckets)
+                    record["eval"] = last_eval
+                append_jsonl(metrics_path, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if callback is not None:
+                    real = batch["index"][batch["index"] != PAD_INDEX]
+                    stopped = callback(StepInfo(step, epoch, real.copy(), record)) is True
+                epoch_end = b == per_epoch[epoch] - 1
+                if (epoch_end or step == total or stopped
+                        or (config.save_every and step % config.save_every == 0)):
+                    save(epoch, b, epoch_end)
+                if stopped:
+                    break
+                b += 1
+            if stopped:
+                break
+            epoch, next_batch = epoch + 1, 0
+    finally:
+        bar.close()
+
+    assign_trainable(model, trainable)
+    completed = not stopped and step >= total
+    final_dir = None
+    if completed and export:
+        final_dir = export_model(model, run_dir / FINAL_DIR, tokenizer_dir)
+    return TrainResult(model=model, steps=step, metrics_path=metrics_path, run_dir=run_dir, final_dir=final_dir,
+                       completed=completed, lr_history=tuple(lr_history), last_eval=last_eval)
