@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from jraise.atomic import atomic_write_text
 from jraise.data.formats import EncodedRecord, LoadReport, load_encoded
 
 FINGERPRINT_VERSION = 1
@@ -235,16 +235,5 @@ def write_selection_jsonl(
     if bad:
         raise IndexError(f"indices out of range for a pool of {len(pool)}: {bad[:5]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for i in chosen:
-                fh.write(json.dumps(pool.records[i], ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a data file should not be
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    text = "".join(json.dumps(pool.records[i], ensure_ascii=False) + "\n" for i in chosen)
+    return atomic_write_text(path, text)

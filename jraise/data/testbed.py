@@ -65,7 +65,6 @@ import math
 import os
 import random
 import re
-import secrets
 import shutil
 import string
 from collections import Counter
@@ -74,6 +73,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from jraise.atomic import atomic_write_text, temp_sibling
 from jraise.model.tokenizer import DEFAULT_CHAT_TEMPLATE, build_char_tokenizer
 
 SPLITS = ("pool", "val", "val_pref", "test")
@@ -889,29 +889,10 @@ def describe_testbed(config: TestbedConfig, splits: Mapping[str, Sequence[dict]]
 # --------------------------------------------------------------------------------------------
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A fresh hidden name next to `path` (same directory, so os.replace is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_sibling(path)
-    try:
-        # Mode "x" (not mkstemp) so the file gets the usual umask-based permissions.
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_tokenizer(path: Path) -> None:
     """Builds the char tokenizer in a temp dir, then swaps it in (two renames, no partial dir)."""
-    tmp = _temp_sibling(path)
-    old = _temp_sibling(path)
+    tmp = temp_sibling(path)
+    old = temp_sibling(path)
     try:
         build_char_tokenizer(tmp, extra_chars=ALPHABET)
         if path.exists():
@@ -973,8 +954,8 @@ def write_testbed(
     paths["testbed"] = out / "testbed.json"
     paths["testbed"].unlink(missing_ok=True)
     for split in SPLITS:
-        _atomic_write_text(paths[split], _jsonl(splits[split]))
+        atomic_write_text(paths[split], _jsonl(splits[split]))
     _atomic_write_tokenizer(paths["tokenizer"])
     manifest = describe_testbed(config, splits)
-    _atomic_write_text(paths["testbed"], json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(paths["testbed"], json.dumps(manifest, indent=2) + "\n")
     return paths

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jraise.atomic import atomic_write_text
 from jraise.data.batching import bucket_lengths, iterate_batches, pick_bucket
 from jraise.data.formats import (
     Conversation,
@@ -505,18 +506,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # fail before touching disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a results file should not be
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def _as_records(data) -> tuple[list[dict], str, InstructionPool | None]:

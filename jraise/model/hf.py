@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jraise.atomic import atomic_write_bytes
 from jraise.model.config import ModelConfig, read_config
 from jraise.model.transformer import CausalLM, Projection, dtype_of
 
@@ -141,12 +142,6 @@ def export_tensors(model: CausalLM) -> dict[str, jax.Array]:
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_model(model: CausalLM, config: ModelConfig, path: str | os.PathLike,
                max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Writes config.json + safetensors that transformers loads; shards above `max_shard_bytes`.
@@ -172,20 +167,20 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | os.PathLike,
     metadata = {"format": "pt"}
     written = []
     if len(shards) == 1:
-        _atomic_write_bytes(out / SINGLE_FILE, save({n: tensors[n] for n in names}, metadata=metadata))
+        atomic_write_bytes(out / SINGLE_FILE, save({n: tensors[n] for n in names}, metadata=metadata))
         written.append(SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(out / fname, save({n: tensors[n] for n in shard}, metadata=metadata))
+            atomic_write_bytes(out / fname, save({n: tensors[n] for n in shard}, metadata=metadata))
             weight_map.update({n: fname for n in shard})
             written.append(fname)
         total = sum(t.size * t.dtype.itemsize for t in tensors.values())
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
-        _atomic_write_bytes(out / INDEX_FILE, json.dumps(index, indent=2).encode())
+        atomic_write_bytes(out / INDEX_FILE, json.dumps(index, indent=2).encode())
         written.append(INDEX_FILE)
-    _atomic_write_bytes(out / "config.json", json.dumps(config.to_hf_dict(), indent=2).encode())
+    atomic_write_bytes(out / "config.json", json.dumps(config.to_hf_dict(), indent=2).encode())
     for stale in out.glob("model*.safetensors*"):
         if stale.name not in written:
             stale.unlink()

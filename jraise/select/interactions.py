@@ -25,11 +25,12 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jraise.atomic import atomic_write_bytes
 
 ORIENTATION = "gamma[target][source]"
 
@@ -156,21 +157,6 @@ def cluster_order(gamma: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Write next to the destination so that os.replace is an atomic rename on one filesystem.
-    # open(..., "xb") with a unique name (rather than mkstemp) keeps the usual umask-based
-    # permissions instead of mkstemp's 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check_gamma_names(gamma: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     g = np.asarray(gamma, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
@@ -207,16 +193,16 @@ def save_gamma(
     writer.writerow(["target\\source", *names])
     for name, row in zip(names, g):
         writer.writerow([name, *(repr(float(v)) for v in row)])
-    _atomic_write_bytes(paths["csv"], buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode("utf-8"))
 
     doc = {
         "names": names,
         "orientation": ORIENTATION,
         "matrix": [[float(v) for v in row] for row in g],
     }
-    _atomic_write_bytes(paths["json"], (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
 
-    _atomic_write_bytes(paths["png"], _heatmap_png(g, names))
+    atomic_write_bytes(paths["png"], _heatmap_png(g, names))
     return paths
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jraise.atomic import atomic_write_text
 from jraise.data.batching import PAD_INDEX, bucket_lengths, epoch_order, iterate_batches
 from jraise.data.pool import InstructionPool
 from jraise.train.checkpoint import (
@@ -218,12 +219,6 @@ def accumulation_batch(batch: dict, accum: int) -> dict:
 # Files: config, metrics log
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _config_differences(saved: dict, current: dict) -> list[str]:
     current = json.loads(json.dumps(current))  # same normalisation as the saved file
     return [f"{k}: saved {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
@@ -239,7 +234,7 @@ def _prepare_config(run_dir: Path, config: TrainConfig, resume: bool) -> None:
             raise ValueError(f"{path}: cannot resume, the saved TrainConfig differs in "
                              + "; ".join(diffs) + ". Use a new run_dir, or the saved config.")
         return
-    _atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def _json_safe(value):
@@ -275,7 +270,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line + "\n")
-    _atomic_write_text(path, "".join(kept))
+    atomic_write_text(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------------------------
