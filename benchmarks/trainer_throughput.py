@@ -113,7 +113,7 @@ def main(argv=None):
     import jax
     import torch
 
-    from jraise.data.batching import bucket_lengths, epoch_order, iterate_batches
+    from jraise.data.batching import epoch_order, iterate_batches, length_buckets
     from jraise.data.pool import load_pool
     from jraise.data.testbed import write_testbed
     from jraise.model import (
@@ -131,7 +131,7 @@ def main(argv=None):
         paths = write_testbed(f"{tmp}/testbed", n_train=args.n_train, n_test_per_category=1)
         tok = load_tokenizer(paths["tokenizer"])
         pool = load_pool(paths["pool"], tok, max_len=args.max_len)
-        buckets = bucket_lengths(args.max_len, args.n_buckets)
+        buckets = length_buckets(pool.lengths, args.n_buckets)
         batch_iter = iterate_batches(pool, epoch_order(len(pool), 0, 0), args.batch, buckets, drop_last=True)
         batches = [b for _, b in zip(range(args.steps), batch_iter)]
         if len(batches) < args.steps:

@@ -171,6 +171,47 @@ def eval_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
+select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose.")
+app.add_typer(select_app, name="select")
+
+
+def _influence_command(method: str):
+    def command(
+        model: Path = typer.Option(..., help="Base HF model directory (with its tokenizer files)."),
+        pool: Path = typer.Option(..., help="Instruction pool to select from (JSONL, parquet, ...)."),
+        val: Path = typer.Option(..., help=("Few-shot validation set: preference pairs (prompt/chosen/rejected)"
+                                            if method == "rose" else "Few-shot validation SFT records.")),
+        out: Path = typer.Option(..., help="Selected records (JSONL); .scores.npy and .meta.json beside it."),
+        fraction: float = typer.Option(0.05, help="Fraction of the pool to select."),
+        warmup_run: Optional[Path] = typer.Option(None, help="Use this LoRA run's epoch checkpoints as the warmup."),
+        warmup_fraction: float = typer.Option(0.05), warmup_epochs: int = typer.Option(4),
+        warmup_lr: float = typer.Option(2e-5), warmup_batch_size: int = typer.Option(128),
+        proj_dim: int = typer.Option(8192, help="Projected feature dimension d."),
+        lora_rank: int = typer.Option(128), lora_alpha: float = typer.Option(512.0),
+        max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+        val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
+        work_dir: Optional[Path] = typer.Option(None, help="Warmup run and feature stores (default: OUT.work)."),
+    ):
+        from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
+
+        config = InfluenceRunConfig(method=method, fraction=fraction, val_loss=val_loss,
+                                    warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
+                                    warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                    max_len=max_len, proj_dim=proj_dim, seed=seed)
+        run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,
+                                echo=typer.echo)
+
+    command.__doc__ = {"less": "LESS: select the pool examples whose Adam-preconditioned gradients align with "
+                               "the validation SFT gradients (resumable).",
+                       "rose": "ROSE: select the pool examples whose gradients align with the preference "
+                               "(DPO) gradient of few-shot validation pairs (resumable)."}[method]
+    return command
+
+
+select_app.command("less")(_influence_command("less"))
+select_app.command("rose")(_influence_command("rose"))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), help="Working directory for the demo's files."),

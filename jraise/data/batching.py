@@ -46,6 +46,49 @@ def bucket_lengths(max_len: int, n_buckets: int = 4, min_len: int = 32) -> tuple
     return (*smaller, max_len)
 
 
+def length_buckets(lengths: Sequence[int], n_buckets: int = 4, quantum: int = 16) -> tuple[int, ...]:
+    """Bucket lengths fitted to a pool: at most ``n_buckets`` multiples of ``quantum`` that minimise
+    the total padded length of the pool's examples (each padded to the smallest bucket holding it).
+
+    The top bucket is the longest example rounded up to ``quantum``, so every example fits. The
+    choice is exact (dynamic programming over the distinct rounded lengths), deterministic, and
+    depends only on the multiset of lengths. Power-of-two buckets (`bucket_lengths`) waste about
+    a third of the compute on padding for a pool of short, similar examples; fitted ones a few
+    percent. Rounding to ``quantum`` keeps pools of similar lengths on the same compiled shapes.
+    """
+    if n_buckets < 1 or quantum < 1:
+        raise ValueError(f"need n_buckets, quantum >= 1, got {n_buckets}, {quantum}")
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size == 0:
+        raise ValueError("cannot fit length buckets to an empty pool")
+    if lengths.min() < 1:
+        raise ValueError(f"example lengths must be >= 1, got {int(lengths.min())}")
+    rounded = -(-lengths // quantum) * quantum
+    sizes, counts = np.unique(rounded, return_counts=True)  # ascending candidate bucket lengths
+    k = len(sizes)
+    below = np.concatenate([[0], np.cumsum(counts)])  # below[j]: examples with rounded length < sizes[j]
+    # cost[b][j]: least padded total of the examples up to sizes[j] with b buckets, the top one sizes[j]
+    cost = np.full((n_buckets + 1, k), np.inf)
+    choice = np.full((n_buckets + 1, k), -1, dtype=np.int64)
+    cost[1] = sizes * below[1:]
+    for b in range(2, n_buckets + 1):
+        for j in range(k):
+            cost[b, j], choice[b, j] = cost[b - 1, j], -1  # fewer buckets are allowed
+            for i in range(j):
+                total = cost[b - 1, i] + sizes[j] * (below[j + 1] - below[i + 1])
+                if total < cost[b, j]:
+                    cost[b, j], choice[b, j] = total, i
+    picked, b, j = [], n_buckets, k - 1
+    while j >= 0 and b >= 1:
+        if b > 1 and choice[b, j] == -1 and cost[b, j] == cost[b - 1, j]:
+            b -= 1
+            continue
+        picked.append(int(sizes[j]))
+        j = int(choice[b, j]) if b > 1 else -1
+        b -= 1
+    return tuple(sorted(picked))
+
+
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= ``length``."""
     fitting = [b for b in buckets if b >= length]

@@ -74,7 +74,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from jraise.atomic import atomic_write_text, temp_sibling
-from jraise.model.tokenizer import DEFAULT_CHAT_TEMPLATE, build_char_tokenizer
+from jraise.model.tokenizer import build_char_tokenizer
 
 SPLITS = ("pool", "val", "val_pref", "test")
 NOISE_KINDS = ("wrong", "truncated", "other_task", "empty")
@@ -86,6 +86,19 @@ PROMPT_SEPARATOR = "\n\n"
 MIN_WORD_LENGTH, MAX_WORD_LENGTH = 3, 6
 MAX_NUMBER = 100  # numbers in tasks are < MAX_NUMBER
 MAX_ADDEND = 50  # addends stay small so every sum is < MAX_NUMBER (at most two digits)
+
+# The testbed tokenizer's chat template: the same roles as `DEFAULT_CHAT_TEMPLATE` with a compact
+# frame ("Q: ...\nA: ...</s>"), so a character-level model spends its compute on the task text
+# rather than on ~30 characters of "### Instruction:" boilerplate per example.
+TESTBED_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}Q: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}A: {{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
+)
 
 # Task arguments: str -> str | int | tuple (hashable values, so an instance has a key).
 Args = Mapping[str, object]
@@ -533,7 +546,7 @@ def _alphabet() -> str:
     """
     chars = set(string.ascii_letters + string.digits + string.punctuation + " \n")
     chars.update(DEGENERATE_OUTPUT, PROMPT_SEPARATOR, _format_table((("a", 0), ("b", 1))))
-    chars.update(DEFAULT_CHAT_TEMPLATE)
+    chars.update(TESTBED_CHAT_TEMPLATE)
     for spec in _SPEC_LIST:
         for template in spec.templates:
             chars.update(_template_literals(template.instruction))
@@ -894,7 +907,7 @@ def _atomic_write_tokenizer(path: Path) -> None:
     tmp = temp_sibling(path)
     old = temp_sibling(path)
     try:
-        build_char_tokenizer(tmp, extra_chars=ALPHABET)
+        build_char_tokenizer(tmp, extra_chars=ALPHABET, chat_template=TESTBED_CHAT_TEMPLATE)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

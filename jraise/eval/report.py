@@ -31,7 +31,7 @@ scored).
 Shapes stay static: every batch has ``batch_size`` rows (padding rows, never reported, fill the
 last one, even when there are fewer examples than that, so small evaluations reuse the compiled
 programs of large ones); scoring batches are right-padded to a few length buckets
-(`jraise.data.batching.bucket_lengths` over a top length rounded up to `BUCKET_QUANTUM`), and
+(`jraise.data.batching.length_buckets`: multiples of `BUCKET_QUANTUM` fitted to the lengths), and
 generation batches are left-padded to a few prompt-length buckets, a padding row being a
 one-token prompt. Examples are sorted by length first so a batch's rows are close in length.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.batching import bucket_lengths, iterate_batches, pick_bucket
+from jraise.data.batching import iterate_batches, length_buckets, pick_bucket
 from jraise.data.formats import (
     Conversation,
     RecordError,
@@ -67,7 +67,7 @@ KINDS = ("loss", "exact_match", "multiple_choice")
 FORMAT_VERSION = 1  # of the JSON report
 PROGRESS_MIN_BATCHES = 4  # more batches than this get a progress bar (on a terminal)
 _TOKENISE_CHUNK = 512  # texts per batched tokenizer call
-BUCKET_QUANTUM = 32  # bucket lengths are multiples of this (and the smallest bucket)
+BUCKET_QUANTUM = 16  # bucket lengths are multiples of this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,10 +236,9 @@ def _progress(n_batches: int, desc: str):
 
 
 def _buckets(lengths: Sequence[int], n_buckets: int) -> tuple[int, ...]:
-    # The top bucket is rounded up to a multiple of BUCKET_QUANTUM, so evaluations of different
-    # files (or checkpoints) mostly share compiled shapes instead of each compiling its own.
-    top = -(-max(int(max(lengths)), 1) // BUCKET_QUANTUM) * BUCKET_QUANTUM
-    return bucket_lengths(top, n_buckets=n_buckets, min_len=BUCKET_QUANTUM)
+    # Multiples of BUCKET_QUANTUM fitted to the lengths, so evaluations of different files (or
+    # checkpoints) mostly share compiled shapes instead of each compiling its own.
+    return length_buckets(lengths, n_buckets=n_buckets, quantum=BUCKET_QUANTUM)
 
 
 def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, length: int, pad_id: int):

@@ -50,12 +50,14 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def build_char_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = (), extra_chars: str = ""):
+def build_char_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = (), extra_chars: str = "",
+                         chat_template: str = DEFAULT_CHAT_TEMPLATE):
     """Writes a character-level tokenizer (one token per character seen) as a HF tokenizer dir.
 
     Character-level suits the built-in testbed's algorithmic tasks (reversing, sorting letters),
     where sub-word merges would hide the characters the model must move. Unknown characters map
-    to `<unk>`. The directory carries `DEFAULT_CHAT_TEMPLATE`. Returns the loaded tokenizer.
+    to `<unk>`. The directory carries ``chat_template`` (default `DEFAULT_CHAT_TEMPLATE`). Returns
+    the loaded tokenizer.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -73,7 +75,7 @@ def build_char_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = (), 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
     )
-    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.chat_template = chat_template
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

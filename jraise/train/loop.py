@@ -42,7 +42,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jraise.atomic import atomic_write_text
-from jraise.data.batching import PAD_INDEX, bucket_lengths, epoch_order, iterate_batches
+from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length_buckets
 from jraise.data.pool import InstructionPool
 from jraise.train.checkpoint import (
     checkpoint_manager,
@@ -281,7 +281,7 @@ def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool,
                   n_buckets: int) -> dict:
     """Mean response-token NLL over ``pool`` (total NLL / total response tokens), overall and,
     when the pool has categories, per category with the same per-token rule."""
-    buckets = bucket_lengths(pool.max_len, n_buckets)
+    buckets = length_buckets(pool.lengths, n_buckets)
     nll = np.zeros(len(pool), np.float64)
     tokens = np.zeros(len(pool), np.float64)
     for batch in iterate_batches(pool, np.arange(len(pool)), batch_size, buckets):
@@ -380,7 +380,7 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
     metrics_path = run_dir / METRICS_FILE
     _truncate_log(metrics_path, step)
 
-    buckets = bucket_lengths(pool.max_len, config.n_buckets)
+    buckets = length_buckets(pool.lengths, config.n_buckets)
     base_key = jax.random.key(config.seed)
     last_eval = None
     stopped = False

@@ -164,3 +164,28 @@ def test_preference_batch_has_both_sides(pref_pool):
     # iterate_batches works on preference pools too, bucketed by the longer side
     (only,) = iterate_batches(pref_pool, [0, 2], batch_size=2, buckets=BUCKETS)
     assert only["chosen_input_ids"].shape[1] == pick_bucket(int(pref_pool.lengths[[0, 2]].max()), BUCKETS)
+
+
+def test_length_buckets_are_optimal_and_cover_every_example():
+    import itertools
+
+    from jraise.data.batching import length_buckets
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        lengths = rng.integers(1, 200, size=rng.integers(1, 25))
+        n_buckets, quantum = int(rng.integers(1, 5)), int(rng.integers(1, 20))
+        got = length_buckets(lengths, n_buckets, quantum)
+        rounded = -(-lengths // quantum) * quantum
+        candidates = sorted(set(rounded.tolist()))
+
+        def padded_total(buckets, rounded=rounded):
+            return sum(min(b for b in buckets if b >= x) for x in rounded)
+
+        best = min(padded_total(c) for m in range(1, n_buckets + 1) for c in itertools.combinations(candidates, m)
+                   if max(c) == max(candidates))
+        assert padded_total(got) == best and len(got) <= n_buckets
+        assert max(got) >= lengths.max() and all(b % quantum == 0 for b in got)
+    assert length_buckets([55, 66, 80, 97, 128] * 10, 4) == (64, 80, 112, 128)
+    with pytest.raises(ValueError):
+        length_buckets([], 4)

@@ -1,0 +1,351 @@
+"""Random Johnson-Lindenstrauss projections of per-example gradients, never stored as a matrix.
+
+Stage: ``jraise.grads``, between per-example gradients and the feature store. LESS (Xia et al.
+2024, arXiv 2402.04333, section 2 of ``shared/methods/less_rose.md``) projects every gradient
+(length P, up to millions) to d = 8192 dimensions with a fixed random matrix and compares the
+projections by cosine; the same projection must be used for every checkpoint and for the
+validation side.
+
+Data flow::
+
+    gradient pytree, leaves [C, ...]  --flatten_batched_tree-->  vectors [C, P]
+    vectors [C, P]  --project-->  features [C, d] = vectors @ M        (M: the implicit [P, d] matrix)
+
+``M`` is never materialised. Its rows are cut into blocks of ``block_rows`` rows; block ``b``
+(rows ``b * block_rows`` up to ``(b + 1) * block_rows``) is generated from
+``jax.random.fold_in(key, b)`` inside a ``lax.fori_loop``, multiplied with the matching slice of
+the whole chunk of C examples at once, and dropped. When P is not a multiple of ``block_rows`` the
+vectors are zero-padded up to whole blocks; a block always has the same shape. Entries are
+``+-1 / sqrt(d)`` (``"rademacher"``) or ``N(0, 1) / sqrt(d)`` (``"gaussian"``), so
+``E[M M^T] = I`` and inner products are preserved in expectation.
+
+Determinism: row ``r`` of ``M`` is a function of ``(key, r, d, block_rows, kind)`` only (and of
+JAX's PRNG implementation, threefry2x32 by default). It does not depend on P, on the number of
+examples, on how they are chunked, on ``jit`` or ``vmap``, or on the run. Projecting a chunk, its
+rows one by one, or the rows under ``vmap`` gives the same features up to float32 summation
+order; the same call twice gives bitwise identical results.
+
+Coordinates: a pytree's coordinates are its leaves raveled (row-major) and concatenated in
+``jax.tree_util`` order (that of ``tree_flatten_with_path``: dict keys sorted, sequences by
+position). This order is what defines which row of ``M`` multiplies which parameter, so two
+gradient trees must have the same structure to share a projection.
+
+Factored option (LoGra, Choe et al. 2024, arXiv 2405.13954): for a linear layer with kernel
+``[n_in, n_out]``, one example's weight gradient is ``G = X^T Delta`` (X: layer inputs
+``[T, n_in]``, Delta: output gradients ``[T, n_out]``). With independent ``P_in [n_in, d_in]``
+and ``P_out [n_out, d_out]``, the feature ``vec(P_in^T G P_out) = vec((X P_in)^T (Delta P_out))``
+is computed from the two small products without forming G; it is the projection of ``vec(G)`` by
+the Kronecker matrix ``P_in (x) P_out``. Adam's elementwise transform breaks this factorisation,
+so for LESS the factored feature is an approximation to measure, not a drop-in replacement.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "FACTOR_IN_INDEX",
+    "FACTOR_OUT_INDEX",
+    "KINDS",
+    "ProjectionConfig",
+    "dense_matrix",
+    "factor_projections",
+    "factored_matrix",
+    "factored_project",
+    "flatten_batched_tree",
+    "flatten_tree",
+    "project",
+    "project_tree",
+    "projection_block",
+    "tree_size",
+]
+
+KINDS = ("rademacher", "gaussian")
+
+# Rademacher signs come 32 to a uint32 word of jax.random.bits (about 7x faster on CPU than
+# jax.random.rademacher, which draws 32 random bits per sign).
+SIGNS_PER_WORD = 32
+
+# fold_in indices of the two factor matrices of the factored (Kronecker) projection.
+FACTOR_IN_INDEX = 0
+FACTOR_OUT_INDEX = 1
+
+# Exact float32 products: on GPU/TPU the default precision would round operands to tf32/bf16.
+_PRECISION = lax.Precision.HIGHEST
+
+_MAX_SEED = 2**32  # jax.random.key truncates larger seeds to 32 bits when x64 is off
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_kind(kind) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _check_block_args(dim, kind, block_rows) -> None:
+    _check_positive_int("dim", dim)
+    _check_kind(kind)
+    _check_positive_int("block_rows", block_rows)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Everything that defines a projection; two feature sets are comparable iff these agree.
+
+    Attributes:
+      dim: d, the projected dimension (LESS: 8192).
+      kind: ``"rademacher"`` (entries +-1/sqrt(d)) or ``"gaussian"`` (N(0, 1)/sqrt(d)).
+      seed: seed of ``jax.random.key``; an integer in [0, 2**32).
+      block_rows: rows of the implicit matrix generated at once; changing it changes the matrix.
+    """
+
+    dim: int = 8192
+    kind: str = "rademacher"
+    seed: int = 0
+    block_rows: int = 4096
+
+    def __post_init__(self):
+        _check_positive_int("dim", self.dim)
+        _check_kind(self.kind)
+        if not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        _check_positive_int("block_rows", self.block_rows)
+        for name in ("dim", "seed", "block_rows"):  # numpy integers -> int, so to_dict is JSON-ready
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def key(self) -> jax.Array:
+        """The typed PRNG key ``jax.random.key(seed)`` the projection is generated from."""
+        return jax.random.key(self.seed)
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (JSON-serialisable), e.g. for a feature store's metadata."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _rademacher_signs(key: jax.Array, rows: int, dim: int) -> jax.Array:
+    """[rows, dim] float32 of +-1 from ``ceil(dim / 32)`` uint32 words per row.
+
+    Bit order: entry ``[r, j]`` is bit ``j % 32`` (least significant first) of word
+    ``[r, j // 32]`` of ``jax.random.bits(key, (rows, ceil(dim / 32)), uint32)``; a set bit is +1,
+    a clear bit -1. Bits beyond ``dim`` in the last word are unused.
+    """
+    n_words = -(-dim // SIGNS_PER_WORD)
+    words = jax.random.bits(key, (rows, n_words), jnp.uint32)
+    shifts = jnp.arange(SIGNS_PER_WORD, dtype=jnp.uint32)
+    bits = (words[:, :, None] >> shifts) & jnp.uint32(1)
+    bits = bits.reshape(rows, n_words * SIGNS_PER_WORD)[:, :dim]
+    return bits.astype(jnp.float32) * 2.0 - 1.0
+
+
+def _unit_block(key: jax.Array, block_index, block_rows: int, dim: int, kind: str) -> jax.Array:
+    """Block ``block_index`` of the implicit matrix before the 1/sqrt(dim) scale: [block_rows, dim]."""
+    block_key = jax.random.fold_in(key, block_index)
+    if kind == "rademacher":
+        return _rademacher_signs(block_key, block_rows, dim)
+    return jax.random.normal(block_key, (block_rows, dim), jnp.float32)
+
+
+def _entry_scale(dim: int) -> float:
+    return 1.0 / math.sqrt(dim)
+
+
+@partial(jax.jit, static_argnames=("block_rows", "dim", "kind"))
+def projection_block(key: jax.Array, block_index, block_rows: int, dim: int, kind: str = "rademacher") -> jax.Array:
+    """Rows ``block_index * block_rows`` up to ``(block_index + 1) * block_rows`` of the implicit matrix.
+
+    Args:
+      key: PRNG key of the whole projection (not batched).
+      block_index: int scalar (may be traced); the block is generated from ``fold_in(key, block_index)``.
+      block_rows, dim, kind: static.
+
+    Returns:
+      [block_rows, dim] float32. Gaussian: ``jax.random.normal(fold_in(key, block_index),
+      (block_rows, dim)) / sqrt(dim)``. Rademacher: +-1/sqrt(dim), where entry ``[r, j]`` is + iff
+      bit ``j % 32`` (least significant first) of word ``[r, j // 32]`` of
+      ``jax.random.bits(fold_in(key, block_index), (block_rows, ceil(dim / 32)), uint32)`` is set.
+    """
+    _check_block_args(dim, kind, block_rows)
+    return _unit_block(key, block_index, block_rows, dim, kind) * _entry_scale(dim)
+
+
+@partial(jax.jit, static_argnames=("n_rows", "dim", "kind", "block_rows"))
+def dense_matrix(key: jax.Array, n_rows: int, dim: int, kind: str = "rademacher", block_rows: int = 4096) -> jax.Array:
+    """The explicit [n_rows, dim] float32 matrix that :func:`project` applies; tests and small problems only.
+
+    Whole blocks are stacked and the result cut to ``n_rows``, so ``dense_matrix(key, n, ...)`` is
+    the first n rows of ``dense_matrix(key, m, ...)`` for any m >= n.
+    """
+    _check_positive_int("n_rows", n_rows)
+    _check_block_args(dim, kind, block_rows)
+    n_blocks = -(-n_rows // block_rows)
+    blocks = lax.map(lambda b: projection_block(key, b, block_rows, dim, kind), jnp.arange(n_blocks))
+    return blocks.reshape(n_blocks * block_rows, dim)[:n_rows]
+
+
+# ----------------------------------------------------------------------------- dense projection
+
+
+def _project_rows(rows: jax.Array, key: jax.Array, dim: int, kind: str, block_rows: int) -> jax.Array:
+    """[N, P] -> [N, dim] float32: zero-pad P to whole blocks, then one block per loop step."""
+    n_examples, n_coords = rows.shape
+    n_blocks = -(-n_coords // block_rows)
+    padded = jnp.pad(rows, ((0, 0), (0, n_blocks * block_rows - n_coords)))
+
+    def add_block(block_index, acc):
+        chunk = lax.dynamic_slice_in_dim(padded, block_index * block_rows, block_rows, axis=1)
+        block = _unit_block(key, block_index, block_rows, dim, kind)  # shared by all N rows
+        return acc + jnp.dot(chunk.astype(jnp.float32), block, precision=_PRECISION)
+
+    acc = lax.fori_loop(0, n_blocks, add_block, jnp.zeros((n_examples, dim), jnp.float32))
+    return acc * _entry_scale(dim)  # the scale is applied once, after the sum
+
+
+@partial(jax.jit, static_argnames=("dim", "kind", "block_rows"))
+def project(
+    vectors: jax.Array, key: jax.Array, dim: int, kind: str = "rademacher", block_rows: int = 4096
+) -> jax.Array:
+    """Project vectors by the implicit [P, dim] random matrix (``vectors @ dense_matrix(key, P, ...)``).
+
+    Args:
+      vectors: [..., P] float (typically [C, P], a chunk of C examples). P is arbitrary; the last
+        block is handled by zero-padding, so the matrix rows never depend on P.
+      key: PRNG key (not batched: under ``vmap`` pass it with ``in_axes=None``, and every block is
+        generated once for the whole batch).
+      dim, kind, block_rows: static.
+
+    Returns:
+      [..., dim] float32 (accumulated in float32). The compiled program is one ``fori_loop`` over
+      ``ceil(P / block_rows)`` blocks, so its size does not grow with P.
+    """
+    _check_block_args(dim, kind, block_rows)
+    *lead, n_coords = vectors.shape
+    if n_coords == 0:
+        raise ValueError("vectors must have at least one coordinate (last axis P >= 1)")
+    features = _project_rows(vectors.reshape(-1, n_coords), key, dim, kind, block_rows)
+    return features.reshape(*lead, dim)
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+
+def _leaves(tree) -> list:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError("tree has no array leaves")
+    return leaves
+
+
+def tree_size(tree) -> int:
+    """P, the number of coordinates of ``flatten_tree(tree)`` (leaves may be ``ShapeDtypeStruct``)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in _leaves(tree))
+
+
+def flatten_tree(tree) -> jax.Array:
+    """One example's pytree -> [P]: leaves raveled and concatenated in ``jax.tree_util`` order.
+
+    The order (``tree_flatten_with_path``: dict keys sorted, sequences by position) defines the
+    coordinates, hence which rows of the projection multiply which parameter. The dtype is the
+    promotion of the leaves' dtypes.
+    """
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in _leaves(tree)])
+
+
+def flatten_batched_tree(tree) -> jax.Array:
+    """A chunk's pytree, every leaf [C, ...] -> [C, P]; row c is ``flatten_tree`` of example c."""
+    leaves = _leaves(tree)
+    n_examples = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if len(n_examples) != 1 or None in n_examples:
+        sizes = sorted(map(str, n_examples))
+        raise ValueError(f"every leaf must have the same leading (example) axis, got sizes {sizes}")
+    (count,) = n_examples
+    return jnp.concatenate([leaf.reshape(count, -1) for leaf in leaves], axis=1)
+
+
+@partial(jax.jit, static_argnames=("dim", "kind", "block_rows"))
+def project_tree(
+    tree_batched, key: jax.Array, dim: int, kind: str = "rademacher", block_rows: int = 4096
+) -> jax.Array:
+    """Per-example gradient pytree (leaves [C, ...]) -> [C, dim] float32 features.
+
+    Equal to ``project(flatten_batched_tree(tree_batched), key, dim, kind, block_rows)``.
+    """
+    return project(flatten_batched_tree(tree_batched), key, dim, kind, block_rows)
+
+
+# ----------------------------------------------------------------------------- factored (LoGra)
+
+
+@partial(jax.jit, static_argnames=("n_in", "n_out", "d_in", "d_out", "kind", "block_rows"))
+def factor_projections(
+    key: jax.Array, n_in: int, n_out: int, d_in: int, d_out: int, kind: str = "rademacher", block_rows: int = 4096
+) -> tuple[jax.Array, jax.Array]:
+    """The two factors of a layer's Kronecker projection: (P_in [n_in, d_in], P_out [n_out, d_out]).
+
+    ``P_in = dense_matrix(fold_in(key, FACTOR_IN_INDEX), n_in, d_in, ...)`` and
+    ``P_out = dense_matrix(fold_in(key, FACTOR_OUT_INDEX), n_out, d_out, ...)``: independent, entries
+    of variance 1/d_in and 1/d_out, so ``E[P_in P_in^T] = I``, ``E[P_out P_out^T] = I``. Give every
+    layer its own key (e.g. ``fold_in(key, layer)``).
+    """
+    p_in = dense_matrix(jax.random.fold_in(key, FACTOR_IN_INDEX), n_in, d_in, kind, block_rows)
+    p_out = dense_matrix(jax.random.fold_in(key, FACTOR_OUT_INDEX), n_out, d_out, kind, block_rows)
+    return p_in, p_out
+
+
+@partial(jax.jit, static_argnames=("d_in", "d_out", "kind", "block_rows"))
+def factored_project(
+    x: jax.Array, delta: jax.Array, key: jax.Array, d_in: int, d_out: int, kind: str = "rademacher",
+    block_rows: int = 4096,
+) -> jax.Array:
+    """Factored projection of a linear layer's per-example weight gradients, without forming them.
+
+    Args:
+      x: [..., T, n_in] layer inputs (typically [C, T, n_in]).
+      delta: [..., T, n_out] gradients of the loss w.r.t. the layer outputs (zero on padding).
+      key: the layer's PRNG key (not batched); d_in, d_out, kind, block_rows: static.
+
+    Returns:
+      [..., d_in * d_out] float32: ``vec((x P_in)^T (delta P_out))`` (row-major vec), equal to
+      ``vec(G) @ factored_matrix(...)`` for ``G = x^T delta`` [n_in, n_out]. The Kronecker matrix
+      has entries of variance ``1 / (d_in d_out)`` and ``E[K K^T] = I``, so inner products of
+      gradients are preserved in expectation.
+    """
+    if x.shape[:-1] != delta.shape[:-1]:
+        raise ValueError(f"x {x.shape} and delta {delta.shape} must agree on all axes but the last")
+    p_in, p_out = factor_projections(key, x.shape[-1], delta.shape[-1], d_in, d_out, kind, block_rows)
+    x_small = jnp.einsum("...ti,ij->...tj", x.astype(jnp.float32), p_in, precision=_PRECISION)
+    delta_small = jnp.einsum("...to,ok->...tk", delta.astype(jnp.float32), p_out, precision=_PRECISION)
+    features = jnp.einsum("...tj,...tk->...jk", x_small, delta_small, precision=_PRECISION)
+    return features.reshape(*x.shape[:-2], d_in * d_out)
+
+
+def factored_matrix(
+    key: jax.Array, n_in: int, n_out: int, d_in: int, d_out: int, kind: str = "rademacher", block_rows: int = 4096
+) -> jax.Array:
+    """The explicit Kronecker projection ``P_in (x) P_out`` [n_in * n_out, d_in * d_out]; tests only.
+
+    Row ``i * n_out + o`` multiplies ``G[i, o]`` (row-major vec of the [n_in, n_out] gradient).
+    """
+    p_in, p_out = factor_projections(key, n_in, n_out, d_in, d_out, kind, block_rows)
+    return jnp.kron(p_in, p_out)

@@ -1,0 +1,71 @@
+"""The result every static selector returns: `Selection`, and how it is written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+from jraise.atomic import atomic_write_bytes, atomic_write_text
+from jraise.data.pool import InstructionPool, write_selection_jsonl
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Chosen pool indices (best first), every example's score where the method has scores, the
+    method name, its options, and the fingerprint of the pool the indices refer to."""
+
+    indices: np.ndarray  # int64 [k]
+    method: str
+    pool_fingerprint: str
+    scores: np.ndarray | None = None  # float32 [N] or None
+    config: dict = field(default_factory=dict)
+
+    def to_jsonl(self, pool: InstructionPool, path: str | os.PathLike) -> Path:
+        """The selected records, unchanged, best first (atomic write). Refuses another pool."""
+        if pool.fingerprint != self.pool_fingerprint:
+            raise ValueError(f"{path}: this selection was made on pool {self.pool_fingerprint[:12]}..., "
+                             f"not on {pool.source} ({pool.fingerprint[:12]}...)")
+        return write_selection_jsonl(pool, self.indices, path)
+
+    def metadata(self) -> dict:
+        return {"method": self.method, "pool_fingerprint": self.pool_fingerprint, "config": self.config,
+                "n_selected": len(self.indices), "indices": [int(i) for i in self.indices]}
+
+    def write(self, pool: InstructionPool, out: str | os.PathLike) -> dict[str, Path]:
+        """``out`` (selected records), ``out``.scores.npy (when scored) and ``out``.meta.json."""
+        out = Path(out)
+        paths = {"selection": self.to_jsonl(pool, out)}
+        if self.scores is not None:
+            paths["scores"] = _save_npy(out.with_name(out.name + ".scores.npy"), self.scores)
+        paths["meta"] = atomic_write_text(out.with_name(out.name + ".meta.json"),
+                                          json.dumps(self.metadata(), indent=2) + "\n")
+        return paths
+
+
+def _save_npy(path: Path, array: np.ndarray) -> Path:
+    buffer = BytesIO()
+    np.save(buffer, np.asarray(array))
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def top_fraction(scores: np.ndarray, fraction: float | None = None, k: int | None = None) -> np.ndarray:
+    """Indices of the highest scores, best first; ties broken by the lower index (deterministic).
+    Exactly one of ``fraction`` (of N, rounded, at least 1) or ``k``."""
+    scores = np.asarray(scores)
+    if (fraction is None) == (k is None):
+        raise ValueError("give exactly one of fraction or k")
+    if k is None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        k = max(1, round(fraction * len(scores)))
+    if not 1 <= k <= len(scores):
+        raise ValueError(f"cannot select {k} of {len(scores)} examples")
+    if np.isnan(scores).any():
+        raise ValueError(f"scores contain NaN at indices {np.flatnonzero(np.isnan(scores))[:5].tolist()}")
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return order[:k].astype(np.int64)

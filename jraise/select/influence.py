@@ -1,0 +1,109 @@
+"""LESS and ROSE scoring: checkpoint-weighted cosine influence, aggregated over validation subtasks.
+
+For train example z and validation example v, with checkpoints i = 1..K:
+
+    score(z, v) = sum_i w_i * cos(Gamma_i(z), val_i(v)),  w_i = mean lr of epoch i / sum of those
+
+where Gamma_i(z) is the Adam-preconditioned projected gradient of z at checkpoint i and val_i(v) the
+plain projected gradient of v there (LESS: SFT loss; ROSE: DPO loss, or its reference-free form).
+Both come L2-normalised, so cosine is a dot product. Per train example, scores are averaged within
+each validation subtask (group) and the maximum over subtasks is its final score.
+
+Memory: train features are read one block of rows at a time (`ShardedMatrix.iter_blocks` or array
+slices); per block the work is K matmuls [b, d] x [d, M], then [b, M] x [M, G] for the group means.
+Peak memory is O(b * (d + M)) plus the output [N], never N x M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jraise.grads.store import ShardedMatrix, normalise_rows
+from jraise.select.base import Selection, top_fraction
+
+METHODS = ("less", "rose")
+
+
+def checkpoint_weights(epoch_mean_lrs: Sequence[float]) -> np.ndarray:
+    """LESS's checkpoint weights: each checkpoint's epoch-mean learning rate, renormalised to 1."""
+    w = np.asarray(epoch_mean_lrs, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"checkpoint weights need finite, non-negative learning rates with a positive sum, got {w}")
+    return w / w.sum()
+
+
+def group_matrix(groups: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """([M, G] averaging matrix: column g is 1/|g| on g's members, the group names in order of
+    first appearance)."""
+    names = list(dict.fromkeys(str(g) for g in groups))
+    column = {name: j for j, name in enumerate(names)}
+    a = np.zeros((len(groups), len(names)), np.float32)
+    for m, g in enumerate(groups):
+        a[m, column[str(g)]] = 1.0
+    return a / a.sum(axis=0, keepdims=True), names
+
+
+def _blocks(train, block_rows: int):
+    if isinstance(train, ShardedMatrix):
+        yield from train.iter_blocks(block_rows)
+    else:
+        train = np.asarray(train)
+        for start in range(0, len(train), block_rows):
+            yield start, np.asarray(train[start : start + block_rows], dtype=np.float32)
+
+
+def influence_scores(train: Sequence, val: Sequence, weights: Sequence[float], groups: Sequence[str] | None = None,
+                     block_rows: int = 16384, return_groups: bool = False):
+    """Final score [N] float32 of each train example (see the module docstring).
+
+    ``train``: K feature matrices [N, d] (`ShardedMatrix` or arrays), one per checkpoint;
+    ``val``: K arrays [M, d] (normalised here, so raw projected gradients are fine);
+    ``weights``: K checkpoint weights; ``groups``: M subtask names (None: one group).
+    With ``return_groups`` also the per-group scores [N, G] and the group names.
+    """
+    if not (len(train) == len(val) == len(weights)) or len(train) == 0:
+        raise ValueError(f"need one train matrix, one val matrix and one weight per checkpoint, got "
+                         f"{len(train)}, {len(val)}, {len(weights)}")
+    n, d = train[0].shape
+    vals = [normalise_rows(np.asarray(v, dtype=np.float32)) for v in val]
+    m = vals[0].shape[0]
+    for i, (t, v) in enumerate(zip(train, vals)):
+        if tuple(t.shape) != (n, d) or v.shape != (m, d):
+            raise ValueError(f"checkpoint {i}: train features {tuple(t.shape)} and val features {v.shape} "
+                             f"do not match checkpoint 0's ({n}, {d}) and ({m}, {d})")
+    a, names = group_matrix(groups if groups is not None else ["all"] * m)
+    if a.shape[0] != m:
+        raise ValueError(f"groups has {a.shape[0]} entries for {m} validation examples")
+    weighted_vt = [np.ascontiguousarray((float(w) * v).T) for w, v in zip(weights, vals)]
+    per_group = np.empty((n, len(names)), np.float32)
+    iterators = [_blocks(t, block_rows) for t in train]
+    for blocks in zip(*iterators):
+        start = blocks[0][0]
+        acc = sum(block @ vt for (_, block), vt in zip(blocks, weighted_vt))
+        per_group[start : start + len(blocks[0][1])] = acc @ a
+    final = per_group.max(axis=1)
+    return (final, per_group, names) if return_groups else final
+
+
+def select_by_influence(method: str, train: Sequence, val: Sequence, weights: Sequence[float],
+                        pool_fingerprint: str, fraction: float = 0.05, groups: Sequence[str] | None = None,
+                        config: dict | None = None, block_rows: int = 16384) -> Selection:
+    """Scores (`influence_scores`) and keeps the top ``fraction``: a `Selection` named ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown influence method {method!r}; choose from {', '.join(METHODS)}")
+    scores = influence_scores(train, val, weights, groups, block_rows)
+    indices = top_fraction(scores, fraction=fraction)
+    cfg = {"fraction": fraction, "checkpoint_weights": [float(w) for w in weights], **(config or {})}
+    return Selection(indices=indices, method=method, pool_fingerprint=pool_fingerprint, scores=scores, config=cfg)
+
+
+def less(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, **config) -> Selection:
+    """LESS: ``val`` holds SFT-loss gradient features of the few-shot validation examples."""
+    return select_by_influence("less", train, val, weights, pool_fingerprint, fraction, groups, config)
+
+
+def rose(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, **config) -> Selection:
+    """ROSE: ``val`` holds DPO-loss (or reference-free margin) gradient features of preference pairs."""
+    return select_by_influence("rose", train, val, weights, pool_fingerprint, fraction, groups, config)

@@ -1,0 +1,159 @@
+"""LESS / ROSE end to end: warmup -> gradient features per checkpoint -> scores -> selection.
+
+Every stage writes into ``work_dir`` and is resumable: the warmup is a `jraise.train` run (resumes
+from its latest checkpoint), each feature matrix a `FeatureStore` (resumes at its first missing
+shard, checks its identity), and the selection files are written atomically at the end. Re-running
+the same command after a crash finishes the job; re-running it after success recomputes only the
+scores (seconds).
+
+    work_dir/warmup/                     LoRA warmup run (unless ``warmup_run`` is given)
+    work_dir/features/<step>/train/      Adam-preconditioned train-side features of the pool
+    work_dir/features/<step>/val-<loss>/ validation-side features (sft, dpo or margin)
+
+Warmup (LESS): LoRA on a random ``warmup_fraction`` of the pool for ``warmup_epochs`` epochs (each
+epoch reshuffles the subset), a checkpoint at every epoch end holding the adapters and Adam's
+moments. Checkpoints are weighted by their epoch's mean learning rate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jraise.data.pool import load_pool, load_preference_pool
+from jraise.grads.features import FeatureConfig, feature_store, zero_reference
+from jraise.grads.projection import ProjectionConfig
+from jraise.select.base import Selection
+from jraise.select.influence import METHODS, checkpoint_weights, select_by_influence
+
+VAL_LOSSES = {"less": ("sft",), "rose": ("margin", "dpo")}
+
+
+@dataclass(frozen=True)
+class InfluenceRunConfig:
+    """Options of `run_influence_selection` (defaults: the LESS paper's, except sizes that a
+    testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free, the default:
+    same normalised features, no reference forward pass) or "dpo" (exact, base model as reference).
+    """
+
+    method: str = "rose"
+    fraction: float = 0.05
+    val_loss: str | None = None
+    warmup_fraction: float = 0.05
+    warmup_epochs: int = 4
+    warmup_lr: float = 2e-5
+    warmup_batch_size: int = 128
+    warmup_schedule: str = "linear"
+    warmup_ratio: float = 0.03
+    lora_rank: int = 128
+    lora_alpha: float = 512.0
+    lora_dropout: float = 0.1
+    max_len: int = 2048
+    proj_dim: int = 8192
+    seed: int = 0
+    chunk: int = 8
+    group: int = 64
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.val_loss is None:
+            object.__setattr__(self, "val_loss", VAL_LOSSES[self.method][0])
+        if self.val_loss not in VAL_LOSSES[self.method]:
+            raise ValueError(f"{self.method} validation loss must be one of {VAL_LOSSES[self.method]}, "
+                             f"got {self.val_loss!r}")
+        for name in ("fraction", "warmup_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+    def features(self) -> FeatureConfig:
+        return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed), chunk=self.chunk,
+                             group=self.group)
+
+
+def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> Path:
+    """The LESS warmup run in ``run_dir`` (resumed when it exists); returns ``run_dir``."""
+    from jraise.model import load_model
+    from jraise.model.lora import LoRAConfig, add_lora
+    from jraise.train import TrainConfig, train
+
+    rng = np.random.default_rng([config.seed, 17])
+    n = max(1, round(config.warmup_fraction * len(pool)))
+    subset = np.sort(rng.choice(len(pool), size=n, replace=False))
+    orders = [subset[np.random.default_rng([config.seed, 18, e]).permutation(n)]
+              for e in range(config.warmup_epochs)]
+    model, _ = load_model(model_dir)
+    add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout),
+             seed=config.seed)
+    train_config = TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule, warmup_ratio=config.warmup_ratio,
+                               epochs=config.warmup_epochs, batch_size=min(config.warmup_batch_size, n),
+                               seed=config.seed)
+    train(model, pool, train_config, run_dir, order=orders, resume=True, export=False)
+    return run_dir
+
+
+def epoch_checkpoints(run_dir: Path) -> list[dict]:
+    """The run's epoch-end checkpoints (step, epoch, epoch_mean_lr), in order."""
+    from jraise.train import list_checkpoints
+
+    found = [c for c in list_checkpoints(run_dir) if c["epoch_end"]]
+    if not found:
+        raise ValueError(f"{run_dir}: no epoch-end checkpoints; a LESS warmup run saves one per epoch")
+    return found
+
+
+def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.PathLike,
+                            val_file: str | os.PathLike, out: str | os.PathLike,
+                            config: InfluenceRunConfig = InfluenceRunConfig(),
+                            work_dir: str | os.PathLike | None = None,
+                            warmup_run: str | os.PathLike | None = None,
+                            echo=print) -> Selection:
+    """LESS or ROSE selection of ``pool_file`` for the validation set ``val_file`` (SFT records for
+    LESS, preference pairs for ROSE); writes ``out`` (the selected records), ``out``.scores.npy
+    and ``out``.meta.json. Validation subtasks are the val records' ``category`` (else one group).
+    """
+    from jraise.model import load_tokenizer
+    from jraise.train import adam_moments, load_checkpoint, restore_model, split_trainable
+
+    model_dir, out = Path(model_dir), Path(out)
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    tok = load_tokenizer(model_dir)
+    pool = load_pool(pool_file, tok, max_len=config.max_len)
+    if config.method == "rose":
+        val = load_preference_pool(val_file, tok, max_len=config.max_len)
+    else:
+        val = load_pool(val_file, tok, max_len=config.max_len)
+    echo(f"{config.method}: pool {len(pool)} examples, validation {len(val)} "
+         f"{'pairs' if config.method == 'rose' else 'examples'}")
+
+    run_dir = Path(warmup_run) if warmup_run is not None else warmup(model_dir, pool, config, work / "warmup")
+    checkpoints = epoch_checkpoints(run_dir)
+    features = config.features()
+    train_mats, val_feats = [], []
+    for ckpt in checkpoints:
+        step = ckpt["step"]
+        model = restore_model(run_dir, model_dir, step)
+        graphdef, trainable, frozen = split_trainable(model)
+        _, opt_state, _ = load_checkpoint(run_dir, step)
+        moments = adam_moments(opt_state)
+        identity = {"model": str(model_dir.resolve()), "run": str(run_dir.resolve()), "step": step}
+        echo(f"checkpoint {step} (epoch {ckpt['epoch']}): train-side features")
+        store = feature_store(work / "features" / str(step) / "train", graphdef, trainable, frozen, pool, features,
+                              identity, loss="sft", moments=moments)
+        train_mats.append(store.matrix())
+        echo(f"checkpoint {step}: validation features ({config.val_loss})")
+        reference = zero_reference(trainable) if config.val_loss == "dpo" else None
+        val_store = feature_store(work / "features" / str(step) / f"val-{config.val_loss}", graphdef, trainable,
+                                  frozen, val, features, identity, loss=config.val_loss, reference=reference)
+        val_feats.append(val_store.matrix().rows(0, len(val)))
+    weights = checkpoint_weights([c["epoch_mean_lr"] for c in checkpoints])
+    groups = [c if c is not None else "all" for c in val.categories]
+    selection = select_by_influence(config.method, train_mats, val_feats, weights, pool.fingerprint, config.fraction,
+                                    groups, config={**asdict(config), "warmup_run": str(run_dir),
+                                                    "checkpoints": [c["step"] for c in checkpoints]})
+    paths = selection.write(pool, out)
+    echo(f"selected {len(selection.indices)} of {len(pool)} -> {paths['selection']}")
+    return selection

@@ -1,0 +1,103 @@
+"""LESS/ROSE scoring against a brute-force numpy implementation of the formula; Selection files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jraise.grads.store import FeatureStore
+from jraise.select.base import Selection, top_fraction
+from jraise.select.influence import checkpoint_weights, influence_scores, less, rose
+
+
+def _brute_force(train, val, lrs, groups):
+    """The LESS formula written out loop by loop."""
+    w = np.array(lrs) / np.sum(lrs)
+    n, m = train[0].shape[0], val[0].shape[0]
+    score = np.zeros((n, m))
+    for i in range(len(train)):
+        for z in range(n):
+            for v in range(m):
+                a, b = train[i][z], val[i][v]
+                score[z, v] += w[i] * a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    names = list(dict.fromkeys(groups))
+    per_group = np.stack([score[:, [g == name for g in groups]].mean(axis=1) for name in names], axis=1)
+    return per_group.max(axis=1)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_scores_equal_brute_force_less_formula(tmp_path):
+    rng = np.random.default_rng(0)
+    k, n, m, d = 3, 37, 9, 16
+    train = [_unit(rng.normal(size=(n, d))).astype(np.float32) for _ in range(k)]
+    val = [rng.normal(size=(m, d)).astype(np.float32) * 5 for _ in range(k)]  # unnormalised on purpose
+    lrs = [2e-5, 1.5e-5, 0.5e-5]
+    groups = ["a", "b", "a", "c", "b", "a", "c", "c", "b"]
+    want = _brute_force(train, val, lrs, groups)
+    got = influence_scores(train, val, checkpoint_weights(lrs), groups, block_rows=5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The same through memory-mapped stores (float16 rows: looser tolerance).
+    mats = []
+    for i, t in enumerate(train):
+        store = FeatureStore.create_or_open(tmp_path / f"ckpt{i}", n=n, dim=d, identity={"i": i}, shard_rows=8)
+        store.fill(lambda a, b, t=t: t[a:b], progress=False)
+        mats.append(store.matrix())
+    np.testing.assert_allclose(influence_scores(mats, val, checkpoint_weights(lrs), groups, block_rows=7), want,
+                               atol=2e-3)
+
+
+def test_per_group_scores_and_single_group_default():
+    rng = np.random.default_rng(1)
+    train = [_unit(rng.normal(size=(10, 4)))]
+    val = [rng.normal(size=(3, 4))]
+    final, per_group, names = influence_scores(train, val, [1.0], ["x", "y", "x"], return_groups=True)
+    assert names == ["x", "y"] and per_group.shape == (10, 2)
+    np.testing.assert_allclose(final, per_group.max(axis=1))
+    one = influence_scores(train, val, [1.0])
+    np.testing.assert_allclose(one, (train[0] @ _unit(val[0]).T).mean(axis=1), rtol=1e-5)
+
+
+def test_checkpoint_weights_and_errors():
+    np.testing.assert_allclose(checkpoint_weights([1, 3]), [0.25, 0.75])
+    with pytest.raises(ValueError):
+        checkpoint_weights([0, 0])
+    with pytest.raises(ValueError, match="one weight per checkpoint"):
+        influence_scores([np.zeros((2, 3))], [np.zeros((1, 3))] * 2, [1.0])
+    with pytest.raises(ValueError, match="do not match"):
+        influence_scores([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros((1, 3)), np.zeros((1, 4))], [0.5, 0.5])
+
+
+def test_top_fraction_is_deterministic_with_ties():
+    scores = np.array([0.1, 0.5, 0.5, 0.9, 0.2], np.float32)
+    assert top_fraction(scores, k=3).tolist() == [3, 1, 2]
+    assert top_fraction(scores, fraction=0.4).tolist() == [3, 1]
+    assert len(top_fraction(scores, fraction=0.01)) == 1
+    with pytest.raises(ValueError):
+        top_fraction(np.array([np.nan, 1.0]), k=1)
+
+
+def test_selection_files(tmp_path):
+    from jraise.data.pool import load_pool
+    from jraise.data.testbed import write_testbed
+    from jraise.model import load_tokenizer
+
+    paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=1, n_test_per_category=1)
+    tok = load_tokenizer(paths["tokenizer"])
+    pool = load_pool(paths["pool"], tok, max_len=256)
+    rng = np.random.default_rng(2)
+    train = [_unit(rng.normal(size=(len(pool), 8)))]
+    sel = rose(train, [rng.normal(size=(2, 8))], [1.0], pool.fingerprint, fraction=0.1, proj_dim=8)
+    assert sel.method == "rose" and len(sel.indices) == 4
+    written = sel.write(pool, tmp_path / "out" / "sel.jsonl")
+    lines = [json.loads(x) for x in written["selection"].read_text().splitlines()]
+    assert lines == [pool.records[i] for i in sel.indices]
+    meta = json.loads(written["meta"].read_text())
+    assert meta["indices"] == sel.indices.tolist() and meta["config"]["proj_dim"] == 8
+    np.testing.assert_array_equal(np.load(written["scores"]), sel.scores)
+    other = less(train, [rng.normal(size=(2, 8))], [1.0], "another-pool")
+    with pytest.raises(ValueError, match="this selection was made on pool"):
+        other.to_jsonl(pool, tmp_path / "x.jsonl")
+    assert isinstance(other, Selection)
