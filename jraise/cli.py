@@ -171,7 +171,7 @@ def eval_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
-select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose.")
+select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose, mixture.")
 app.add_typer(select_app, name="select")
 
 
@@ -210,6 +210,47 @@ def _influence_command(method: str):
 
 select_app.command("less")(_influence_command("less"))
 select_app.command("rose")(_influence_command("rose"))
+
+
+@select_app.command("mixture")
+def mixture_cmd(
+    pool: Path = typer.Option(..., help="Current instruction set (records with a 'category')."),
+    gamma: Path = typer.Option(..., help="Interaction matrix Gamma (gamma.json or gamma.csv from `jraise interactions`)."),
+    out: Path = typer.Option(..., help="The re-mixed set (JSONL); OUT.meta.json beside it."),
+    budget: Optional[int] = typer.Option(None, help="Size of the new set (default: the current size)."),
+    edit: float = typer.Option(0.03, help="Edit budget T as a fraction of the budget."),
+    candidates: Optional[Path] = typer.Option(None, help="Larger pool to add records from."),
+    quality_field: Optional[str] = typer.Option(None, help="Numeric field of candidates: added best-first."),
+    min_per_category: int = typer.Option(5), seed: int = typer.Option(0),
+    categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
+):
+    """EE-CPO: re-mix the categories by linear programming over Gamma (budget exact, no duplicates)."""
+    from jraise.select.beyond_iid import mixture_job
+
+    meta = mixture_job(pool, gamma, out, budget=budget, edit_fraction=edit, candidates_file=candidates,
+                       min_per_category=min_per_category, quality_field=quality_field, seed=seed,
+                       categories_file=categories)
+    typer.echo(json.dumps({k: meta[k] for k in ("counts_before", "counts_after", "edits", "objective_before",
+                                                 "objective_after")}, indent=2))
+
+
+@app.command("curriculum")
+def curriculum_cmd(
+    pool: Path = typer.Option(..., help="Instruction set (records with a 'category')."),
+    out: Path = typer.Option(..., help="Training order: one pool id per line (for `jraise train --order`)."),
+    gamma: Optional[Path] = typer.Option(None, help="Gamma: tiers derived from its asymmetry."),
+    tiers: Optional[Path] = typer.Option(None, help="JSON {category: tier} (0 base, 1 middle, 2 dependent)."),
+    threshold: Optional[float] = typer.Option(None, help="Prerequisite-edge threshold on Gamma's asymmetry."),
+    method: str = typer.Option("depth", help="Tier rule: depth or net_asymmetry."),
+    seed: int = typer.Option(0),
+    categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
+):
+    """DT-CSFT: a 3-stage order (every example 3 times, base skills early, dependent ones late)."""
+    from jraise.select.beyond_iid import curriculum_job
+
+    meta = curriculum_job(pool, out, gamma_file=gamma, tiers_file=tiers, threshold=threshold, method=method,
+                          seed=seed, categories_file=categories)
+    typer.echo(json.dumps({k: meta[k] for k in ("tiers", "stage_lengths", "n")}, indent=2))
 
 
 @app.command("demo")

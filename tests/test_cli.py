@@ -49,3 +49,24 @@ def test_init_model_with_a_bad_preset_fails_clearly(tmp_path):
                                       "--tokenizer", str(tmp_path / "tok")])
     assert result.exit_code != 0
     assert "unknown preset 'huge'" in str(result.exception)
+
+
+def test_select_mixture_and_curriculum_commands(tmp_path):
+    from jraise.data.testbed import write_testbed
+    from jraise.select.interactions import save_gamma
+
+    cats = ["first", "upper", "reverse_upper"]
+    pool = write_testbed(tmp_path / "a", n_train=60, n_val_per_category=1, n_test_per_category=1, categories=cats)["pool"]
+    cand = write_testbed(tmp_path / "b", n_train=90, seed=1, n_val_per_category=1, n_test_per_category=1,
+                         categories=cats)["pool"]
+    save_gamma(np.eye(3) + 0.5 * np.eye(3)[:, [1, 2, 0]], cats, tmp_path / "g")
+    runner = CliRunner()
+    result = runner.invoke(app, ["select", "mixture", "--pool", str(pool), "--gamma", str(tmp_path / "g" / "gamma.json"),
+                                 "--out", str(tmp_path / "mix.jsonl"), "--candidates", str(cand), "--edit", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 60
+    (tmp_path / "tiers.json").write_text(json.dumps({"first": 0, "upper": 0, "reverse_upper": 2}))
+    result = runner.invoke(app, ["curriculum", "--pool", str(tmp_path / "mix.jsonl"), "--tiers",
+                                 str(tmp_path / "tiers.json"), "--out", str(tmp_path / "order.txt")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "order.txt").read_text().splitlines()) == 180
