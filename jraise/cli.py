@@ -253,6 +253,28 @@ def curriculum_cmd(
     typer.echo(json.dumps({k: meta[k] for k in ("tiers", "stage_lengths", "n")}, indent=2))
 
 
+@app.command("categories")
+def categories_cmd(
+    model: Path = typer.Option(..., help="HF model directory whose hidden states embed the records."),
+    pool: Path = typer.Option(..., help="Instruction records."),
+    out: Path = typer.Option(..., help="JSON with {id: derived-<j>} under 'categories', marked derived."),
+    k: int = typer.Option(..., help="Number of categories (K-means clusters)."),
+    dims: int = typer.Option(32, help="PCA dimensions before K-means."),
+    max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+):
+    """Derive categories for data without a 'category' field: K-means over pooled model embeddings."""
+    from collections import Counter
+
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+    from jraise.select.embeddings import derive_categories
+
+    net, _ = load_model(model)
+    data = load_pool(pool, load_tokenizer(model), max_len=max_len)
+    cats = derive_categories(net, data, k, dims=dims, seed=seed, out=out)
+    typer.echo(json.dumps({"out": str(out), "sizes": dict(sorted(Counter(cats).items()))}, indent=2))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), help="Working directory for the demo's files."),

@@ -45,11 +45,14 @@ class CategorisedRecords:
 
 def read_categorised(path: str | os.PathLike, categories_file: str | os.PathLike | None = None) -> CategorisedRecords:
     """Reads and validates instruction records; each needs a category (from its ``category`` field
-    or from ``categories_file``: JSON {id: category}). Errors name the file and line."""
+    or from ``categories_file``: JSON {id: category}, or a `derive_categories` file whose
+    "categories" holds that mapping; the file wins). Errors name the file and line."""
     problems = _ProblemLog(skip_bad=False)
     sources, _ = read_records(path, problems)
     parsed = drop_duplicate_ids([parse_record(s) for s in sources], problems)
     given = json.loads(Path(categories_file).read_text()) if categories_file is not None else {}
+    if isinstance(given.get("categories"), dict):  # a `derive_categories` file
+        given = given["categories"]
     cats = []
     for item in parsed:
         cat = given.get(item.id, item.category)
