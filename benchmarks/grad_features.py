@@ -98,7 +98,12 @@ def _jraise_setup(model_dir, lora_rank: int, lora_alpha: float, seed: int):
     import numpy as np
 
     from jraise.model import load_model
-    from jraise.model.lora import ATTENTION_TARGETS, LoRAConfig, add_lora, lora_projections
+    from jraise.model.lora import (
+        ATTENTION_TARGETS,
+        LoRAConfig,
+        add_lora,
+        lora_projections,
+    )
     from jraise.train import split_trainable
 
     model, _ = load_model(model_dir)
@@ -134,7 +139,12 @@ def _train_side(model, graphdef, pool, rows, config, lr: float):
 
     from jraise.data.batching import length_buckets, make_batch
     from jraise.grads.features import grouped_indices
-    from jraise.train import make_optimizer, make_train_step, param_dtypes, split_trainable
+    from jraise.train import (
+        make_optimizer,
+        make_train_step,
+        param_dtypes,
+        split_trainable,
+    )
 
     _, trainable, frozen = split_trainable(model)  # a fresh copy: the step donates it
     tx, _ = make_optimizer(lr, total_steps=1, schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
@@ -407,7 +417,13 @@ def main(argv=None):
     from jraise.data.testbed import write_testbed
     from jraise.grads.features import FeatureConfig
     from jraise.grads.projection import ProjectionConfig, dense_matrix, tree_size
-    from jraise.model import init_model, load_tokenizer, parameter_count, preset_config, save_model
+    from jraise.model import (
+        init_model,
+        load_tokenizer,
+        parameter_count,
+        preset_config,
+        save_model,
+    )
 
     config = FeatureConfig(projection=ProjectionConfig(dim=args.proj_dim), chunk=args.chunk, group=args.group,
                            n_buckets=args.n_buckets)

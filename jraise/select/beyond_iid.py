@@ -27,7 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.formats import _ProblemLog, drop_duplicate_ids, parse_record, read_records
+from jraise.data.formats import (
+    _ProblemLog,
+    drop_duplicate_ids,
+    parse_record,
+    read_records,
+)
 from jraise.select.curriculum import dependency_tiers, dt_csft_stages, example_tiers
 from jraise.select.interactions import load_gamma
 from jraise.select.mixture import ee_cpo_plan, realise_subset

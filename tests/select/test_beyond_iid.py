@@ -56,7 +56,7 @@ def test_curriculum_job_every_example_three_times_base_early(files, tmp_path):
     cat = dict(zip(records.ids, records.categories))
     s1, s2, _ = meta["stage_lengths"]
     first, last = ids[:s1], ids[s1 + s2:]
-    share = lambda part, tier: sum(tiers[cat[i]] == tier for i in part) / len(part)  # noqa: E731
+    share = lambda part, tier: sum(tiers[cat[i]] == tier for i in part) / len(part)
     assert share(first, 0) > share(last, 0) and share(last, 2) > share(first, 2)
     # From Gamma instead of a tiers file.
     meta2 = curriculum_job(pool, tmp_path / "o2.txt", gamma_file=root / "gamma" / "gamma.csv")
