@@ -168,6 +168,46 @@ def _train_side(model, graphdef, pool, rows, config, lr: float):
     return run, n_real, sorted({int(b["input_ids"].shape[-1]) for b in batches})
 
 
+def _grads_side(graphdef, trainable, frozen, pool, rows, config, moments):
+    """() -> the `compute_features` work without the projection: per-example gradients, Adam,
+    flattened to [group, P], over the same groups (``--breakdown``)."""
+    from jraise.data.batching import length_buckets, make_batch
+    from jraise.grads.features import grouped_indices
+    from jraise.grads.per_example import adam_precondition, make_per_example_fn
+    from jraise.grads.projection import flatten_tree
+
+    fn = make_per_example_fn(graphdef, "sft", config.chunk,
+                             transform=lambda g, extra: flatten_tree(adam_precondition(g, *extra)))
+    buckets = length_buckets(pool.lengths, config.n_buckets)
+    batches = [make_batch(pool, index, bucket) for bucket, index in
+               grouped_indices(pool.lengths, rows, buckets, config.group)]
+
+    def run():
+        for batch in batches:
+            fn(trainable, frozen, batch, moments).block_until_ready()
+
+    return run
+
+
+def _projection_ms(n_coords: int, config) -> float:
+    """Median ms of one jitted `project` of a [chunk, P] block, as inside `compute_features`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jraise.grads.projection import project
+
+    p = config.projection
+    fn = jax.jit(lambda x, key: project(x, key, p.dim, p.kind, p.block_rows))
+    x = jax.random.normal(jax.random.key(1), (config.chunk, n_coords), jnp.float32)
+    fn(x, p.key()).block_until_ready()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(x, p.key()).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def _jraise_vectors(graphdef, trainable, frozen, pool, rows, moments, bucket: int):
     """[len(rows), P] Adam-preconditioned, flattened per-example gradients (no projection)."""
     import numpy as np
@@ -324,8 +364,8 @@ def _score_child(store_dir: str) -> None:
     def sample():
         while not done.is_set():
             status = _proc_status()
-            for key in peaks:
-                peaks[key] = max(peaks[key], status.get(key, 0))
+            for key, peak in peaks.items():
+                peaks[key] = max(peak, status.get(key, 0))
             done.wait(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -397,6 +437,8 @@ def main(argv=None):
     parser.add_argument("--ref-project-interval", type=int, default=16,
                         help="reference: gradients projected per matmul (LESS: 16)")
     parser.add_argument("--torch-threads", type=int, default=1, help="0: torch's default (see above)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time jraise without the projection, and one projection call")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch reference (figure 1)")
     parser.add_argument("--skip-memory", action="store_true", help="no scoring-memory figure (figure 3)")
     parser.add_argument("--score-rows", type=int, default=1_000_000)
@@ -451,6 +493,9 @@ def main(argv=None):
         train_run, n_train_real, train_buckets = _train_side(model, graphdef, pool, rows, config, args.lr)
         result["bucket_lengths_used"] = train_buckets
         sides["training"] = train_run
+        if args.breakdown:
+            sides["grads_no_projection"] = _grads_side(graphdef, trainable, frozen, pool, rows, config, moments)
+            result["projection_ms_per_chunk"] = round(_projection_ms(n_lora, config), 1)
         if not args.skip_torch:
             import torch
 
@@ -485,7 +530,8 @@ def main(argv=None):
             np.sum(warm["less_reference"] * warm["features"], 1)
             / np.linalg.norm(warm["less_reference"], axis=1) / np.linalg.norm(warm["features"], axis=1))), 6)
 
-    n_real = {"features": len(rows), "less_reference": len(rows), "training": n_train_real}
+    n_real = {"features": len(rows), "less_reference": len(rows), "training": n_train_real,
+              "grads_no_projection": len(rows)}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for r in range(args.rounds):

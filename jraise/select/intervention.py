@@ -32,8 +32,10 @@ Design choices (each also written where it is implemented):
   as possible beyond the intervention, which lowers the noise of the differences
   ``P_j(D^(k)) - P_j(D0)`` that Gamma is built from. Dropout keys are shared too.
 * Common bucket. The R batches of a step are padded to the smallest length bucket that holds the
-  longest of them (buckets fitted to the union of the sets), so the step has one static shape.
-  The sequential mode trains on exactly the same padded batches, so both modes do the same math.
+  longest of them, so the step has one static shape. Buckets are fitted to the whole pool's
+  lengths (as `jraise.train.loop.train` does), so the compiled shapes depend on the pool, not on
+  the seed or the sets. The sequential mode trains on exactly the same padded batches, so both
+  modes do the same math.
 * Run axis on devices. With several devices the run axis is sharded over a 1-D
   ``jax.sharding.Mesh`` named ``"runs"`` (``NamedSharding(mesh, P("runs"))``) when R is a
   multiple of the device count; runs are independent, so XLA partitions the vmapped step with no
@@ -75,7 +77,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jraise.atomic import atomic_write_text
-from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets, make_batch, pick_bucket
+from jraise.data.batching import (
+    PAD_INDEX,
+    iterate_batches,
+    length_buckets,
+    make_batch,
+    pick_bucket,
+)
 from jraise.data.pool import InstructionPool
 from jraise.select.interactions import ORIENTATION, interaction_matrix, save_gamma
 from jraise.train.loop import accumulation_batch
@@ -96,15 +104,15 @@ __all__ = [
     "MODES",
     "RUN_AXIS",
     "InterventionConfig",
-    "pool_categories",
-    "intervention_sets",
-    "run_orders",
-    "run_mesh",
-    "make_stacked_train_step",
-    "train_interventions",
     "evaluate_runs",
     "interaction_from_runs",
+    "intervention_sets",
+    "make_stacked_train_step",
     "measure_interactions",
+    "pool_categories",
+    "run_mesh",
+    "run_orders",
+    "train_interventions",
 ]
 
 METRICS = ("loss", "exact_match")
@@ -232,7 +240,7 @@ def pool_categories(pool: InstructionPool) -> tuple[str, ...]:
 
 
 def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def _base_counts(counts: np.ndarray, config: InterventionConfig, names: Sequence[str]) -> np.ndarray:
@@ -459,9 +467,8 @@ def _batch_spec(lead: tuple[int, ...], accum: int, rows: int, length: int, shard
 
 
 def _step_buckets(pool: InstructionPool, orders: np.ndarray, n_buckets: int) -> tuple[tuple[int, ...], list[int]]:
-    """(bucket lengths fitted to the examples the runs use, the common bucket of each step)."""
-    used = np.unique(orders)
-    buckets = length_buckets(pool.lengths[used], n_buckets)
+    """(bucket lengths fitted to the pool, the common bucket of each step)."""
+    buckets = length_buckets(pool.lengths, n_buckets)
     longest = pool.lengths[orders].max(axis=(0, 2))  # [steps]: longest example of any run
     return buckets, [pick_bucket(int(n), buckets) for n in longest]
 
