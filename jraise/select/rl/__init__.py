@@ -1,0 +1,57 @@
+"""RAISE building blocks (``shared/methods/raise.md``): per-cluster set sampling, the policy, PPO.
+
+* `sampling`: padded cluster layout, Gumbel-top-b sampling, Plackett-Luce log-probabilities, top-b.
+* `policy`: the fused 39-number state, the acquisition MLP (actor) and the critic.
+* `ppo`: GAE, the per-cluster clipped surrogate and the value loss, on rlax.
+"""
+
+from jraise.select.rl.policy import (
+    AVAILABILITY,
+    DIFFICULTY,
+    SEMANTIC,
+    STAGE,
+    STAGE_DIM,
+    STAGE_KINDS,
+    AcquisitionMLP,
+    Critic,
+    PolicyConfig,
+    critic_summary,
+    fused_state,
+    score_pool,
+    stage_features,
+)
+from jraise.select.rl.ppo import clip_fraction, gae, ppo_loss, value_loss
+from jraise.select.rl.sampling import (
+    ClusterLayout,
+    cluster_layout,
+    gumbel_top_b,
+    pl_first_pick_entropy,
+    plackett_luce_logp,
+    top_b,
+)
+
+__all__ = [
+    "AVAILABILITY",
+    "DIFFICULTY",
+    "SEMANTIC",
+    "STAGE",
+    "STAGE_DIM",
+    "STAGE_KINDS",
+    "AcquisitionMLP",
+    "ClusterLayout",
+    "Critic",
+    "PolicyConfig",
+    "clip_fraction",
+    "cluster_layout",
+    "critic_summary",
+    "fused_state",
+    "gae",
+    "gumbel_top_b",
+    "pl_first_pick_entropy",
+    "plackett_luce_logp",
+    "ppo_loss",
+    "score_pool",
+    "stage_features",
+    "top_b",
+    "value_loss",
+]
