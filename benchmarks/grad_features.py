@@ -53,9 +53,16 @@ the ratios):
    the moment, which the kernel can drop at any time. `ShardedMatrix` maps one shard at a time and
    unmaps it after copying, so mapped pages do not accumulate. Goal: peak < 2 GB.
 
-Timing: every side is warmed up first (jit compiles each bucket shape; torch allocates), then the
-three sides run ``--rounds`` rounds over the same examples, the order rotating from round to round;
-a figure is the median round.
+Timing: every side is warmed up first (one example per length bucket, so jit compiles every group
+shape; torch allocates), then the sides run ``--rounds`` rounds over the same examples, the order
+rotating from round to round; a figure is the median round. ``--breakdown`` adds a side that runs
+`compute_features`' per-example program without the projection (gradients, Adam, flatten) on the
+same groups, and times one `project` call on a [chunk, P] block, to show where the time goes.
+
+Group padding: `compute_features` pads the last group of every length bucket to ``group`` rows and
+computes those padding rows like real ones, so a small pool (the 256 default) wastes about a third
+of the jraise work (``real_row_fraction`` in the JSON); a 4096-row store shard wastes a few percent.
+Both jraise sides process exactly the same groups; all rates count real examples only.
 
 PyTorch runs single-threaded by default (``--torch-threads 0`` gives torch's own default), as in
 ``trainer_throughput.py``: on a shared 2-core machine its OpenMP workers spin-wait against other
@@ -63,6 +70,7 @@ processes and a 2-thread torch step measured up to 10x slower than a 1-thread on
 flatter jraise. jraise (XLA) uses its own thread pool over all cores.
 
     python benchmarks/grad_features.py                       # defaults: small, 256 examples, d 8192
+    # about 10 minutes on the shared 2-core CPU, mostly jraise's feature extraction and the 2 GB store
     python benchmarks/grad_features.py --n-examples 64 --rounds 2 --score-rows 100000   # quick
     python benchmarks/grad_features.py --skip-torch --skip-memory --out /tmp/gf.json
 """
@@ -121,14 +129,21 @@ def _jraise_setup(model_dir, lora_rank: int, lora_alpha: float, seed: int):
 
 
 def _features_side(graphdef, trainable, frozen, pool, rows, config, moments):
-    """() -> [N, d] features of ``rows`` by `compute_features`, its jitted program cached."""
+    """run(warm=False) -> [N, d] features of ``rows`` by `compute_features`, its jitted program
+    cached; ``warm``: one example per length bucket (compiles every group shape)."""
+    from jraise.data.batching import length_buckets, pick_bucket
     from jraise.grads.features import compute_features
 
     cache: dict = {}
+    buckets = length_buckets(pool.lengths, config.n_buckets)
+    first = {}
+    for i in rows:
+        first.setdefault(pick_bucket(int(pool.lengths[i]), buckets), int(i))
+    warm_rows = sorted(first.values())
 
-    def run():
-        return compute_features(graphdef, trainable, frozen, pool, rows, config, loss="sft", moments=moments,
-                                _cache=cache)
+    def run(warm: bool = False):
+        return compute_features(graphdef, trainable, frozen, pool, warm_rows if warm else rows, config, loss="sft",
+                                moments=moments, _cache=cache)
 
     return run
 
@@ -158,14 +173,16 @@ def _train_side(model, graphdef, pool, rows, config, lr: float):
         n_real += int(b["example_mask"].sum())
         batches.append(jax.device_put({k: b[k][None] for k in keys}))  # [A=1, group, L]
 
-    def run():
+    def run(warm: bool = False):
         loss = None
-        for batch in batches:
+        for batch in _one_per_shape(batches) if warm else batches:
             state["trainable"], state["opt"], metrics = step_fn(state["trainable"], state["opt"], frozen, batch)
             loss = metrics["loss"]
         return float(loss)  # waits for the last step; steps run in order
 
-    return run, n_real, sorted({int(b["input_ids"].shape[-1]) for b in batches})
+    shape = {"groups": len(batches), "group_rows": sum(int(b["input_ids"].shape[1]) for b in batches),
+             "bucket_lengths_used": sorted({int(b["input_ids"].shape[-1]) for b in batches})}
+    return run, n_real, shape
 
 
 def _grads_side(graphdef, trainable, frozen, pool, rows, config, moments):
@@ -182,11 +199,19 @@ def _grads_side(graphdef, trainable, frozen, pool, rows, config, moments):
     batches = [make_batch(pool, index, bucket) for bucket, index in
                grouped_indices(pool.lengths, rows, buckets, config.group)]
 
-    def run():
-        for batch in batches:
+    def run(warm: bool = False):
+        for batch in _one_per_shape(batches) if warm else batches:
             fn(trainable, frozen, batch, moments).block_until_ready()
 
     return run
+
+
+def _one_per_shape(batches):
+    """The first batch of each distinct input shape (what a jit warm-up needs)."""
+    seen = {}
+    for batch in batches:
+        seen.setdefault(tuple(batch["input_ids"].shape), batch)
+    return list(seen.values())
 
 
 def _projection_ms(n_coords: int, config) -> float:
@@ -294,11 +319,12 @@ def _torch_reference(model_dir, trainable, moments, pool, rows, matrix, lora_sca
         g = (ADAM_B1 * m + (1 - ADAM_B1) * g) / torch.sqrt(ADAM_B2 * v + (1 - ADAM_B2) * g * g + ADAM_EPS)
         return g, float(loss.detach())
 
-    def run():
+    def run(warm: bool = False):
         out, pending = [], []
-        for k in range(len(inputs)):
+        n = min(interval, len(inputs)) if warm else len(inputs)
+        for k in range(n):
             pending.append(vector(k)[0])
-            if len(pending) == interval or k == len(inputs) - 1:
+            if len(pending) == interval or k == n - 1:
                 out.append(torch.stack(pending) @ proj)
                 pending = []
         return torch.cat(out).numpy()
@@ -424,7 +450,8 @@ def _gb(n) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--n-examples", type=int, default=256, help="testbed pool size = examples timed")
+    parser.add_argument("--n-examples", type=int, default=256,
+                        help="testbed pool size = examples timed (small pools pad each bucket's last group)")
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
@@ -490,8 +517,9 @@ def main(argv=None):
         result["lora_params"] = n_lora
         result["real_tokens"] = int(pool.lengths.sum())
         sides = {"features": _features_side(graphdef, trainable, frozen, pool, rows, config, moments)}
-        train_run, n_train_real, train_buckets = _train_side(model, graphdef, pool, rows, config, args.lr)
-        result["bucket_lengths_used"] = train_buckets
+        train_run, n_train_real, group_shape = _train_side(model, graphdef, pool, rows, config, args.lr)
+        result.update(group_shape)  # both jraise sides process these groups, padding rows included
+        result["real_row_fraction"] = round(len(rows) / group_shape["group_rows"], 3)
         sides["training"] = train_run
         if args.breakdown:
             sides["grads_no_projection"] = _grads_side(graphdef, trainable, frozen, pool, rows, config, moments)
@@ -518,27 +546,27 @@ def main(argv=None):
             jv = _jraise_vectors(graphdef, trainable, frozen, pool, check, moments, bucket)
             result["max_rel_diff_vectors"] = float(f"{_rel(ref_vectors(range(len(check))), jv):.3g}")
 
-    # Warm-up: every side once over all examples (jit compiles each bucket shape).
-    warm = {}
+    # Warm-up: jit compiles every group shape (one example per length bucket), torch allocates.
     for name, run in sides.items():
         t0 = time.perf_counter()
-        warm[name] = run()
+        run(warm=True)
         result[f"warmup_s_{name}"] = round(time.perf_counter() - t0, 2)
-    if "less_reference" in sides:
-        result["max_rel_diff_features"] = float(f"{_rel(warm['less_reference'], warm['features']):.3g}")
-        result["min_cosine_features"] = round(float(np.min(
-            np.sum(warm["less_reference"] * warm["features"], 1)
-            / np.linalg.norm(warm["less_reference"], axis=1) / np.linalg.norm(warm["features"], axis=1))), 6)
 
     n_real = {"features": len(rows), "less_reference": len(rows), "training": n_train_real,
               "grads_no_projection": len(rows)}
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    last: dict = {}
     names = list(sides)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
-            sides[name]()
+            last[name] = sides[name]()
             rates[name].append(n_real[name] / (time.perf_counter() - t0))
+    if "less_reference" in sides:  # same features: every example of the last round
+        ref, ours = last["less_reference"], last["features"]
+        result["max_rel_diff_features"] = float(f"{_rel(ref, ours):.3g}")
+        result["min_cosine_features"] = round(float(np.min(
+            np.sum(ref * ours, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1))), 6)
     median = {name: statistics.median(v) for name, v in rates.items()}
     for name in sides:
         result[f"{name}_examples_per_s"] = round(median[name], 2)
@@ -553,7 +581,8 @@ def main(argv=None):
 
     print(json.dumps(result, indent=2))
     print(f"\n[1] train-side features, {len(rows)} examples, LoRA r={args.lora_rank} ({n_lora} params), "
-          f"d={args.proj_dim}:")
+          f"d={args.proj_dim}; jraise groups hold {result['group_rows']} rows ({result['groups']} x {args.group}, "
+          f"real fraction {result['real_row_fraction']}):")
     if "less_reference" in sides:
         print(f"    jraise {median['features']:.1f} ex/s vs LESS-style torch {median['less_reference']:.1f} ex/s: "
               f"{result['ratio_jraise_over_less_reference']:.2f}x (goal >= 10x); max relative difference "

@@ -104,8 +104,20 @@ def train_cmd(
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     skip_bad: bool = typer.Option(False, help="Skip bad records (reported) instead of stopping."),
     resume: bool = typer.Option(True, help="Continue from the run directory's latest checkpoint."),
+    selector: Optional[str] = typer.Option(None, help="'raise': each step's batch chosen by a trained policy."),
+    policy: Optional[Path] = typer.Option(None, help="With --selector raise: the `jraise select raise` directory."),
 ):
     """Fine-tune a model (full or LoRA); checkpoints hold weights, Adam moments and the lr history."""
+    if selector is not None:
+        if selector != "raise" or policy is None or eval_data is None or max_steps is None:
+            raise typer.BadParameter("--selector raise needs --policy DIR, --eval-data (the target validation "
+                                     "set, for the stage features) and --max-steps (the step budget)")
+        from jraise.select.rl.run import finetune_with_policy
+
+        final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
+                                     tokenizer_dir=_tokenizer_dir(model, tokenizer))
+        typer.echo(json.dumps({"run_dir": str(out), "steps": max_steps, "final_model": str(final)}, indent=2))
+        return
     from jraise.data.pool import load_pool
     from jraise.model import load_model, load_tokenizer
     from jraise.model.lora import LoRAConfig, add_lora
@@ -171,7 +183,7 @@ def eval_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
-select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose, mixture.")
+select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose, raise, mixture.")
 app.add_typer(select_app, name="select")
 
 
@@ -210,6 +222,28 @@ def _influence_command(method: str):
 
 select_app.command("less")(_influence_command("less"))
 select_app.command("rose")(_influence_command("rose"))
+
+
+@select_app.command("raise")
+def raise_cmd(
+    model: Path = typer.Option(..., help="Base HF model directory (with its tokenizer files): M_0 and the auxiliary model."),
+    pool: Path = typer.Option(..., help="Instruction pool to select from."),
+    val: Path = typer.Option(..., help="Target validation records (SFT): the reward is the drop of their loss."),
+    out: Path = typer.Option(..., help="Policy directory (static features, clusters, checkpoints, reward curve)."),
+    episodes: int = typer.Option(20), steps: int = typer.Option(20, help="Fine-tuning steps per episode (T)."),
+    batch_size: int = typer.Option(16, help="Examples per step (B = clusters x per-cluster b)."),
+    clusters: int = typer.Option(1, help="K-means clusters for the diversity constraint (C)."),
+    lr: float = typer.Option(1e-3, help="LLM learning rate inside episodes."),
+    policy_lr: float = typer.Option(3e-3), lora_rank: int = typer.Option(0, help="LoRA rank; 0: full fine-tuning."),
+    max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+):
+    """RAISE: train a selection policy with PPO over fused fine-tuning episodes (resumable)."""
+    from jraise.select.rl.run import train_raise_policy
+    from jraise.select.rl.trainer import RaiseConfig
+
+    config = RaiseConfig(episodes=episodes, steps=steps, llm_lr=lr, policy_lr=policy_lr, seed=seed)
+    train_raise_policy(model, pool, val, out, config, clusters=clusters, batch_size=batch_size, lora_rank=lora_rank,
+                       max_len=max_len, echo=typer.echo)
 
 
 @select_app.command("mixture")

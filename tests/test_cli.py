@@ -70,3 +70,26 @@ def test_select_mixture_and_curriculum_commands(tmp_path):
                                  str(tmp_path / "tiers.json"), "--out", str(tmp_path / "order.txt")])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "order.txt").read_text().splitlines()) == 180
+
+
+def test_select_raise_then_train_with_the_policy(tmp_path):
+    from jraise.data.testbed import write_testbed
+
+    paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=2, n_test_per_category=1,
+                          categories=["first", "add"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["init-model", str(tmp_path / "m"), "--tokenizer", str(paths["tokenizer"])])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["select", "raise", "--model", str(tmp_path / "m"), "--pool", str(paths["pool"]),
+                                 "--val", str(paths["val"]), "--out", str(tmp_path / "policy"), "--episodes", "2",
+                                 "--steps", "3", "--batch-size", "8", "--clusters", "2", "--max-len", "128"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "policy" / "reward_curve.png").is_file()
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "m"), "--data", str(paths["pool"]),
+                                 "--eval-data", str(paths["val"]), "--out", str(tmp_path / "run"), "--selector", "raise",
+                                 "--policy", str(tmp_path / "policy"), "--max-steps", "4", "--lr", "1e-3",
+                                 "--max-len", "128"])
+    assert result.exit_code == 0, result.output
+    picks = json.loads((tmp_path / "run" / "selections.json").read_text())["indices"]
+    assert np.asarray(picks).shape == (4, 8)
+    assert load_model(tmp_path / "run" / "final")[1].vocab_size > 0

@@ -45,6 +45,10 @@ Design choices (each also written where it is implemented):
 * Memory. The stacked state holds R copies of the trainable weights and of both Adam moments:
   about 3 R x the trainable size. Full fine-tuning is fine for small models; use LoRA
   (`jraise.model.lora.add_lora`) for large ones, where the frozen base is shared, not copied.
+* Speed. The vmapped program pays off where one run leaves the device underused (GPU/TPU, many
+  small runs). On XLA:CPU it is slower than running the runs one after another: batched
+  ``dot_general`` (per-run weights) takes a slower path than plain GEMMs and the R-times larger
+  activations leave the caches; ``benchmarks/interaction_vmap.py`` measures the ratio.
 * Compilation. Every step shape (one per bucket length used) is compiled ahead of time
   (``jit(...).lower(...).compile()``) before the timed loop, so compile time and training time
   are measured apart; compiled programs are cached per model structure, optimizer and shape.

@@ -22,6 +22,7 @@ from jraise.model.lora import LoRAConfig, add_lora
 from jraise.select.intervention import (
     InterventionConfig,
     evaluate_runs,
+    interaction_from_runs,
     intervention_sets,
     measure_interactions,
     pool_categories,
@@ -170,6 +171,26 @@ def test_run_orders_cycle_each_set():
         run_orders([np.arange(3), np.array([], np.int64)], 2, 2, 0)
 
 
+def test_interaction_from_runs_is_gamma_of_the_run_table():
+    # Loss (lower is better). Row 0: D0; row k+1: category k changed by deltas[k]; columns: targets.
+    perf = np.array([[2.0, 3.0, 4.0],
+                     [1.8, 2.9, 4.0],   # +2 of a: a and b improve
+                     [2.1, 2.6, 3.9],   # +4 of b
+                     [2.0, 3.1, 4.3]])  # -1 of c (a removal): c and b get worse
+    deltas = np.array([2, 4, -1])
+    gamma = interaction_from_runs(perf, deltas, ["a", "b", "c"])
+    effect = -(perf[1:] - perf[0]) / deltas[:, None]  # e[source, target], sign flipped for loss
+    assert np.all(np.diag(effect) > 0)
+    np.testing.assert_allclose(gamma[1, 0], effect[0, 1] / effect[1, 1])  # gamma[target, source]
+    np.testing.assert_allclose(gamma[1, 2], effect[2, 1] / effect[1, 1])
+    np.testing.assert_allclose(gamma[0, 1], effect[1, 0] / effect[0, 0])
+    np.testing.assert_array_equal(np.diag(gamma), np.ones(3))
+    with pytest.raises(ValueError, match="not positive"):  # c's loss rose with "+1 c": own effect < 0
+        interaction_from_runs(perf, [2, 4, 1], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"\(N\+1, N\)"):
+        interaction_from_runs(perf[1:], deltas, ["a", "b", "c"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: vmap == sequential, the stacked step
 
@@ -284,7 +305,7 @@ def test_run_axis_sharded_over_devices_matches_sequential(tmp_path, devices):
         from jraise.data.pool import load_pool
         from jraise.data.testbed import write_testbed
         from jraise.model import init_model, load_tokenizer, preset_config
-        from jraise.select.intervention import InterventionConfig, run_mesh, train_interventions
+        from jraise.select.intervention import InterventionConfig, evaluate_runs, run_mesh, train_interventions
         assert jax.device_count() == {devices}
         paths = write_testbed({str(tmp_path)!r}, n_train=48, n_val_per_category=1, n_test_per_category=1,
                               categories={CATEGORIES!r})
@@ -296,6 +317,8 @@ def test_run_axis_sharded_over_devices_matches_sequential(tmp_path, devices):
                                  warmup_ratio=0.0, n_buckets=1, seed=3)
         v = train_interventions(model, pool, cfg, "vmap", progress=False)
         s = train_interventions(model, pool, cfg, "sequential", progress=False)
+        pv, ps = evaluate_runs(model, v, pool, n_buckets=1), evaluate_runs(model, s, pool, n_buckets=1)
+        print("EVAL_ERR", float(np.max(np.abs(pv - ps) / ps)))
         leaf = jax.tree.leaves(v)[0]
         print("SHARDED", "runs" in str(run_mesh(4)[0].spec))
         print("RUNS_PER_SHARD", leaf.addressable_shards[0].data.shape[0])
@@ -308,8 +331,8 @@ def test_run_axis_sharded_over_devices_matches_sequential(tmp_path, devices):
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
-                 if line.startswith(("SHARDED", "RUNS_PER_SHARD", "ERR")))
-    assert float(lines["ERR"]) < 1e-4
+                 if line.startswith(("SHARDED", "RUNS_PER_SHARD", "ERR", "EVAL_ERR")))
+    assert float(lines["ERR"]) < 1e-4 and float(lines["EVAL_ERR"]) < 1e-4
     if devices == 2:
         assert lines["SHARDED"] == "True" and lines["RUNS_PER_SHARD"] == "2"  # two runs per device
     else:

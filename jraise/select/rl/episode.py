@@ -1,0 +1,179 @@
+"""The fused policy-plus-learner step of RAISE, an episode as a `jax.lax.scan` over it, and the
+O(T x B) rollout from which PPO recomputes everything it needs.
+
+One step t (1-based), all on the device, one jitted function:
+
+    stage_t = stage_features(t, T, val_loss(M_{t-1}))
+    scores  = actor(fused_state(static, counts, stage_t))           [N]
+    picks   = Gumbel-top-b per cluster on scores / tau  (or top-b)  [C, b] -> pool indices [B]
+    batch   = rows ``indices`` of the device-resident token pool    [B, L]
+    M_t     = one optimizer step of the LLM on the batch (LoRA or full)
+    reward  = val_loss(M_{t-1}) - val_loss(M_t)                     (P = minus the validation loss)
+    counts += how often each index was picked
+
+The token pool lives on the device as [N, L] arrays padded to one length L (the longest example;
+no buckets inside the scan, whose body has static shapes). The validation set is one fixed [V, L']
+batch. A rollout keeps only the picks, their log-probabilities, rewards, validation losses and
+stage features: O(T x B), never the [T, N] states, which `replay` rebuilds from the counts.
+
+Keys: the sampling key of step t is ``fold_in(key, t)``, so a Python loop over `fused_step`
+reproduces the scan exactly (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from jraise.data.pool import InstructionPool
+from jraise.select.rl.policy import fused_state, stage_features
+from jraise.select.rl.sampling import (
+    ClusterLayout,
+    gumbel_top_b,
+    pl_first_pick_entropy,
+    plackett_luce_logp,
+    top_b,
+)
+from jraise.train.step import accumulated_grads, cast_to, example_nll
+
+
+@struct.dataclass
+class DevicePool:
+    """A tokenised pool as device arrays padded to one length: ids, attention, loss mask [N, L]."""
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    loss_mask: jax.Array
+
+    def rows(self, indices: jax.Array) -> dict:
+        """The batch of ``indices`` [B] (-1: a padding row, masked out)."""
+        safe = jnp.maximum(indices, 0)
+        real = (indices >= 0).astype(jnp.float32)
+        return {"input_ids": self.input_ids[safe], "attention_mask": self.attention_mask[safe] * (indices >= 0)[:, None],
+                "loss_mask": self.loss_mask[safe] * real[:, None], "example_mask": real}
+
+
+def device_pool(pool: InstructionPool, length: int | None = None) -> DevicePool:
+    """Pads every example of ``pool`` to ``length`` (default: the longest) and moves it to the device."""
+    length = int(length or max(pool.lengths))
+    n = len(pool)
+    ids = np.full((n, length), pool.pad_id, np.int32)
+    att = np.zeros((n, length), np.int32)
+    loss = np.zeros((n, length), np.float32)
+    for i, (tok, mask) in enumerate(zip(pool.tokens, pool.loss_masks)):
+        if len(tok) > length:
+            raise ValueError(f"{pool.source}: example {i} ({pool.ids[i]}) has {len(tok)} tokens, more than {length}")
+        ids[i, : len(tok)], att[i, : len(tok)], loss[i, : len(tok)] = tok, 1, mask
+    return DevicePool(jnp.asarray(ids), jnp.asarray(att), jnp.asarray(loss))
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """T steps of B = C x b examples; ``stochastic`` samples (training) else takes top-b."""
+
+    steps: int
+    per_cluster: int
+    tau: float = 1.0
+    stage: str = "progress_and_perf"
+    stochastic: bool = True
+
+
+@struct.dataclass
+class Rollout:
+    """What one episode keeps, O(T x B): picks [T, C, b] (positions in clusters), pool indices
+    [T, B], log-probabilities [T, C], rewards [T], validation losses after each step [T], stage
+    features [T, 2] and the validation loss before the first step []."""
+
+    picked: jax.Array
+    indices: jax.Array
+    logp: jax.Array
+    rewards: jax.Array
+    val_losses: jax.Array
+    stages: jax.Array
+    val_loss0: jax.Array
+
+
+def validation_loss(graphdef, dtypes, trainable, frozen, val: dict) -> jax.Array:
+    """Mean response-token NLL of the fixed validation batch (dropout off)."""
+    model = nnx.merge(graphdef, cast_to(trainable, dtypes), frozen, copy=True)
+    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
+        model = nnx.view(model, only=nnx.Dropout, deterministic=True)
+    nll, tokens = example_nll(model(val["input_ids"], val["attention_mask"]), val["input_ids"], val["loss_mask"],
+                              val["example_mask"])
+    return nll.sum() / jnp.maximum(tokens.sum(), 1.0)
+
+
+def make_fused_step(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
+    """``step(actor_state, carry, t, key, static, layout, pool, val, frozen) -> (carry, outputs)``
+    with carry = (trainable, opt_state, counts [N], val_loss []). Pure; jit or scan it."""
+
+    def step(actor_state, carry, t, key, static, layout: ClusterLayout, pool: DevicePool, val, frozen):
+        trainable, opt_state, counts, val_before = carry
+        actor = nnx.merge(actor_graphdef, actor_state)
+        stage = stage_features(t, config.steps, val_before, config.stage)
+        scores = actor(fused_state(static, counts, stage))
+        cluster_scores = layout.gather(scores)
+        if config.stochastic:
+            picked, logp = gumbel_top_b(jax.random.fold_in(key, t), cluster_scores, layout.valid, config.per_cluster,
+                                        config.tau)
+        else:
+            picked = top_b(cluster_scores, layout.valid, config.per_cluster)
+            logp = plackett_luce_logp(cluster_scores, layout.valid, picked, config.tau)
+        indices = layout.pool_indices(picked).reshape(-1)
+        batch = jax.tree.map(lambda x: x[None], pool.rows(indices))
+        grads, loss, _, _ = accumulated_grads(graphdef, dtypes, trainable, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        val_after = validation_loss(graphdef, dtypes, trainable, frozen, val)
+        counts = counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(counts.dtype))
+        outputs = {"picked": picked, "indices": indices, "logp": logp, "reward": val_before - val_after,
+                   "val_loss": val_after, "stage": stage, "train_loss": loss}
+        return (trainable, opt_state, counts, val_after), outputs
+
+    return step
+
+
+def make_episode(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
+    """A jitted ``episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key)
+    -> (trainable, opt_state, Rollout, train_losses [T])``: `make_fused_step` scanned over t = 1..T."""
+    step = make_fused_step(graphdef, tx, dtypes, actor_graphdef, config)
+
+    def episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key):
+        val0 = validation_loss(graphdef, dtypes, trainable, frozen, val)
+        counts = jnp.zeros((static.shape[0],), jnp.float32)
+
+        def body(carry, t):
+            return step(actor_state, carry, t, key, static, layout, pool, val, frozen)
+
+        (trainable, opt_state, _, _), out = jax.lax.scan(body, (trainable, opt_state, counts, val0),
+                                                         jnp.arange(1, config.steps + 1))
+        rollout = Rollout(out["picked"], out["indices"], out["logp"], out["reward"], out["val_loss"], out["stage"],
+                          val0)
+        return trainable, opt_state, rollout, out["train_loss"]
+
+    return jax.jit(episode)
+
+
+def replay(actor, critic, static: jax.Array, layout: ClusterLayout, rollout: Rollout, tau: float):
+    """Recomputes, under the CURRENT actor and critic, each step's Plackett-Luce log-probability of
+    the stored picks [T, C], first-pick entropy [T, C] and state value [T] (the value of the state
+    the step's decision was taken in). States are rebuilt from the counts, never stored."""
+
+    def body(counts, xs):
+        picked, indices, stage = xs
+        state = fused_state(static, counts, stage)
+        scores = layout.gather(actor(state))
+        logp = plackett_luce_logp(scores, layout.valid, picked, tau)
+        entropy = pl_first_pick_entropy(scores, layout.valid, tau)
+        value = critic(state)
+        counts = counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(counts.dtype))
+        return counts, (logp, entropy, value)
+
+    counts0 = jnp.zeros((static.shape[0],), jnp.float32)
+    _, (logp, entropy, values) = jax.lax.scan(body, counts0, (rollout.picked, rollout.indices, rollout.stages))
+    return logp, entropy, values

@@ -1,0 +1,113 @@
+"""RAISE's static per-instruction features from an auxiliary model, cached on disk.
+
+Per example (all from one auxiliary model, any model `load_model` reads; default: the model being
+fine-tuned):
+
+* difficulty (4): len(x) = prompt tokens, len(y) = response tokens, mean log p(y|x) over the
+  response tokens, mean log p(y) over the same tokens with the prompt replaced by one start token
+  (the tokenizer's BOS, else EOS): the two forward passes of IFD;
+* semantic (32): mean-pooled final hidden states (`jraise.select.embeddings.pooled_embeddings`)
+  reduced by PCA (in JAX).
+
+Both blocks are z-scored column by column, giving the [N, 36] static matrix of the fused state.
+Clusters for the per-cluster selection are K-means (k-means++) over the z-scored semantic block.
+The cache (``.npz``) stores the pool fingerprint and the auxiliary model's name; a mismatch is an
+error naming both, so features of another pool are never reused silently.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jraise.atomic import atomic_write_bytes
+from jraise.data.batching import length_buckets, pick_bucket
+from jraise.data.pool import InstructionPool
+from jraise.select.clustering import kmeans, pca, zscore
+from jraise.select.embeddings import pooled_embeddings
+from jraise.train.step import example_nll
+
+SEMANTIC_DIMS = 32
+
+
+@nnx.jit
+def _row_mean_logp(model, input_ids, attention_mask, loss_mask):
+    logits = model(input_ids, attention_mask)
+    nll, tokens = example_nll(logits, input_ids, loss_mask, jnp.ones(input_ids.shape[0]))
+    return -nll / jnp.maximum(tokens, 1.0)
+
+
+def _batched_mean_logp(model, sequences: list[tuple[np.ndarray, np.ndarray]], pad_id: int, batch_size: int) -> np.ndarray:
+    lengths = np.array([len(t) for t, _ in sequences])
+    buckets = length_buckets(lengths, 4)
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros(len(sequences), np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        length = pick_bucket(int(lengths[rows].max()), buckets)
+        ids = np.full((batch_size, length), pad_id, np.int32)
+        att = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.float32)
+        for r, i in enumerate(rows):
+            tok, m = sequences[i]
+            ids[r, : len(tok)], att[r, : len(tok)], mask[r, : len(tok)] = tok, 1, m
+        out[rows] = np.asarray(_row_mean_logp(model, jnp.asarray(ids), jnp.asarray(att), jnp.asarray(mask)))[: len(rows)]
+    return out
+
+
+def difficulty_features(model, pool: InstructionPool, start_token: int, batch_size: int = 32) -> np.ndarray:
+    """[N, 4] float32: len(x), len(y), mean log p(y|x), mean log p(y) (see the module docstring)."""
+    masks = [np.asarray(m, bool) for m in pool.loss_masks]
+    len_y = np.array([m.sum() for m in masks], np.float32)
+    len_x = np.array([len(t) for t in pool.tokens], np.float32) - len_y
+    with_prompt = [(np.asarray(t), m.astype(np.float32)) for t, m in zip(pool.tokens, masks)]
+    alone = []
+    for t, m in zip(pool.tokens, masks):
+        response = np.asarray(t)[m]
+        alone.append((np.concatenate([[start_token], response]).astype(np.int32),
+                      np.concatenate([[0.0], np.ones(len(response))]).astype(np.float32)))
+    return np.stack([len_x, len_y, _batched_mean_logp(model, with_prompt, pool.pad_id, batch_size),
+                     _batched_mean_logp(model, alone, pool.pad_id, batch_size)], axis=1)
+
+
+def static_features(model, pool: InstructionPool, start_token: int, dims: int = SEMANTIC_DIMS,
+                    batch_size: int = 32) -> np.ndarray:
+    """[N, 4 + dims] z-scored static features (difficulty, then semantic)."""
+    difficulty = difficulty_features(model, pool, start_token, batch_size)
+    emb = pooled_embeddings(model, pool, batch_size)
+    semantic = np.asarray(pca(jnp.asarray(emb), min(dims, *emb.shape)))
+    if semantic.shape[1] < dims:  # tiny pools or models: pad with zero columns to keep the layout
+        semantic = np.pad(semantic, ((0, 0), (0, dims - semantic.shape[1])))
+    return np.asarray(zscore(jnp.asarray(np.concatenate([difficulty, semantic], axis=1))))
+
+
+def cluster_pool(static: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """[N] K-means labels over the semantic block of the static matrix."""
+    _, labels, _ = kmeans(jnp.asarray(static[:, 4:]), n_clusters, jax.random.key(seed))
+    return np.asarray(labels)
+
+
+def cached_static_features(cache: str | os.PathLike, model, model_name: str, pool: InstructionPool, start_token: int,
+                           dims: int = SEMANTIC_DIMS) -> np.ndarray:
+    """`static_features`, read from ``cache`` when it holds this pool's and model's, else computed
+    and written there atomically."""
+    cache = Path(cache)
+    if cache.is_file():
+        with np.load(cache) as saved:
+            found = (str(saved["pool_fingerprint"]), str(saved["model"]), int(saved["dims"]))
+            if found != (pool.fingerprint, model_name, dims):
+                raise ValueError(f"{cache}: cached features are for pool {found[0][:12]}..., model {found[1]!r}, "
+                                 f"dims {found[2]}, not pool {pool.fingerprint[:12]}..., model {model_name!r}, dims "
+                                 f"{dims}; delete the file or use another cache path")
+            return saved["static"]
+    static = static_features(model, pool, start_token, dims)
+    buffer = io.BytesIO()
+    np.savez(buffer, static=static, pool_fingerprint=pool.fingerprint, model=model_name, dims=dims)
+    atomic_write_bytes(cache, buffer.getvalue())
+    return static

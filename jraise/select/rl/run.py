@@ -1,0 +1,106 @@
+"""RAISE on files: `jraise select raise` (train a policy) and `jraise train --selector raise`.
+
+POLICY_DIR holds: ``static.npz`` (cached static features, with the pool fingerprint),
+``clusters.json`` (K-means labels and b per cluster), ``raise_config.json``, ``checkpoints/``
+(Orbax: policy weights and Adam state per episode), ``history.jsonl`` and ``reward_curve.png``.
+
+Fine-tuning with a trained policy runs the deterministic fused episode (top-b per cluster every
+step, the stage from the live validation loss) for the requested number of steps, from the base
+model, then exports the model; the budget protocol is the step count (equal for every method).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jraise.atomic import atomic_write_text
+from jraise.data.pool import load_pool
+from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
+from jraise.select.rl.features import cached_static_features, cluster_pool
+from jraise.select.rl.sampling import cluster_layout
+from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
+
+
+def _load(model_dir: Path, pool_file, val_file, max_len: int):
+    from jraise.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model, _ = load_model(model_dir)
+    pool = load_pool(pool_file, tok, max_len=max_len)
+    val_pool = load_pool(val_file, tok, max_len=max_len)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return tok, model, pool, val_pool, start
+
+
+def _val_batch(val_pool) -> dict:
+    vp = device_pool(val_pool)
+    return {"input_ids": vp.input_ids, "attention_mask": vp.attention_mask, "loss_mask": vp.loss_mask,
+            "example_mask": jnp.ones(len(val_pool))}
+
+
+def _lora(model, lora_rank: int, seed: int):
+    if lora_rank:
+        from jraise.model.lora import LoRAConfig, add_lora
+
+        add_lora(model, LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), seed=seed)
+    return model
+
+
+def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseConfig, clusters: int = 1,
+                       batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print) -> Path:
+    """Static features -> clusters -> PPO policy training into ``out_dir`` (resumable)."""
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if batch_size % clusters:
+        raise ValueError(f"batch size {batch_size} must be a multiple of the number of clusters {clusters}")
+    config = RaiseConfig(**{**config.__dict__, "per_cluster": batch_size // clusters})
+    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len)
+    _lora(model, lora_rank, config.seed)
+    static = cached_static_features(out / "static.npz", model, str(model_dir.resolve()), pool, start)
+    labels = cluster_pool(static, clusters, config.seed) if clusters > 1 else np.zeros(len(pool), np.int64)
+    atomic_write_text(out / "clusters.json", json.dumps({"clusters": clusters, "per_cluster": config.per_cluster,
+                                                         "pool_fingerprint": pool.fingerprint, "lora_rank": lora_rank,
+                                                         "labels": labels.tolist()}) + "\n")
+    echo(f"raise: pool {len(pool)}, {clusters} cluster(s) of sizes {np.bincount(labels).tolist()}, "
+         f"batch {batch_size}, {config.episodes} episodes of {config.steps} steps")
+    train_policy(model, jnp.asarray(static), cluster_layout(labels, clusters), device_pool(pool), _val_batch(val_pool),
+                 config, out, echo=echo)
+    return out
+
+
+def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, steps: int, lr: float,
+                         max_len: int = 2048, tokenizer_dir=None) -> Path:
+    """Fine-tunes the base model for ``steps`` steps on the policy's deterministic selections;
+    writes ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step)."""
+    from jraise.train import export_model
+    from jraise.train.step import assign_trainable, make_optimizer, param_dtypes, split_trainable
+
+    model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
+    meta = json.loads((policy_dir / "clusters.json").read_text())
+    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len)
+    if pool.fingerprint != meta["pool_fingerprint"]:
+        raise ValueError(f"{pool_file}: this is not the pool the policy in {policy_dir} was trained on "
+                         f"(fingerprint {pool.fingerprint[:12]}..., policy's {meta['pool_fingerprint'][:12]}...)")
+    _lora(model, meta.get("lora_rank", 0), 0)
+    static = cached_static_features(policy_dir / "static.npz", model, str(model_dir.resolve()), pool, start)
+    policy = load_policy(policy_dir)
+    layout = cluster_layout(np.asarray(meta["labels"]), meta["clusters"])
+    graphdef, trainable, frozen = split_trainable(model)
+    tx, _ = make_optimizer(lr, total_steps=steps, schedule="constant")
+    actor_graphdef, actor_state = nnx.split(policy.actor)
+    episode = make_episode(graphdef, tx, param_dtypes(model), actor_graphdef,
+                           EpisodeConfig(steps=steps, per_cluster=meta["per_cluster"], tau=policy.config.tau,
+                                         stage=policy.config.stage, stochastic=False))
+    trainable, _, rollout, losses = episode(actor_state, trainable, tx.init(trainable), frozen, jnp.asarray(static),
+                                            layout, device_pool(pool), _val_batch(val_pool), jax.random.key(0))
+    assign_trainable(model, trainable)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "selections.json", json.dumps({
+        "indices": np.asarray(rollout.indices).tolist(), "val_losses": np.asarray(rollout.val_losses).tolist(),
+        "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0)}) + "\n")
+    return export_model(model, out / "final", tokenizer_dir or model_dir)
