@@ -23,8 +23,8 @@ the ratios):
    every call), and it is jraise's own matrix, ``dense_matrix(config.projection.key(), P, d)``,
    so both sides must give the same features. The run checks this twice: the Adam-preconditioned
    gradient vectors before projection (first two examples) and the projected features of every
-   timed example; the JSON reports the largest relative L2 difference of each (expected ~1e-5
-   to 1e-3, float32 summation order). LESS projects float16 gradients on a GPU; on this CPU both
+   example (last timed round); the JSON reports the largest per-example relative L2 difference of
+   each (float32 summation order only: measured below 1e-6, 1e-3 would still be a match). LESS projects float16 gradients on a GPU; on this CPU both
    sides stay float32.
 
    jraise runs `compute_features` (SFT loss, with moments), as `feature_store` does shard by
@@ -66,8 +66,8 @@ Both jraise sides process exactly the same groups; all rates count real examples
 
 PyTorch runs single-threaded by default (``--torch-threads 0`` gives torch's own default), as in
 ``trainer_throughput.py``: on a shared 2-core machine its OpenMP workers spin-wait against other
-processes and a 2-thread torch step measured up to 10x slower than a 1-thread one, which would
-flatter jraise. jraise (XLA) uses its own thread pool over all cores.
+processes and a 2-thread torch step measured up to 10x slower than a 1-thread one there, which
+would flatter jraise. jraise (XLA) uses its own thread pool over all cores.
 
     python benchmarks/grad_features.py                       # defaults: small, 256 examples, d 8192
     # about 10 minutes on the shared 2-core CPU, mostly jraise's feature extraction and the 2 GB store

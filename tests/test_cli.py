@@ -93,3 +93,14 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
     picks = json.loads((tmp_path / "run" / "selections.json").read_text())["indices"]
     assert np.asarray(picks).shape == (4, 8)
     assert load_model(tmp_path / "run" / "final")[1].vocab_size > 0
+    # The README's user-loop example: the policy as a jitted selector.
+    import jax
+
+    from jraise.select.rl.run import load_selector
+    from jraise.select.rl.selector import StepInfo
+
+    selector = load_selector(tmp_path / "policy")
+    select = jax.jit(selector.select)
+    state = selector.init(jax.random.key(0))
+    indices, state = select(state, StepInfo(step=1, total_steps=4, val_loss=2.0))
+    assert indices.shape == (8,) and int(state.counts.sum()) == 8

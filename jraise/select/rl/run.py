@@ -104,3 +104,18 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
         "indices": np.asarray(rollout.indices).tolist(), "val_losses": np.asarray(rollout.val_losses).tolist(),
         "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0)}) + "\n")
     return export_model(model, out / "final", tokenizer_dir or model_dir)
+
+
+def load_selector(policy_dir, stochastic: bool = False):
+    """The trained policy of ``policy_dir`` as a `Selector` over the pool it was trained on (its
+    cached static features and clusters); see `jraise.select.rl.selector`."""
+    from jraise.select.rl.selector import raise_policy
+
+    policy_dir = Path(policy_dir)
+    meta = json.loads((policy_dir / "clusters.json").read_text())
+    with np.load(policy_dir / "static.npz") as saved:
+        static = saved["static"]
+    policy = load_policy(policy_dir)
+    layout = cluster_layout(np.asarray(meta["labels"]), meta["clusters"])
+    return raise_policy(policy.actor, static, layout, meta["per_cluster"], stage=policy.config.stage,
+                        tau=policy.config.tau, stochastic=stochastic)
