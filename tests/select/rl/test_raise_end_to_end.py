@@ -18,6 +18,7 @@ from jraise.select.rl.selector import StepInfo, raise_policy
 from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
 
 CATS = ["first", "add", "reverse"]
+TARGET = "add"  # digits: training on the letter tasks does not help it, so the reward separates them
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
     model = init_model(preset_config("tiny", vocab_size=len(tok)), seed=0)
     static = static_features(model, pool, tok.eos_token_id)
     vp = device_pool(val_all)
-    target = np.array([c == "first" for c in val_all.categories])
+    target = np.array([c == TARGET for c in val_all.categories])
     val = {"input_ids": vp.input_ids[target], "attention_mask": vp.attention_mask[target],
            "loss_mask": vp.loss_mask[target], "example_mask": jnp.ones(int(target.sum()))}
     return root, tok, pool, model, static, val
@@ -55,15 +56,15 @@ def test_static_features_layout_cache_and_clusters(setup, tmp_path):
 def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     root, _, pool, model, static, val = setup
     layout = cluster_layout(np.zeros(len(pool), int), 1)
-    config = RaiseConfig(episodes=12, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=1e-2, entropy_coef=0.0)
+    config = RaiseConfig(episodes=14, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=3e-3, entropy_coef=0.0)
     out = root / "policy"
-    half = RaiseConfig(**{**config.__dict__, "episodes": 6})
+    half = RaiseConfig(**{**config.__dict__, "episodes": 7})
     train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, half, out, progress=False)
     policy, history = train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, config, out,
                                    progress=False)
-    assert [h["episode"] for h in history] == list(range(1, 13))
+    assert [h["episode"] for h in history] == list(range(1, 15))
     assert (out / "reward_curve.png").stat().st_size > 1000
-    assert len((out / "history.jsonl").read_text().splitlines()) == 12
+    assert len((out / "history.jsonl").read_text().splitlines()) == 14
     loaded = load_policy(out)
     selector = raise_policy(loaded.actor, static, layout, per_cluster=8)
     select = jax.jit(selector.select)
@@ -72,7 +73,7 @@ def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     for t in range(1, 9):
         idx, state = select(state, StepInfo(step=t, total_steps=8, val_loss=history[-1]["val_loss0"]))
         picks += np.asarray(idx).tolist()
-    share = np.mean([pool.categories[i] == "first" for i in picks])
-    random_share = np.mean([c == "first" for c in pool.categories])
+    share = np.mean([pool.categories[i] == TARGET for i in picks])
+    random_share = np.mean([c == TARGET for c in pool.categories])
     print(json.dumps({"target_share": share, "random_share": random_share}))
     assert share > random_share + 0.15
