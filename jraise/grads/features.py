@@ -51,7 +51,10 @@ Pytree = object
 @dataclass(frozen=True)
 class FeatureConfig:
     """How features are computed. ``group``: examples per jitted call (one static shape per length
-    bucket); ``chunk``: examples whose gradients exist at once inside it (the memory bound)."""
+    bucket) and per projection (the random blocks are generated once per group); ``chunk``:
+    examples whose gradients exist at once inside it. Memory: chunk x (activations + gradients)
+    plus group x P floats for the flattened, preconditioned gradients awaiting projection (P =
+    trainable size: small under LoRA; lower ``group`` for full gradients of a large model)."""
 
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     chunk: int = 8
@@ -71,18 +74,50 @@ class FeatureConfig:
         return {**asdict(self), "projection": self.projection.to_dict()}
 
 
-def _transform(config: ProjectionConfig, adam: bool):
-    """``transform(grad, extra)`` for `make_per_example_fn`: [Adam] -> flatten -> project."""
+def _precondition_and_flatten(adam: bool):
+    """``transform(grad, extra)`` for `make_per_example_fn`: [Adam preconditioning] then flatten.
+    The projection is applied afterwards to the whole group at once (see `_group_features_fn`)."""
 
     def transform(grad, extra):
         if adam:
-            mu, nu, key = extra
+            mu, nu, _ = extra
             grad = adam_precondition(grad, mu, nu)
-        else:
-            key = extra
-        return project(flatten_tree(grad), key, config.dim, config.kind, config.block_rows)
+        return flatten_tree(grad)
 
     return transform
+
+
+def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes):
+    """One jitted program per (bucket shape): per-example gradients ``chunk`` at a time, then ONE
+    projection of the group's [group, P] matrix. Generating the random blocks costs as much as
+    applying them, so projecting per group instead of per chunk divides that cost by
+    ``group / chunk`` (measured: the projection was ~90% of the time at chunk 8)."""
+    grads = make_per_example_fn(graphdef, loss, config.chunk, _precondition_and_flatten(adam), dtypes, config.beta,
+                                jit=False)
+    proj = config.projection
+
+    def fn(trainable, frozen, batch, extra):
+        flat = grads(trainable, frozen, batch, extra)
+        key = extra[2] if adam else extra
+        return project(flat, key, proj.dim, proj.kind, proj.block_rows)
+
+    return jax.jit(fn)
+
+
+# Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one
+# per shard, checkpoint or side) compile once.
+_FN_CACHE: dict = {}
+_FN_CACHE_SIZE = 8
+
+
+def _cached_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes):
+    dtype_key = None if dtypes is None else tuple(str(d) for d in jax.tree.leaves(dtypes))
+    key = (graphdef, loss, adam, config, dtype_key)
+    if key not in _FN_CACHE:
+        if len(_FN_CACHE) >= _FN_CACHE_SIZE:
+            _FN_CACHE.pop(next(iter(_FN_CACHE)))
+        _FN_CACHE[key] = _group_features_fn(graphdef, loss, adam, config, dtypes)
+    return _FN_CACHE[key]
 
 
 def grouped_indices(lengths: np.ndarray, rows: np.ndarray, buckets, group: int):
@@ -112,7 +147,7 @@ def _reference_logprobs(pool: PreferencePool, index: np.ndarray, bucket: int, lo
 
 def compute_features(graphdef, trainable, frozen, pool: InstructionPool | PreferencePool, rows: np.ndarray,
                      config: FeatureConfig, loss: str = "sft", moments: tuple | None = None,
-                     reference: Pytree | None = None, dtypes=None, _cache: dict | None = None) -> np.ndarray:
+                     reference: Pytree | None = None, dtypes=None) -> np.ndarray:
     """Projected per-example gradient features [len(rows), d] float32 (not normalised), in the
     order of ``rows``. ``moments``: (mu, nu) for Adam preconditioning (train side), else plain
     gradients. ``reference``: trainable values of the DPO reference model (``loss="dpo"``)."""
@@ -121,14 +156,12 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     is_pref = isinstance(pool, PreferencePool)
     if is_pref != (loss in ("dpo", "margin")):
         raise ValueError(f"loss {loss!r} needs {'a preference pool' if loss in ('dpo', 'margin') else 'an instruction pool'}")
-    cache = _cache if _cache is not None else {}
-    key = ("fn", loss, moments is not None)
-    if key not in cache:
-        cache[key] = make_per_example_fn(graphdef, loss, config.chunk, _transform(config.projection, moments is not None),
-                                         dtypes, config.beta)
-    fn = cache[key]
-    if loss == "dpo" and "logprob" not in cache:
-        cache["logprob"] = make_sequence_logprob_fn(graphdef, dtypes)
+    fn = _cached_fn(graphdef, loss, moments is not None, config, dtypes)
+    if loss == "dpo":
+        logprob_key = (graphdef, "logprob", None if dtypes is None else tuple(str(d) for d in jax.tree.leaves(dtypes)))
+        if logprob_key not in _FN_CACHE:
+            _FN_CACHE[logprob_key] = make_sequence_logprob_fn(graphdef, dtypes)
+        logprob_fn = _FN_CACHE[logprob_key]
     extra = (*moments, config.projection.key()) if moments is not None else config.projection.key()
     buckets = length_buckets(pool.lengths, config.n_buckets)
     rows = np.asarray(rows, dtype=np.int64)
@@ -137,7 +170,7 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     for bucket, index in grouped_indices(np.asarray(pool.lengths), rows, buckets, config.group):
         batch = preference_batch(pool, index, bucket) if is_pref else make_batch(pool, index, bucket)
         if loss == "dpo":
-            batch.update(_reference_logprobs(pool, index, bucket, cache["logprob"], reference, frozen))
+            batch.update(_reference_logprobs(pool, index, bucket, logprob_fn, reference, frozen))
         feats = np.asarray(fn(trainable, frozen, batch, extra))
         real = index != PAD_INDEX
         out[[position[int(i)] for i in index[real]]] = feats[real]
@@ -156,11 +189,9 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
                      "adam": moments is not None, "features": config.to_dict()}
     store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
                                         identity=full_identity, shard_rows=config.shard_rows)
-    cache: dict = {}
-
     def compute(start: int, stop: int) -> np.ndarray:
         return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
-                                reference, dtypes, cache)
+                                reference, dtypes)
 
     store.fill(compute, progress=progress)
     return store

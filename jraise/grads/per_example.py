@@ -100,14 +100,15 @@ def example_grad_fn(graphdef: nnx.GraphDef, loss: str, dtypes: Pytree | None = N
 
 def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 8,
                         transform: Callable[[Pytree], Pytree] | None = None, dtypes: Pytree | None = None,
-                        beta: float = DPO_BETA) -> Callable:
+                        beta: float = DPO_BETA, jit: bool = True) -> Callable:
     """A jitted ``fn(trainable, frozen, batch, extra) -> [G, ...]`` of per-example results.
 
     ``batch``: arrays with a leading example axis G (see the module docstring for keys; extra keys
     are ignored). ``transform(grad, extra)`` maps one example's gradient pytree to what is kept
     (default: the gradient itself); ``extra`` is any pytree it needs (Adam moments, a projection
     key), passed through unbatched. Rows are processed ``chunk`` at a time (`jax.lax.map` with
-    ``batch_size=chunk``): G need not be a multiple of ``chunk``.
+    ``batch_size=chunk``): G need not be a multiple of ``chunk``. ``jit=False`` returns the plain
+    function, to be composed inside a caller's jit.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -123,7 +124,7 @@ def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 
 
         return jax.lax.map(one, rows, batch_size=chunk)
 
-    return jax.jit(fn)
+    return jax.jit(fn) if jit else fn
 
 
 def _batch_keys(loss: str) -> tuple[str, ...]:
