@@ -28,7 +28,7 @@ the ratios):
    sides stay float32.
 
    jraise runs `compute_features` (SFT loss, with moments), as `feature_store` does shard by
-   shard: the jitted per-example program is cached across calls (the ``_cache`` dict), and every
+   shard: the jitted per-group program is cached across calls (inside jraise), and every
    length bucket is compiled during the warm-up. Its time includes building the padded groups on
    the host and copying the features back.
 
@@ -134,7 +134,6 @@ def _features_side(graphdef, trainable, frozen, pool, rows, config, moments):
     from jraise.data.batching import length_buckets, pick_bucket
     from jraise.grads.features import compute_features
 
-    cache: dict = {}
     buckets = length_buckets(pool.lengths, config.n_buckets)
     first = {}
     for i in rows:
@@ -143,7 +142,7 @@ def _features_side(graphdef, trainable, frozen, pool, rows, config, moments):
 
     def run(warm: bool = False):
         return compute_features(graphdef, trainable, frozen, pool, warm_rows if warm else rows, config, loss="sft",
-                                moments=moments, _cache=cache)
+                                moments=moments)
 
     return run
 

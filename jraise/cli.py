@@ -268,6 +268,43 @@ def mixture_cmd(
                                                  "objective_after")}, indent=2))
 
 
+@app.command("interactions")
+def interactions_cmd(
+    model: Path = typer.Option(..., help="HF model directory (with tokenizer files) every run starts from."),
+    pool: Path = typer.Option(..., help="Instruction pool with a 'category' per record."),
+    eval_data: Path = typer.Option(..., "--eval", help="Held-out records per category for the performance P_j."),
+    out: Path = typer.Option(..., help="Directory: gamma.csv, gamma.json, gamma_heatmap.png, interactions.json."),
+    base_fraction: float = typer.Option(0.5, help="D0 = this fraction of each category (the rest can be added)."),
+    delta_fraction: float = typer.Option(0.1, help="Delta_k = this fraction of D0's category k."),
+    steps: int = typer.Option(100, help="Optimizer steps of every run (the same budget for all)."),
+    batch_size: int = typer.Option(8), lr: float = typer.Option(1e-4),
+    metric: str = typer.Option("loss", help="loss (per-category response loss) or exact_match."),
+    mode: str = typer.Option("vmap", help="vmap (one program over the N+1 runs) or sequential."),
+    lora_rank: int = typer.Option(0, help="LoRA rank; 0: full fine-tuning."),
+    self_effect_floor: Optional[float] = typer.Option(
+        None, help="Clip a category's own effect up to this (default: a non-positive own effect is an error)."),
+    max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+):
+    """Beyond IID: N+1 fine-tunes (baseline + one per category changed by Delta) -> Gamma[target, source]."""
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+    from jraise.select.intervention import InterventionConfig, measure_interactions
+
+    tok = load_tokenizer(model)
+    net, _ = load_model(model)
+    if lora_rank:
+        from jraise.model.lora import LoRAConfig, add_lora
+
+        add_lora(net, LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), seed=seed)
+    config = InterventionConfig(base_fraction=base_fraction, delta_fraction=delta_fraction, steps=steps,
+                                batch_size=batch_size, lr=lr, metric=metric, seed=seed,
+                                self_effect_floor=self_effect_floor)
+    result = measure_interactions(net, load_pool(pool, tok, max_len=max_len), load_pool(eval_data, tok, max_len=max_len),
+                                  config, out_dir=out, mode=mode, tokenizer=tok)
+    typer.echo(json.dumps({"out": str(out), "categories": list(result["names"]),
+                           "timings": result["timings"]}, indent=2, default=str))
+
+
 @app.command("curriculum")
 def curriculum_cmd(
     pool: Path = typer.Option(..., help="Instruction set (records with a 'category')."),

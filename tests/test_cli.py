@@ -104,3 +104,20 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
     state = selector.init(jax.random.key(0))
     indices, state = select(state, StepInfo(step=1, total_steps=4, val_loss=2.0))
     assert indices.shape == (8,) and int(state.counts.sum()) == 8
+
+
+def test_interactions_command_writes_gamma(tmp_path):
+    from jraise.data.testbed import write_testbed
+
+    paths = write_testbed(tmp_path / "tb", n_train=60, n_val_per_category=4, n_test_per_category=1,
+                          categories=["first", "add", "upper"])
+    runner = CliRunner()
+    assert runner.invoke(app, ["init-model", str(tmp_path / "m"), "--tokenizer", str(paths["tokenizer"])]).exit_code == 0
+    result = runner.invoke(app, ["interactions", "--model", str(tmp_path / "m"), "--pool", str(paths["pool"]),
+                                 "--eval", str(paths["val"]), "--out", str(tmp_path / "g"), "--steps", "6",
+                                 "--batch-size", "4", "--lr", "3e-3", "--max-len", "128", "--self-effect-floor", "1e-4"])
+    assert result.exit_code == 0, result.output
+    gamma = json.loads((tmp_path / "g" / "gamma.json").read_text())
+    assert sorted(gamma["names"]) == ["add", "first", "upper"]
+    assert all(gamma["matrix"][i][i] == 1.0 for i in range(3))
+    assert (tmp_path / "g" / "gamma_heatmap.png").is_file()
