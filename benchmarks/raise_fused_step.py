@@ -7,7 +7,9 @@ testbed pool (padded to one length, as the fused episode needs):
   on the host beforehand), plus the same validation loss after every step (RAISE's reward needs
   it, so the ratio isolates what selection itself adds);
 * fused: `make_episode` (score all N examples with the acquisition MLP -> per-cluster Gumbel-top-b
-  -> gather -> the same optimizer step -> the same validation loss).
+  -> gather -> the same optimizer step -> the same validation loss);
+* loop: the same fused step, jitted alone and called from a Python loop T times (what an episode
+  costs without `lax.scan`: one dispatch and host round trip per step).
 
 Each side is compiled and warmed up first, then the rounds alternate which side goes first; the
 figure is the median time per step and the ratio fused / plain measured in one run.
@@ -43,10 +45,21 @@ def main(argv=None) -> dict:
     from jraise.data.pool import load_pool
     from jraise.data.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
-    from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode, validation_loss
+    from jraise.select.rl.episode import (
+        EpisodeConfig,
+        device_pool,
+        make_episode,
+        make_fused_step,
+        validation_loss,
+    )
     from jraise.select.rl.policy import AcquisitionMLP, PolicyConfig
     from jraise.select.rl.sampling import cluster_layout
-    from jraise.train.step import accumulated_grads, make_optimizer, param_dtypes, split_trainable
+    from jraise.train.step import (
+        accumulated_grads,
+        make_optimizer,
+        param_dtypes,
+        split_trainable,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_testbed(f"{tmp}/tb", n_train=args.n_train, n_val_per_category=4, n_test_per_category=1)
@@ -74,7 +87,7 @@ def main(argv=None) -> dict:
         def body(carry, indices):
             trainable, opt_state = carry
             batch = jax.tree.map(lambda x: x[None], dpool.rows(indices))
-            grads, loss, _, _ = accumulated_grads(graphdef, dtypes, trainable, frozen, batch)
+            grads, _, _, _ = accumulated_grads(graphdef, dtypes, trainable, frozen, batch)
             updates, opt_state = tx.update(grads, opt_state, trainable)
             trainable = jax.tree.map(jnp.add, trainable, updates)
             return (trainable, opt_state), validation_loss(graphdef, dtypes, trainable, frozen, val)
@@ -90,7 +103,16 @@ def main(argv=None) -> dict:
         out = episode(actor_state, trainable, tx.init(trainable), frozen, static, layout, dpool, val, jax.random.key(1))
         jax.block_until_ready(out)
 
-    sides = {"plain": run_plain, "fused": run_fused}
+    step = jax.jit(make_fused_step(graphdef, tx, dtypes, actor_graphdef, EpisodeConfig(args.steps, per_cluster)))
+
+    def run_loop():
+        val0 = validation_loss(graphdef, dtypes, trainable, frozen, val)
+        carry = (trainable, tx.init(trainable), jnp.zeros(len(pool)), val0)
+        for t in range(1, args.steps + 1):
+            carry, _ = step(actor_state, carry, t, jax.random.key(1), static, layout, dpool, val, frozen)
+        jax.block_until_ready(carry)
+
+    sides = {"plain": run_plain, "fused": run_fused, "loop": run_loop}
     for fn in sides.values():
         fn()  # compile + warm up
     times = {name: [] for name in sides}
@@ -103,10 +125,13 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "pool": len(pool), "seq_len": int(dpool.input_ids.shape[1]),
               "seconds_per_step": per_step, "rounds": times,
               "overhead_ratio_fused_over_plain": per_step["fused"] / per_step["plain"],
+              "speedup_scan_over_python_loop": per_step["loop"] / per_step["fused"],
               "device": str(jax.devices()[0])}
     print(json.dumps(result, indent=2))
     print(f"\nfused step {per_step['fused'] * 1e3:.1f} ms vs plain SFT step {per_step['plain'] * 1e3:.1f} ms "
-          f"(both with the validation loss): overhead {result['overhead_ratio_fused_over_plain']:.2f}x")
+          f"(both with the validation loss): overhead {result['overhead_ratio_fused_over_plain']:.2f}x; "
+          f"Python loop of jitted fused steps {per_step['loop'] * 1e3:.1f} ms: scan is "
+          f"{result['speedup_scan_over_python_loop']:.2f}x faster")
     if args.out:
         from pathlib import Path
 

@@ -20,7 +20,7 @@ from jraise.eval import evaluate
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
 from jraise.train import TrainConfig, train
 
-DEMO_LR = 3e-3  # a small model trained from scratch needs a far larger rate than a fine-tune
+DEMO_LR = 1e-3  # from scratch: far above a fine-tune's rate; 3e-3 stalls on the plateau (BUILD_NOTES)
 DEMO_BATCH = 16
 DEMO_MAX_LEN = 192
 
