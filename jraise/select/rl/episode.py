@@ -175,5 +175,8 @@ def replay(actor, critic, static: jax.Array, layout: ClusterLayout, rollout: Rol
         return counts, (logp, entropy, value)
 
     counts0 = jnp.zeros((static.shape[0],), jnp.float32)
-    _, (logp, entropy, values) = jax.lax.scan(body, counts0, (rollout.picked, rollout.indices, rollout.stages))
+    # Rematerialised: differentiating the scan then keeps only each step's carry (the counts, N
+    # numbers) instead of the actor's [N, hidden] activations of every step.
+    _, (logp, entropy, values) = jax.lax.scan(jax.checkpoint(body), counts0,
+                                              (rollout.picked, rollout.indices, rollout.stages))
     return logp, entropy, values
