@@ -116,7 +116,12 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     and ``out``.meta.json. Validation subtasks are the val records' ``category`` (else one group).
     """
     from jraise.model import load_tokenizer
-    from jraise.train import adam_moments, load_checkpoint, restore_model, split_trainable
+    from jraise.train import (
+        adam_moments,
+        load_checkpoint,
+        restore_model,
+        split_trainable,
+    )
 
     model_dir, out = Path(model_dir), Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
-from jraise.select.influence_run import InfluenceRunConfig, epoch_checkpoints, run_influence_selection
+from jraise.select.influence_run import (
+    InfluenceRunConfig,
+    epoch_checkpoints,
+    run_influence_selection,
+)
 
 SMALL = dict(fraction=0.1, warmup_fraction=0.25, warmup_epochs=2, warmup_lr=1e-3, warmup_batch_size=8,
              lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, max_len=256, proj_dim=32, chunk=4, group=8)

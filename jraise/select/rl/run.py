@@ -78,7 +78,12 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
     """Fine-tunes the base model for ``steps`` steps on the policy's deterministic selections;
     writes ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step)."""
     from jraise.train import export_model
-    from jraise.train.step import assign_trainable, make_optimizer, param_dtypes, split_trainable
+    from jraise.train.step import (
+        assign_trainable,
+        make_optimizer,
+        param_dtypes,
+        split_trainable,
+    )
 
     model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
     meta = json.loads((policy_dir / "clusters.json").read_text())

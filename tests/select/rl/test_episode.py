@@ -10,7 +10,14 @@ from flax import nnx
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
-from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode, make_fused_step, replay, validation_loss
+from jraise.select.rl.episode import (
+    EpisodeConfig,
+    device_pool,
+    make_episode,
+    make_fused_step,
+    replay,
+    validation_loss,
+)
 from jraise.select.rl.policy import AcquisitionMLP, Critic, PolicyConfig
 from jraise.select.rl.sampling import cluster_layout
 from jraise.train.step import make_optimizer, param_dtypes, split_trainable

@@ -12,7 +12,11 @@ from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.select.rl.episode import device_pool
-from jraise.select.rl.features import cached_static_features, cluster_pool, static_features
+from jraise.select.rl.features import (
+    cached_static_features,
+    cluster_pool,
+    static_features,
+)
 from jraise.select.rl.sampling import cluster_layout
 from jraise.select.rl.selector import StepInfo, raise_policy
 from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
