@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jraise.data.batching import make_batch
 from jraise.data.pool import InstructionPool
 from jraise.select.rl.policy import fused_state, stage_features
 from jraise.select.rl.sampling import (
@@ -61,15 +62,13 @@ class DevicePool:
 def device_pool(pool: InstructionPool, length: int | None = None) -> DevicePool:
     """Pads every example of ``pool`` to ``length`` (default: the longest) and moves it to the device."""
     length = int(length or max(pool.lengths))
-    n = len(pool)
-    ids = np.full((n, length), pool.pad_id, np.int32)
-    att = np.zeros((n, length), np.int32)
-    loss = np.zeros((n, length), np.float32)
-    for i, (tok, mask) in enumerate(zip(pool.tokens, pool.loss_masks)):
-        if len(tok) > length:
-            raise ValueError(f"{pool.source}: example {i} ({pool.ids[i]}) has {len(tok)} tokens, more than {length}")
-        ids[i, : len(tok)], att[i, : len(tok)], loss[i, : len(tok)] = tok, 1, mask
-    return DevicePool(jnp.asarray(ids), jnp.asarray(att), jnp.asarray(loss))
+    too_long = np.flatnonzero(np.asarray(pool.lengths) > length)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"{pool.source}: example {i} ({pool.ids[i]}) has {pool.lengths[i]} tokens, more than {length}")
+    batch = make_batch(pool, np.arange(len(pool)), length)
+    return DevicePool(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                      jnp.asarray(batch["loss_mask"]))
 
 
 @dataclass(frozen=True)
