@@ -71,9 +71,7 @@ def main(argv=None) -> dict:
     dtypes = param_dtypes(model)
     tx, _ = make_optimizer(1e-3, total_steps=args.steps, schedule="constant")
     dpool = device_pool(pool)
-    vp = device_pool(val_pool)
-    val = {"input_ids": vp.input_ids, "attention_mask": vp.attention_mask, "loss_mask": vp.loss_mask,
-           "example_mask": jnp.ones(len(val_pool))}
+    val = device_pool(val_pool).rows(jnp.arange(len(val_pool)))
     rng = np.random.default_rng(0)
     static = jnp.asarray(rng.normal(size=(len(pool), 36)), jnp.float32)
     layout = cluster_layout(rng.integers(0, args.clusters, len(pool)), args.clusters)

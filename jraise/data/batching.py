@@ -106,7 +106,7 @@ def _checked_indices(indices: Sequence[int], n: int, allow_padding: bool) -> np.
     return index
 
 
-def _pack(
+def pack_rows(
     tokens: Sequence[np.ndarray], masks: Sequence[np.ndarray], index: np.ndarray, bucket_len: int, pad_id: int
 ):
     """input_ids, attention_mask, loss_mask for the rows ``index`` (padding rows stay empty)."""
@@ -129,7 +129,7 @@ def _pack(
 def make_batch(pool: InstructionPool, indices: Sequence[int], bucket_len: int) -> dict[str, np.ndarray]:
     """One batch of the pool's examples ``indices`` (-1: a padding row), padded to ``bucket_len``."""
     index = _checked_indices(indices, len(pool), allow_padding=True)
-    input_ids, attention, loss = _pack(pool.tokens, pool.loss_masks, index, bucket_len, pool.pad_id)
+    input_ids, attention, loss = pack_rows(pool.tokens, pool.loss_masks, index, bucket_len, pool.pad_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -147,7 +147,7 @@ def preference_batch(pool: PreferencePool, indices: Sequence[int], bucket_len: i
         ("chosen", pool.chosen_tokens, pool.chosen_masks),
         ("rejected", pool.rejected_tokens, pool.rejected_masks),
     ):
-        input_ids, attention, loss = _pack(tokens, masks, index, bucket_len, pool.pad_id)
+        input_ids, attention, loss = pack_rows(tokens, masks, index, bucket_len, pool.pad_id)
         batch.update(
             {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention, f"{side}_loss_mask": loss}
         )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import (
     PAD_INDEX,
     length_buckets,
@@ -106,18 +107,7 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
 
 # Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one
 # per shard, checkpoint or side) compile once.
-_FN_CACHE: dict = {}
-_FN_CACHE_SIZE = 8
-
-
-def _cached_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes):
-    dtype_key = None if dtypes is None else tuple(str(d) for d in jax.tree.leaves(dtypes))
-    key = (graphdef, loss, adam, config, dtype_key)
-    if key not in _FN_CACHE:
-        if len(_FN_CACHE) >= _FN_CACHE_SIZE:
-            _FN_CACHE.pop(next(iter(_FN_CACHE)))
-        _FN_CACHE[key] = _group_features_fn(graphdef, loss, adam, config, dtypes)
-    return _FN_CACHE[key]
+_PROGRAMS = CompiledCache(8)
 
 
 def grouped_indices(lengths: np.ndarray, rows: np.ndarray, buckets, group: int):
@@ -156,12 +146,12 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     is_pref = isinstance(pool, PreferencePool)
     if is_pref != (loss in ("dpo", "margin")):
         raise ValueError(f"loss {loss!r} needs {'a preference pool' if loss in ('dpo', 'margin') else 'an instruction pool'}")
-    fn = _cached_fn(graphdef, loss, moments is not None, config, dtypes)
+    adam = moments is not None
+    fn = _PROGRAMS.get((graphdef, loss, adam, config, dtypes_key(dtypes)),
+                       lambda: _group_features_fn(graphdef, loss, adam, config, dtypes))
     if loss == "dpo":
-        logprob_key = (graphdef, "logprob", None if dtypes is None else tuple(str(d) for d in jax.tree.leaves(dtypes)))
-        if logprob_key not in _FN_CACHE:
-            _FN_CACHE[logprob_key] = make_sequence_logprob_fn(graphdef, dtypes)
-        logprob_fn = _FN_CACHE[logprob_key]
+        logprob_fn = _PROGRAMS.get((graphdef, "logprob", dtypes_key(dtypes)),
+                                   lambda: make_sequence_logprob_fn(graphdef, dtypes))
     extra = (*moments, config.projection.key()) if moments is not None else config.projection.key()
     buckets = length_buckets(pool.lengths, config.n_buckets)
     rows = np.asarray(rows, dtype=np.int64)

@@ -42,6 +42,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jraise.atomic import atomic_write_text
+from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length_buckets
 from jraise.data.pool import InstructionPool
 from jraise.train.checkpoint import (
@@ -305,20 +306,17 @@ def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool,
 # Jitted steps of recent runs, so repeated `train` calls on the same architecture and optimizer
 # (curricula, selectors that retrain, resumes, tests) compile once. The schedule is part of the
 # optimizer, hence of the key; GraphDefs hash by structure.
-_STEP_CACHE: dict = {}
-_STEP_CACHE_SIZE = 8
+_STEPS = CompiledCache(8)
 
 
 def _step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
     """(tx, train_step, eval_step) for this model structure and optimizer, built once."""
-    dtype_key = tuple((jax.tree_util.keystr(p), str(d)) for p, d in jax.tree_util.tree_leaves_with_path(dtypes))
-    key = (graphdef, tuple(sorted(opt_args.items())), dtype_key)
-    if key not in _STEP_CACHE:
-        if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
-            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+
+    def build():
         tx, _ = make_optimizer(**opt_args)
-        _STEP_CACHE[key] = (tx, make_train_step(graphdef, tx, dtypes), make_eval_step(graphdef, dtypes))
-    return _STEP_CACHE[key]
+        return tx, make_train_step(graphdef, tx, dtypes), make_eval_step(graphdef, dtypes)
+
+    return _STEPS.get((graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes)), build)
 
 
 def _placement(tree):

@@ -35,11 +35,10 @@ from jraise.data.pool import InstructionPool
 from jraise.select.rl.policy import fused_state, stage_features
 from jraise.select.rl.sampling import (
     ClusterLayout,
-    gumbel_top_b,
     pl_first_pick_entropy,
     plackett_luce_logp,
-    top_b,
 )
+from jraise.select.rl.selector import add_selections, choose_batch
 from jraise.train.step import accumulated_grads, cast_to, example_nll
 
 
@@ -115,21 +114,14 @@ def make_fused_step(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig)
         trainable, opt_state, counts, val_before = carry
         actor = nnx.merge(actor_graphdef, actor_state)
         stage = stage_features(t, config.steps, val_before, config.stage)
-        scores = actor(fused_state(static, counts, stage))
-        cluster_scores = layout.gather(scores)
-        if config.stochastic:
-            picked, logp = gumbel_top_b(jax.random.fold_in(key, t), cluster_scores, layout.valid, config.per_cluster,
-                                        config.tau)
-        else:
-            picked = top_b(cluster_scores, layout.valid, config.per_cluster)
-            logp = plackett_luce_logp(cluster_scores, layout.valid, picked, config.tau)
-        indices = layout.pool_indices(picked).reshape(-1)
+        picked, logp, indices = choose_batch(actor, static, counts, stage, layout, jax.random.fold_in(key, t),
+                                             config.per_cluster, config.tau, config.stochastic)
         batch = jax.tree.map(lambda x: x[None], pool.rows(indices))
         grads, loss, _, _ = accumulated_grads(graphdef, dtypes, trainable, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         val_after = validation_loss(graphdef, dtypes, trainable, frozen, val)
-        counts = counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(counts.dtype))
+        counts = add_selections(counts, indices)
         outputs = {"picked": picked, "indices": indices, "logp": logp, "reward": val_before - val_after,
                    "val_loss": val_after, "stage": stage, "train_loss": loss}
         return (trainable, opt_state, counts, val_after), outputs
@@ -170,7 +162,7 @@ def replay(actor, critic, static: jax.Array, layout: ClusterLayout, rollout: Rol
         logp = plackett_luce_logp(scores, layout.valid, picked, tau)
         entropy = pl_first_pick_entropy(scores, layout.valid, tau)
         value = critic(state)
-        counts = counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(counts.dtype))
+        counts = add_selections(counts, indices)
         return counts, (logp, entropy, value)
 
     counts0 = jnp.zeros((static.shape[0],), jnp.float32)

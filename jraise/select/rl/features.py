@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.atomic import atomic_write_bytes
-from jraise.data.batching import length_buckets, pick_bucket
+from jraise.data.batching import PAD_INDEX, length_buckets, pack_rows, pick_bucket
 from jraise.data.pool import InstructionPool
 from jraise.select.clustering import kmeans, pca, zscore
 from jraise.select.embeddings import pooled_embeddings
@@ -48,15 +48,11 @@ def _batched_mean_logp(model, sequences: list[tuple[np.ndarray, np.ndarray]], pa
     buckets = length_buckets(lengths, 4)
     order = np.argsort(lengths, kind="stable")
     out = np.zeros(len(sequences), np.float32)
+    tokens, masks = [t for t, _ in sequences], [m for _, m in sequences]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        length = pick_bucket(int(lengths[rows].max()), buckets)
-        ids = np.full((batch_size, length), pad_id, np.int32)
-        att = np.zeros((batch_size, length), np.int32)
-        mask = np.zeros((batch_size, length), np.float32)
-        for r, i in enumerate(rows):
-            tok, m = sequences[i]
-            ids[r, : len(tok)], att[r, : len(tok)], mask[r, : len(tok)] = tok, 1, m
+        index = np.concatenate([rows, np.full(batch_size - len(rows), PAD_INDEX)])
+        ids, att, mask = pack_rows(tokens, masks, index, pick_bucket(int(lengths[rows].max()), buckets), pad_id)
         out[rows] = np.asarray(_row_mean_logp(model, jnp.asarray(ids), jnp.asarray(att), jnp.asarray(mask)))[: len(rows)]
     return out
 

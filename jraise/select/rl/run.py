@@ -39,9 +39,8 @@ def _load(model_dir: Path, pool_file, val_file, max_len: int):
 
 
 def _val_batch(val_pool) -> dict:
-    vp = device_pool(val_pool)
-    return {"input_ids": vp.input_ids, "attention_mask": vp.attention_mask, "loss_mask": vp.loss_mask,
-            "example_mask": jnp.ones(len(val_pool))}
+    """The whole validation pool as one fixed batch (what the reward is measured on)."""
+    return device_pool(val_pool).rows(jnp.arange(len(val_pool)))
 
 
 def _lora(model, lora_rank: int, seed: int):

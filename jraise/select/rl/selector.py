@@ -22,7 +22,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jraise.select.rl.policy import AcquisitionMLP, fused_state, stage_features
-from jraise.select.rl.sampling import ClusterLayout, gumbel_top_b, top_b
+from jraise.select.rl.sampling import (
+    ClusterLayout,
+    gumbel_top_b,
+    plackett_luce_logp,
+    top_b,
+)
 
 
 @struct.dataclass
@@ -39,6 +44,25 @@ class StepInfo:
 class SelectorState:
     counts: jax.Array  # [N] how often each example was selected
     key: jax.Array
+
+
+def add_selections(counts: jax.Array, indices: jax.Array) -> jax.Array:
+    """``counts`` [N] plus one for every pool index in ``indices`` (-1 entries: padding, ignored)."""
+    return counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(counts.dtype))
+
+
+def choose_batch(actor, static: jax.Array, counts: jax.Array, stage: jax.Array, layout: ClusterLayout,
+                 key: jax.Array, per_cluster: int, tau: float, stochastic: bool):
+    """One selection decision, shared by training episodes and deployment: score the fused state,
+    then per cluster Gumbel-top-b (``stochastic``) or top-b. Returns (picks [C, b] within clusters,
+    their Plackett-Luce log-probability [C], pool indices [B])."""
+    scores = layout.gather(actor(fused_state(static, counts, stage)))
+    if stochastic:
+        picked, logp = gumbel_top_b(key, scores, layout.valid, per_cluster, tau)
+    else:
+        picked = top_b(scores, layout.valid, per_cluster)
+        logp = plackett_luce_logp(scores, layout.valid, picked, tau)
+    return picked, logp, layout.pool_indices(picked).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -62,16 +86,10 @@ def raise_policy(actor: AcquisitionMLP, static: jax.Array, layout: ClusterLayout
         return SelectorState(counts=jnp.zeros((n,), jnp.float32), key=key)
 
     def select(state: SelectorState, info: StepInfo) -> tuple[jax.Array, SelectorState]:
-        model = nnx.merge(graphdef, params)
         stage_vec = stage_features(info.step, info.total_steps, info.val_loss, stage)
-        scores = layout.gather(model(fused_state(static, state.counts, stage_vec)))
         key, sub = jax.random.split(state.key)
-        if stochastic:
-            picked, _ = gumbel_top_b(sub, scores, layout.valid, per_cluster, tau)
-        else:
-            picked = top_b(scores, layout.valid, per_cluster)
-        indices = layout.pool_indices(picked).reshape(-1)
-        counts = state.counts.at[jnp.maximum(indices, 0)].add((indices >= 0).astype(jnp.float32))
-        return indices, SelectorState(counts=counts, key=key)
+        _, _, indices = choose_batch(nnx.merge(graphdef, params), static, state.counts, stage_vec, layout, sub,
+                                     per_cluster, tau, stochastic)
+        return indices, SelectorState(counts=add_selections(state.counts, indices), key=key)
 
     return Selector(init=init, select=select, batch_size=int(layout.members.shape[0]) * per_cluster)
