@@ -183,7 +183,8 @@ def eval_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
-select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose, raise, mixture.")
+select_app = typer.Typer(no_args_is_help=True, help="Data selection methods: less, rose, raise, mixture, and the baselines random, full, longest, "
+                         "perplexity, ifd, rds, sspl.")
 app.add_typer(select_app, name="select")
 
 
@@ -266,6 +267,77 @@ def mixture_cmd(
                        categories_file=categories)
     typer.echo(json.dumps({k: meta[k] for k in ("counts_before", "counts_after", "edits", "objective_before",
                                                  "objective_after")}, indent=2))
+
+
+_BASELINE_HELP = {
+    "random": "Random baseline: a seeded uniformly random fraction of the pool.",
+    "full": "Full-data baseline: every pool record, in pool order.",
+    "longest": "Longest-response baseline: the records with the most response tokens.",
+    "perplexity": "Perplexity baseline: the records of lowest (--which low) or highest (--which high) response "
+                  "perplexity under the --model.",
+    "ifd": "IFD baseline (Cherry LLM): the records of highest loss(y|x) / loss(y) under the --model; IFD >= 1 "
+           "ranked last unless --keep-above-one.",
+    "rds": "RDS baseline: the records whose pooled hidden state (of the --model) is closest, by max cosine, to a "
+           "--val record's.",
+}
+
+
+def _baseline_command(method: str):
+    def command(
+        pool: Path = typer.Option(..., help="Instruction pool to select from (JSONL, parquet, ...)."),
+        out: Path = typer.Option(..., help="Selected records (JSONL); .scores.npy and .meta.json beside it."),
+        model: Optional[Path] = typer.Option(None, help="Auxiliary HF model directory (perplexity, ifd, rds)."),
+        val: Optional[Path] = typer.Option(None, help="Validation records the pool is compared to (rds)."),
+        tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+        fraction: float = typer.Option(0.05, help="Fraction of the pool to select (not full)."),
+        seed: int = typer.Option(0, help="random: the permutation seed."),
+        which: str = typer.Option("low", help="perplexity: low or high perplexity first."),
+        keep_above_one: bool = typer.Option(False, "--keep-above-one", help="ifd: rank IFD >= 1 by value instead of last."),
+        max_len: int = typer.Option(2048), batch_size: int = typer.Option(32, help="Rows per model batch."),
+    ):
+        from jraise.select.baselines import NEEDS_MODEL, run_baseline
+
+        if method in NEEDS_MODEL and model is None:
+            raise typer.BadParameter(f"{method} needs --model DIR (the auxiliary model that scores the pool)")
+        if method == "rds" and val is None:
+            raise typer.BadParameter("rds needs --val FILE (the validation records the pool is compared to)")
+        if model is None and tokenizer is None:
+            raise typer.BadParameter(f"{method} needs --tokenizer DIR (or --model DIR) to tokenise the pool")
+        selection = run_baseline(method, pool, out, model_dir=model, val_file=val,
+                                 tokenizer_dir=_tokenizer_dir(model, tokenizer) if model else tokenizer,
+                                 fraction=fraction, seed=seed, which=which, max_len=max_len, batch_size=batch_size,
+                                 drop_above_one=not keep_above_one)
+        typer.echo(json.dumps({"method": selection.method, "selected": len(selection.indices), "out": str(out),
+                               "config": selection.config}, indent=2, default=str))
+
+    command.__doc__ = _BASELINE_HELP[method]
+    return command
+
+
+for _name in _BASELINE_HELP:
+    select_app.command(_name)(_baseline_command(_name))
+
+
+@select_app.command("sspl")
+def sspl_cmd(
+    model: Path = typer.Option(..., help="HF model directory (with its tokenizer files) to fine-tune."),
+    pool: Path = typer.Option(..., help="Instruction pool to train on."),
+    out: Path = typer.Option(..., help="Run directory: final/ model and selections.json (indices per step)."),
+    steps: int = typer.Option(..., help="Optimizer steps (T)."),
+    batch_size: int = typer.Option(..., help="Examples per step."),
+    lr: float = typer.Option(..., help="Learning rate (constant)."),
+    refresh_every: int = typer.Option(10, help="Re-score the pool's losses every K steps."),
+    buckets: int = typer.Option(4, help="Easy-to-hard loss buckets (n); bucket k opens at step k*T/n + 1."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+    max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+):
+    """Self-paced learning (SSPL): fine-tune on easy-to-hard buckets of the current loss."""
+    from jraise.select.self_paced import run_self_paced
+
+    final = run_self_paced(model, pool, out, steps=steps, batch_size=batch_size, lr=lr, refresh_every=refresh_every,
+                           n_buckets=buckets, seed=seed, max_len=max_len,
+                           tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo)
+    typer.echo(json.dumps({"run_dir": str(out), "steps": steps, "final_model": str(final)}, indent=2))
 
 
 @app.command("interactions")

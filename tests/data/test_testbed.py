@@ -527,3 +527,21 @@ def test_normalise_answer():
     assert normalise_answer("Abc", "upper") == "Abc"  # case is the task
     assert normalise_answer("Abc", "some_other_dataset") == "Abc"
     assert CASE_SENSITIVE_CATEGORIES == {"upper", "reverse_upper"}
+
+
+def test_task_words_are_spelled_letter_by_letter(written):
+    """Template words are single tokens; no task input or answer ever contains one."""
+    _, paths = written
+    tokenizer = load_tokenizer(paths["tokenizer"])
+    word_ids = set(tokenizer.convert_tokens_to_ids([*tb.TEMPLATE_WORDS, *(" " + w for w in tb.TEMPLATE_WORDS)]))
+    assert tokenizer.unk_token_id not in word_ids
+    records = read_jsonl(paths["pool"]) + read_jsonl(paths["test"])
+    for r in records:
+        for text in (r["input"], r["meta"]["clean_output"]):
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            assert not word_ids & set(ids), text
+    instruction_ids = tokenizer("Reverse the letters of this word.", add_special_tokens=False).input_ids
+    assert len(instruction_ids) == 7
+    rng = random.Random(0)
+    anagrams = {"".join(sorted(w.lower())) for w in tb.TEMPLATE_WORDS}
+    assert all("".join(sorted(tb._random_word(rng))) not in anagrams for _ in range(20000))

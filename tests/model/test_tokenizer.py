@@ -38,3 +38,24 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(ValueError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
+
+
+def test_word_tokens_apply_only_to_standalone_words(tmp_path):
+    tok = build_char_tokenizer(tmp_path, ['abc2.\nT "'], words=["the", "word"])
+    pieces = lambda text: tok.convert_ids_to_tokens(tok(text, add_special_tokens=False).input_ids)
+    assert pieces("the word.") == ["the", " word", "."]
+    assert pieces('"the"') == ['"', "the", '"']
+    # Inside longer words, next to digits or in another case the letters are spelled out.
+    assert pieces("there") == list("there")
+    assert pieces("bathe") == list("bathe")
+    assert pieces("the2") == list("the2")
+    assert pieces("The") == list("The")
+    for text in ["the word.", "there the", "a  the\nword", "wordthe word"]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text and tok.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("bad", [["a"], ["two words"], ["x-y"]])
+def test_word_tokens_must_be_alphanumeric_words(tmp_path, bad):
+    with pytest.raises(ValueError, match="words must be"):
+        build_char_tokenizer(tmp_path, ["abc"], words=bad)

@@ -1,0 +1,182 @@
+"""Self-paced learning (SSPL): a dynamic selector that trains on easy examples first.
+
+Every ``refresh_every`` steps the current model scores every pool example by its mean response NLL
+(one batched, jitted pass), and the examples are cut into ``n_buckets`` equal-count buckets by that
+loss (`pace_buckets`: bucket 0 = the lowest losses, the easiest). At step t of T (1-based) the
+buckets 0..k are open, k = floor((t - 1) * n_buckets / T): the first T / n_buckets steps see only
+the easiest bucket, the last ones the whole pool. Each step's batch is ``batch_size`` distinct
+examples drawn uniformly from the open buckets (`self_paced_batch`, a Gumbel-top-k over a mask:
+static shapes, jit-able). `self_paced_finetune` runs that loop with the repository's own jitted
+train step, and `run_self_paced` is the file-level job behind ``jraise select sspl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jraise.atomic import atomic_write_text
+from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets, make_batch, pick_bucket
+from jraise.data.pool import InstructionPool
+from jraise.train.step import (
+    MODEL_KEYS,
+    SCHEDULES,
+    assign_trainable,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    param_dtypes,
+    split_trainable,
+)
+
+
+def pace_buckets(losses: jax.Array, n_buckets: int) -> jax.Array:
+    """int32 [N]: each example's bucket by the quantile of its loss, 0 = easiest (lowest loss).
+
+    Example of rank r (0-based, ascending loss, ties by the lower index) goes to bucket
+    floor(r * n_buckets / N), so bucket sizes differ by at most one. For distinct losses this is
+    the number of thresholds ``quantile(losses, j / n_buckets)`` (inverted CDF, j = 1..n-1) strictly
+    below the loss. Pure and jit-able (``n_buckets`` static).
+    """
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+    losses = jnp.asarray(losses)
+    n = losses.shape[0]
+    order = jnp.argsort(losses, stable=True)
+    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return (ranks * n_buckets // max(n, 1)).astype(jnp.int32)
+
+
+def open_bucket(step: jax.Array, total_steps: jax.Array, n_buckets: int) -> jax.Array:
+    """The last open bucket k at 1-based ``step`` of ``total_steps``: floor((step-1) * n / T), in [0, n-1]."""
+    k = (jnp.asarray(step, jnp.int32) - 1) * n_buckets // jnp.maximum(jnp.asarray(total_steps, jnp.int32), 1)
+    return jnp.clip(k, 0, n_buckets - 1)
+
+
+@partial(jax.jit, static_argnames=("n_buckets", "batch_size"))
+def self_paced_batch(key: jax.Array, bucket_ids: jax.Array, step: jax.Array, total_steps: jax.Array,
+                     n_buckets: int, batch_size: int) -> jax.Array:
+    """int32 [batch_size]: distinct pool indices drawn uniformly from the open buckets 0..k.
+
+    Gumbel-top-k over the open mask: every subset of the open examples is equally likely. When
+    fewer than ``batch_size`` examples are open, the remaining entries are -1 (padding rows for
+    `jraise.data.batching.make_batch`).
+    """
+    if batch_size > bucket_ids.shape[0]:
+        raise ValueError(f"batch_size ({batch_size}) must be <= the pool size ({bucket_ids.shape[0]})")
+    is_open = bucket_ids <= open_bucket(step, total_steps, n_buckets)
+    noise = jax.random.gumbel(key, bucket_ids.shape)
+    values, indices = jax.lax.top_k(jnp.where(is_open, noise, -jnp.inf), batch_size)
+    return jnp.where(jnp.isfinite(values), indices, PAD_INDEX).astype(jnp.int32)
+
+
+def response_losses(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
+                    buckets) -> np.ndarray:
+    """float32 [N]: every example's mean response NLL under the model (0 for no response tokens),
+    by ``eval_step`` (from `make_eval_step`) over length-sorted batches padded to ``buckets``."""
+    nll = np.zeros(len(pool), np.float64)
+    tokens = np.zeros(len(pool), np.float64)
+    order = np.argsort(pool.lengths, kind="stable")  # similar lengths share a batch: less padding
+    for batch in iterate_batches(pool, order, batch_size, buckets):
+        row_nll, row_tokens = eval_step(trainable, frozen, {k: batch[k] for k in MODEL_KEYS})
+        real = batch["index"] != PAD_INDEX
+        nll[batch["index"][real]] = np.asarray(row_nll)[real]
+        tokens[batch["index"][real]] = np.asarray(row_tokens)[real]
+    return (nll / np.maximum(tokens, 1.0)).astype(np.float32)
+
+
+def _check_args(pool: InstructionPool, steps: int, batch_size: int, lr: float, refresh_every: int, n_buckets: int,
+                schedule: str) -> None:
+    problems = []
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("refresh_every", refresh_every),
+                        ("n_buckets", n_buckets)):
+        if value < 1:
+            problems.append(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        problems.append(f"lr must be > 0, got {lr}")
+    if schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if n_buckets > len(pool):
+        problems.append(f"n_buckets ({n_buckets}) must be <= the pool size ({len(pool)})")
+    elif n_buckets >= 1 and batch_size > math.ceil(len(pool) / n_buckets):
+        problems.append(f"batch_size ({batch_size}) must be <= the easiest bucket's size "
+                        f"(ceil({len(pool)} / n_buckets={n_buckets}) = {math.ceil(len(pool) / n_buckets)})")
+    if problems:
+        raise ValueError("self_paced_finetune: " + "; ".join(problems))
+
+
+def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: int, lr: float, refresh_every: int = 10,
+                        n_buckets: int = 4, seed: int = 0, schedule: str = "constant",
+                        max_grad_norm: float | None = 1.0, shape_buckets: int = 4,
+                        echo: Callable[[str], None] | None = None):
+    """Fine-tunes ``model`` in place for ``steps`` self-paced steps (see the module docstring).
+
+    The losses are refreshed before steps 1, 1 + refresh_every, ...; each step is one AdamW update
+    (`make_optimizer` with ``schedule`` over ``steps``) on the batch `self_paced_batch` draws.
+    ``shape_buckets``: padded batch lengths to compile for. ``echo(line)`` gets progress lines.
+    Returns (model, indices int64 [steps, batch_size]: the pool rows of each step's batch).
+    """
+    _check_args(pool, steps, batch_size, lr, refresh_every, n_buckets, schedule)
+    graphdef, trainable, frozen = split_trainable(model)
+    dtypes = param_dtypes(model)
+    tx, _ = make_optimizer(lr, total_steps=steps, schedule=schedule, max_grad_norm=max_grad_norm)
+    train_step = make_train_step(graphdef, tx, dtypes)
+    eval_step = make_eval_step(graphdef, dtypes)
+    opt_state = jax.jit(tx.init)(trainable)
+    buckets = length_buckets(pool.lengths, shape_buckets)
+    pick_key, dropout_key = jax.random.split(jax.random.key(seed))
+    chosen = np.zeros((steps, batch_size), np.int64)
+    bucket_ids = None
+    for step in range(1, steps + 1):
+        if (step - 1) % refresh_every == 0:
+            losses = response_losses(eval_step, trainable, frozen, pool, batch_size, buckets)
+            bucket_ids = pace_buckets(jnp.asarray(losses), n_buckets)
+            if echo is not None:
+                echo(f"sspl: step {step}, pool loss {float(losses.mean()):.4f}, open buckets "
+                     f"0..{int(open_bucket(step, steps, n_buckets))} of {n_buckets}")
+        rows = np.asarray(self_paced_batch(jax.random.fold_in(pick_key, step), bucket_ids, step, steps,
+                                           n_buckets, batch_size), np.int64)
+        real = rows[rows != PAD_INDEX]
+        batch = make_batch(pool, rows, pick_bucket(int(pool.lengths[real].max()), buckets))
+        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen,
+                                                   {k: batch[k][None] for k in MODEL_KEYS},
+                                                   jax.random.fold_in(dropout_key, step))
+        chosen[step - 1] = rows
+        if echo is not None and (step % refresh_every == 0 or step == steps):
+            echo(f"sspl: step {step}/{steps}, batch loss {float(metrics['loss']):.4f}")
+    assign_trainable(model, trainable)
+    return model, chosen
+
+
+def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, out_dir: str | os.PathLike,
+                   steps: int, batch_size: int, lr: float, refresh_every: int = 10, n_buckets: int = 4,
+                   seed: int = 0, max_len: int = 2048, tokenizer_dir: str | os.PathLike | None = None,
+                   echo: Callable[[str], None] | None = print) -> Path:
+    """Self-paced fine-tuning of the model in ``model_dir`` on ``pool_file``; writes
+    ``out_dir/final`` (HF model with tokenizer files) and ``out_dir/selections.json`` (the pool
+    indices of every step, the pool fingerprint and the options). Returns the final model's dir."""
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+    from jraise.train import export_model
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
+    pool = load_pool(pool_file, load_tokenizer(tok_dir), max_len=max_len)
+    model, _ = load_model(model_dir)
+    model, indices = self_paced_finetune(model, pool, steps, batch_size, lr, refresh_every=refresh_every,
+                                         n_buckets=n_buckets, seed=seed, echo=echo)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "refresh_every": refresh_every,
+              "n_buckets": n_buckets, "seed": seed, "max_len": max_len, "model": str(model_dir)}
+    atomic_write_text(out / "selections.json", json.dumps({
+        "method": "sspl", "pool_fingerprint": pool.fingerprint, "config": config,
+        "indices": indices.tolist()}) + "\n")
+    return export_model(model, out / "final", tok_dir)
