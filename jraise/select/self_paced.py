@@ -24,7 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets, make_batch, pick_bucket
+from jraise.data.batching import (
+    PAD_INDEX,
+    iterate_batches,
+    length_buckets,
+    make_batch,
+    pick_bucket,
+)
 from jraise.data.pool import InstructionPool
 from jraise.train.step import (
     MODEL_KEYS,
