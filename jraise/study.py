@@ -1,0 +1,380 @@
+"""The selection study: every method at the same budget on the built-in testbed, side by side.
+
+Protocol (one seed):
+
+1. **Base model.** A `small` model trained from scratch on a clean testbed of every category
+   (``base_pool`` records, ``base_steps`` steps): the stand-in for a pretrained LLM. It has left
+   the copy-task plateau but is far from solving the tasks. Built once per work directory (its
+   config is checked on reuse) and shared by every seed and method.
+2. **Pool.** A fresh testbed (seed-dependent, ``noise`` planted) whose few-shot validation files
+   are cut down to the ``targets`` categories: the target task a selector is told about.
+3. **Selection at one budget.** Static selectors (random, longest, perplexity, IFD, RDS, LESS,
+   ROSE) pick ``fraction`` of the pool; the base model is then fine-tuned on the picked records for
+   exactly ``steps`` updates of ``batch_size`` (reshuffled every pass). Full data trains on the
+   whole pool for the same ``steps``. Dynamic selectors (SSPL, RAISE) choose every batch
+   themselves for the same ``steps`` updates: the RAISE paper's equal-steps protocol.
+4. **Columns.** Test exact match on the target categories and on all categories, the target
+   categories' test response loss per token (finer-grained than exact match); the share of
+   selected records (dynamic: of all records trained on) that are noisy and that are targets
+   (read from the testbed's ``meta``, which no selector sees); selection wall time (dynamic:
+   policy training, or the self-paced run's loss refreshes and steps).
+
+`run_study` returns one row per (method, seed); `summarise` averages seeds; `markdown_table`
+prints them. ``benchmarks/selection_study.py`` and ``jraise demo`` are thin front ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jraise.atomic import atomic_write_text
+
+STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose")
+DYNAMIC_METHODS = ("sspl", "raise")
+ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "sspl", "raise")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sizes and budgets of a study; the defaults are the benchmark's, `demo_config` shrinks them."""
+
+    methods: tuple[str, ...] = ALL_METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    targets: tuple[str, ...] = ("first", "last", "compare")
+    n_pool: int = 4000
+    noise: float = 0.3
+    fraction: float = 0.05
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    n_test: int = 30
+    base_pool: int = 20000
+    base_steps: int = 2500
+    base_lr: float = 1e-3
+    base_seed: int = 1000
+    max_len: int = 192
+    # LESS / ROSE at testbed scale: LoRA warmup on `fraction` of the pool, small projection.
+    influence_lora_rank: int = 8
+    influence_proj_dim: int = 1024
+    influence_warmup_epochs: int = 2
+    # RAISE: policy episodes of `raise_steps` fused steps (the deployed run uses `steps`).
+    raise_episodes: int = 6
+    raise_steps: int = 40
+    raise_clusters: int = 4
+    sspl_refresh_every: int = 25
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.batch_size % self.raise_clusters and "raise" in self.methods:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of raise_clusters {self.raise_clusters}")
+
+
+def demo_config(**overrides) -> StudyConfig:
+    """The study at `jraise demo` size: one seed, a smaller pool and budget (under 10 CPU minutes)."""
+    sizes = dict(seeds=(0,), n_pool=2000, steps=120, n_test=20, base_pool=12000, base_steps=1800,
+                 raise_episodes=4, raise_steps=30, sspl_refresh_every=30)
+    sizes.update(overrides)
+    return StudyConfig(**sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Base model
+
+
+def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = print) -> Path:
+    """The shared base model directory (HF format, with the testbed tokenizer); reused when its
+    recorded settings match, rebuilt (resuming its run) otherwise."""
+    from jraise.data.pool import load_pool
+    from jraise.data.testbed import write_testbed
+    from jraise.model import init_model, load_tokenizer, preset_config
+    from jraise.train import TrainConfig, train
+
+    settings = {"base_pool": config.base_pool, "base_steps": config.base_steps, "base_lr": config.base_lr,
+                "base_seed": config.base_seed, "batch_size": config.batch_size, "max_len": config.max_len}
+    base_dir = work / "base" / "run" / "final"
+    stamp = work / "base" / "settings.json"
+    if base_dir.is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return base_dir
+    paths = write_testbed(work / "base" / "testbed", n_train=config.base_pool, noise=0.0, seed=config.base_seed,
+                          n_val_per_category=1, n_test_per_category=1)
+    tok = load_tokenizer(paths["tokenizer"])
+    model_config = preset_config("small", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    pool = load_pool(paths["pool"], tok, max_len=config.max_len)
+    train_config = TrainConfig(lr=config.base_lr, schedule="constant", warmup_ratio=0.05, epochs=1000,
+                               max_steps=config.base_steps, batch_size=config.batch_size, seed=config.base_seed,
+                               max_grad_norm=1.0, max_to_keep=1, save_every=500)
+    t0 = time.perf_counter()
+    train(init_model(model_config, seed=config.base_seed), pool, train_config, work / "base" / "run",
+          resume=True, tokenizer_dir=paths["tokenizer"])
+    atomic_write_text(stamp, json.dumps(settings) + "\n")
+    echo(f"base model: {config.base_steps} steps from scratch on {config.base_pool} clean records "
+         f"({time.perf_counter() - t0:.0f} s)")
+    return base_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# One seed's data
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _preference_category(pair: dict) -> str | None:
+    return pair.get("category") or (pair.get("meta") or {}).get("category")
+
+
+def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
+    """The seed's noisy testbed plus target-only validation files ``val_target`` (SFT) and
+    ``val_pref_target`` (preference pairs)."""
+    from jraise.data.testbed import write_testbed
+
+    paths = write_testbed(work / f"seed{seed}" / "testbed", n_train=config.n_pool, noise=config.noise, seed=seed,
+                          n_test_per_category=config.n_test)
+    targets = set(config.targets)
+    val = [r for r in _read_jsonl(paths["val"]) if r["category"] in targets]
+    pref = [p for p in _read_jsonl(paths["val_pref"]) if _preference_category(p) in targets]
+    if not val or not pref:
+        raise ValueError(f"no validation records for the targets {sorted(targets)}")
+    paths["val_target"] = _write_jsonl(paths["val"].with_name("val_target.jsonl"), val)
+    paths["val_pref_target"] = _write_jsonl(paths["val"].with_name("val_pref_target.jsonl"), pref)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection and fine-tuning
+
+
+def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
+                      out: Path) -> np.ndarray:
+    if method in ("less", "rose"):
+        from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
+
+        influence = InfluenceRunConfig(method=method, fraction=config.fraction, warmup_fraction=config.fraction,
+                                       warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
+                                       warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,
+                                       lora_alpha=2.0 * config.influence_lora_rank, max_len=config.max_len,
+                                       proj_dim=config.influence_proj_dim, seed=seed)
+        val = paths["val_pref_target"] if method == "rose" else paths["val_target"]
+        selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, echo=lambda *_: None)
+    else:
+        from jraise.select.baselines import run_baseline
+
+        selection = run_baseline(method, paths["pool"], out, model_dir=base_dir, val_file=paths["val_target"],
+                                 fraction=config.fraction, max_len=config.max_len, seed=seed)
+    return np.asarray(selection.indices)
+
+
+def _epoch_orders(indices: np.ndarray, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Reshuffled passes over ``indices``, enough of them for ``steps`` full batches."""
+    rng = np.random.default_rng(seed)
+    per_epoch = math.ceil(len(indices) / batch_size)
+    return [rng.permutation(indices) for _ in range(math.ceil(steps / per_epoch))]
+
+
+def _finetune_on(base_dir: Path, pool, order, config: StudyConfig, seed: int, run_dir: Path):
+    from jraise.model import load_model
+    from jraise.train import TrainConfig, train
+
+    model, _ = load_model(base_dir)
+    epochs = len(order) if order is not None else 1000
+    train_config = TrainConfig(lr=config.lr, schedule="constant", epochs=epochs, max_steps=config.steps,
+                               batch_size=config.batch_size, seed=seed, max_grad_norm=1.0, max_to_keep=1)
+    train(model, pool, train_config, run_dir, order=order, resume=False, export=False)
+    return model
+
+
+def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int, run_dir: Path):
+    """(fine-tuned model, every pool index trained on, selection seconds) of SSPL or RAISE."""
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+
+    if method == "sspl":
+        from jraise.select.self_paced import self_paced_finetune
+
+        model, _ = load_model(base_dir)
+        pool = load_pool(paths["pool"], load_tokenizer(base_dir), max_len=config.max_len)
+        t0 = time.perf_counter()
+        model, indices = self_paced_finetune(model, pool, config.steps, config.batch_size, config.lr,
+                                             refresh_every=config.sspl_refresh_every, seed=seed)
+        return model, np.asarray(indices).reshape(-1), time.perf_counter() - t0
+    from jraise.select.rl.run import finetune_with_policy, train_raise_policy
+    from jraise.select.rl.trainer import RaiseConfig
+
+    raise_config = RaiseConfig(episodes=config.raise_episodes, steps=config.raise_steps, llm_lr=config.lr,
+                               per_cluster=config.batch_size // config.raise_clusters, seed=seed)
+    t0 = time.perf_counter()
+    train_raise_policy(base_dir, paths["pool"], paths["val_target"], run_dir / "policy", raise_config,
+                       clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
+                       echo=lambda *_: None)
+    seconds = time.perf_counter() - t0
+    final = finetune_with_policy(base_dir, paths["pool"], paths["val_target"], run_dir / "policy", run_dir / "deployed",
+                                 steps=config.steps, lr=config.lr, max_len=config.max_len)
+    indices = np.asarray(json.loads((run_dir / "deployed" / "selections.json").read_text())["indices"]).reshape(-1)
+    return load_model(final)[0], indices, seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# The study
+
+
+def _shares(records: Sequence[dict], indices: np.ndarray, targets: set) -> tuple[float, float]:
+    picked = [records[i] for i in indices if i >= 0]
+    noisy = float(np.mean([r["meta"]["noisy"] for r in picked]))
+    target = float(np.mean([r["meta"]["category"] in targets for r in picked]))
+    return noisy, target
+
+
+def _test_scores(model, tok, test_file: Path, targets: set) -> dict:
+    """Target / all-category test exact match, target response loss per token, EM per category."""
+    from jraise.eval import evaluate
+
+    report = evaluate(model, tok, test_file, kinds=("loss", "exact_match"), max_new_tokens=12, batch_size=64)
+    per_cat = {c: v["accuracy"] for c, v in report["exact_match"]["per_category"].items()}
+    losses = report["loss"]["per_category"]
+    return {"target_em": float(np.mean([per_cat[c] for c in targets])),
+            "all_em": float(report["exact_match"]["overall"]["accuracy"]),
+            "target_loss": float(np.mean([losses[c]["per_token"] for c in targets])), "per_category": per_cat}
+
+
+def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int, work: Path) -> dict:
+    """One row of the study: fine-tune by ``method`` at the common budget and evaluate."""
+    from jraise.data.pool import load_pool
+    from jraise.model import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    pool = load_pool(paths["pool"], tok, max_len=config.max_len)
+    run_dir = work / f"seed{seed}" / method
+    t0 = time.perf_counter()
+    if method in DYNAMIC_METHODS:
+        model, trained_on, select_s = _dynamic_run(method, base_dir, paths, config, seed, run_dir)
+    else:
+        if method == "full":
+            indices, order, select_s = np.arange(len(pool)), None, 0.0
+        else:
+            indices = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
+            select_s = time.perf_counter() - t0
+            order = _epoch_orders(indices, config.steps, config.batch_size, seed)
+        model = _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune")
+        trained_on = indices
+    noisy, target_share = _shares(pool.records, trained_on, set(config.targets))
+    scores = _test_scores(model, tok, paths["test"], set(config.targets))
+    return {"method": method, "seed": seed, **scores, "noisy_share": noisy, "target_share": target_share,
+            "select_seconds": round(select_s, 1), "total_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes: finished rows are kept in ``rows.jsonl``) the study into ``work``."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "study_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    rows_file = work / "rows.jsonl"
+    done = {(r["method"], r["seed"]): r for r in (_read_jsonl(rows_file) if rows_file.exists() else [])}
+    base_dir = build_base(work, config, echo)
+    base_row = None
+    rows = []
+    for seed in config.seeds:
+        paths = seed_data(work, config, seed)
+        if base_row is None:
+            from jraise.model import load_model, load_tokenizer
+
+            base_row = {"method": "base (no fine-tune)", "seed": seed,
+                        **_test_scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths["test"],
+                                       set(config.targets))}
+            echo(f"base model: target EM {base_row['target_em']:.2f}, all EM {base_row['all_em']:.2f}, "
+                 f"target loss {base_row['target_loss']:.3f}")
+        for method in config.methods:
+            row = done.get((method, seed))
+            if row is None:
+                row = run_method(method, base_dir, paths, config, seed, work)
+                with open(rows_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            echo(f"seed {seed} {method:>10}: target EM {row['target_em']:.2f}  all EM {row['all_em']:.2f}  "
+                 f"target loss {row['target_loss']:.3f}  "
+                 f"noisy {row['noisy_share']:.2f}  target share {row['target_share']:.2f}  "
+                 f"({row['total_seconds']:.0f} s)")
+    return {"config": asdict(config), "base": base_row, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+COLUMNS = ("target_em", "all_em", "target_loss", "noisy_share", "target_share", "select_seconds")
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of every column, per method (first-seen order)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "n_seeds": len(mine)}
+        for col in COLUMNS:
+            values = np.array([r[col] for r in mine], np.float64)
+            entry[col] = float(values.mean())
+            entry[col + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: Sequence[dict], base: dict | None = None) -> str:
+    def cell(entry, col, digits=2):
+        value = f"{entry[col]:.{digits}f}"
+        return value + (f" ± {entry[col + '_std']:.{digits}f}" if entry["n_seeds"] > 1 else "")
+
+    lines = ["| method | target EM | all EM | target loss | noisy share | target share | selection s |",
+             "|---|---|---|---|---|---|---|"]
+    if base is not None:
+        lines.append(f"| {base['method']} | {base['target_em']:.2f} | {base['all_em']:.2f} | "
+                     f"{base['target_loss']:.3f} | | | |")
+    for e in summary:
+        lines.append(f"| {e['method']} | {cell(e, 'target_em')} | {cell(e, 'all_em')} | {cell(e, 'target_loss', 3)} | "
+                     f"{cell(e, 'noisy_share')} | {cell(e, 'target_share')} | {cell(e, 'select_seconds', 0)} |")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: Sequence[dict], path: str | Path) -> Path:
+    """Bar chart of target and all-category exact match per method (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["method"] for e in summary]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 3.8))
+    for offset, col, label in ((-0.2, "target_em", "target categories"), (0.2, "all_em", "all categories")):
+        ax.bar(x + offset, [e[col] for e in summary], 0.4, yerr=[e[col + "_std"] for e in summary], label=label,
+               capsize=3)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("test exact match")
+    ax.set_title("Selection methods at one budget (built-in testbed)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
