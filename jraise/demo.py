@@ -1,80 +1,60 @@
-"""`jraise demo`: the foundation demo on the built-in testbed.
+"""`jraise demo`: every selection method side by side on the built-in testbed, in minutes on a CPU.
 
-testbed (clean pool, and the same pool with 50% planted noise) -> a `small` model initialised from
-the testbed tokenizer -> two fine-tunes with identical settings and step counts -> test exact match
-and response loss per category for the untrained model and both fine-tunes, as a table.
-
-It shows the substrate every selection method stands on, and the gap selection has to close: what
-noisy data costs. The method comparison (issue 7) will extend it.
+It is the selection study (`jraise.study`) at reduced size: a shared base model (the `small`
+preset trained briefly from scratch on clean testbed data: the stand-in for a pretrained LLM), a
+fresh testbed pool with planted noise, a few-shot validation set of the target categories, then
+every method at one budget (static selectors: 5% of the pool; dynamic ones: the same number of
+update steps), each followed by the same fine-tune and the same evaluation. Prints the table, a
+short verdict and writes ``study.md``, ``study.json`` and ``study.png`` into the output directory.
+Re-running resumes: finished methods are read back from ``rows.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
-from jraise.eval import evaluate
-from jraise.model import init_model, load_tokenizer, preset_config, save_model
-from jraise.train import TrainConfig, train
-
-DEMO_LR = 1e-3  # from scratch: far above a fine-tune's rate; 3e-3 stalls on the plateau (BUILD_NOTES)
-DEMO_BATCH = 16
-DEMO_MAX_LEN = 192
+from jraise.atomic import atomic_write_text
+from jraise.study import demo_config, markdown_table, plot_summary, run_study, summarise
 
 
-def _table(rows: dict[str, dict], categories: list[str]) -> str:
-    names = list(rows)
-    head = "| category | " + " | ".join(names) + " |"
-    lines = [head, "|---" * (len(names) + 1) + "|"]
-    for cat in categories:
-        cells = [f"{rows[n]['exact_match']['per_category'][cat]['accuracy']:.2f}" for n in names]
-        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
-    overall = [f"**{rows[n]['exact_match']['overall']['accuracy']:.2f}**" for n in names]
-    lines.append("| **all (exact match)** | " + " | ".join(overall) + " |")
-    loss = [f"{rows[n]['loss']['overall']['per_token']:.3f}" for n in names]
-    lines.append("| response loss / token | " + " | ".join(loss) + " |")
-    return "\n".join(lines)
+def verdict(summary: list[dict], base: dict) -> str:
+    """One sentence: does any selector beat random on the target categories, and which is best."""
+    by_name = {e["method"]: e for e in summary}
+    best = max(summary, key=lambda e: (e["target_em"], -e["target_loss"]))
+    text = (f"best on the target categories: {best['method']} (exact match {best['target_em']:.2f}, "
+            f"target loss {best['target_loss']:.3f}; base model {base['target_em']:.2f} / {base['target_loss']:.3f})")
+    if "random" in by_name:
+        rand = by_name["random"]
+        better = [e["method"] for e in summary if e["method"] != "random" and e["target_loss"] < rand["target_loss"]]
+        text += (f"; random 5% reaches {rand['target_em']:.2f} / {rand['target_loss']:.3f}, and "
+                 + (f"{', '.join(better)} beat it on target loss" if better else "no method beats it on target loss"))
+    return text + "."
 
 
-def run_demo(out: str | Path, n_train: int = 1200, steps: int = 300, seed: int = 0,
-             echo: Callable[[str], None] = print) -> dict:
-    """Runs the demo into `out` and returns {model name: evaluation report}."""
+def run_demo(out: str | Path, seed: int = 0, steps: int | None = None, methods: tuple[str, ...] | None = None,
+             echo: Callable[[str], None] = print, **sizes) -> dict:
+    """Runs the demo-size study into ``out``; returns {"summary", "base", "rows"}. ``sizes``
+    override `demo_config` fields (tests use tiny ones)."""
     out = Path(out)
     start = time.perf_counter()
-    clean = write_testbed(out / "testbed_clean", n_train=n_train, noise=0.0, seed=seed, n_test_per_category=20)
-    noisy = write_testbed(out / "testbed_noisy", n_train=n_train, noise=0.5, seed=seed, n_test_per_category=20)
-    tok_dir = clean["tokenizer"]
-    tok = load_tokenizer(tok_dir)
-    config = preset_config("small", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=seed), config, out / "model_init")
-    echo(f"testbed written ({n_train} pool records, 14 categories); small model initialised")
-
-    reports = {}
-    test_file = clean["test"]
-    base = init_model(config, seed=seed)
-    reports["untrained"] = evaluate(base, tok, test_file, max_new_tokens=12, out_path=out / "eval_untrained.json")
-    train_config = TrainConfig(lr=DEMO_LR, schedule="cosine", warmup_ratio=0.05, epochs=1000, max_steps=steps,
-                               batch_size=DEMO_BATCH, seed=seed, max_grad_norm=1.0)
-    for name, paths in (("clean pool", clean), ("50% noise pool", noisy)):
-        pool = load_pool(paths["pool"], tok, max_len=DEMO_MAX_LEN)
-        model = init_model(config, seed=seed)
-        t0 = time.perf_counter()
-        train(model, pool, train_config, out / f"run_{name.split()[0]}", resume=True, tokenizer_dir=tok_dir)
-        echo(f"fine-tuned on the {name}: {steps} steps in {time.perf_counter() - t0:.0f} s")
-        reports[name] = evaluate(model, tok, test_file, max_new_tokens=12,
-                                 out_path=out / f"eval_{name.split()[0]}.json")
-
-    categories = sorted(reports["untrained"]["exact_match"]["per_category"])
-    echo("\nTest exact match per category (built-in testbed, small preset):\n")
-    echo(_table(reports, categories))
-    em = {k: v["exact_match"]["overall"]["accuracy"] for k, v in reports.items()}
-    verdict = ("noisy data costs accuracy: the clean run beats the 50%-noise run"
-               if em["clean pool"] > em["50% noise pool"] else
-               "no gap between clean and noisy training at this size: train longer (--steps)")
-    echo(f"\nVerdict: {verdict} ({em['clean pool']:.2f} vs {em['50% noise pool']:.2f}; untrained "
-         f"{em['untrained']:.2f}). Total {time.perf_counter() - start:.0f} s. Files in {out}/")
-    return reports
+    overrides = {**sizes, "seeds": (seed,)}
+    if steps is not None:
+        overrides["steps"] = steps
+    if methods is not None:
+        overrides["methods"] = tuple(methods)
+    config = demo_config(**overrides)
+    echo(f"jraise demo: {len(config.methods)} methods, targets {', '.join(config.targets)}, pool {config.n_pool} "
+         f"records with {config.noise:.0%} planted noise, {config.steps} update steps each")
+    result = run_study(out, config, echo=echo)
+    summary = summarise(result["rows"])
+    table = markdown_table(summary, result["base"])
+    said = verdict(summary, result["base"])
+    echo("\n" + table + "\n\nVerdict: " + said)
+    atomic_write_text(out / "study.md", table + "\n\nVerdict: " + said + "\n")
+    atomic_write_text(out / "study.json", json.dumps({**result, "summary": summary}, indent=2) + "\n")
+    plot_summary(summary, out / "study.png")
+    echo(f"\nTotal {time.perf_counter() - start:.0f} s. Table, chart and runs in {out}/")
+    return {"summary": summary, "base": result["base"], "rows": result["rows"]}

@@ -170,9 +170,17 @@ def restore_model(run_dir: str | os.PathLike, base: str | os.PathLike | CausalLM
     return assign_trainable(model, trainable)
 
 
+def _is_model_file(name: str) -> bool:
+    return (name in ("config.json", "generation_config.json") or name.endswith(".safetensors")
+            or name.endswith(".safetensors.index.json"))
+
+
 def export_model(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Writes ``model`` as a Hugging Face directory (`save_model`; LoRA merged) plus, when given,
-    the tokenizer's files, each copied under a temporary name and renamed into place."""
+    the tokenizer's files, each copied under a temporary name and renamed into place.
+
+    ``tokenizer_dir`` may be a model directory (a base model with its tokenizer): its own model
+    files (config, weights, weight index) are never copied over the ones just written."""
     from jraise.model.hf import save_model
 
     out = save_model(model, model.config, out_dir)
@@ -181,7 +189,7 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str
         if not src.is_dir():
             raise FileNotFoundError(f"{src}: tokenizer directory does not exist")
         for item in sorted(src.iterdir()):
-            if item.is_file() and item.name != "config.json":  # never clobber the model's config
+            if item.is_file() and not _is_model_file(item.name):
                 tmp = out / f".{item.name}.tmp-{os.getpid()}"
                 shutil.copyfile(item, tmp)
                 os.replace(tmp, out / item.name)

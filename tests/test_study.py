@@ -1,0 +1,70 @@
+"""The selection study and the demo: real (tiny) runs end to end, and the summary arithmetic."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jraise.study import StudyConfig, markdown_table, run_study, summarise
+
+TINY = dict(seeds=(0,), n_pool=280, steps=4, batch_size=8, n_test=2, base_pool=280, base_steps=6, fraction=0.1,
+            raise_clusters=2)
+
+
+def _rows(method, values):
+    cols = ("target_em", "all_em", "target_loss", "noisy_share", "target_share", "select_seconds")
+    return [{"method": method, "seed": s, **{c: v + i for i, c in enumerate(cols)}} for s, v in enumerate(values)]
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = _rows("a", [0.1, 0.3, 0.5]) + _rows("b", [0.2])
+    summary = summarise(rows)
+    assert [e["method"] for e in summary] == ["a", "b"]
+    a, b = summary
+    assert a["n_seeds"] == 3 and a["target_em"] == pytest.approx(0.3) and a["target_em_std"] == pytest.approx(0.2)
+    assert a["all_em"] == pytest.approx(1.3) and b["target_em_std"] == 0.0
+    table = markdown_table(summary)
+    assert "| a | 0.30 ± 0.20 |" in table and "| b | 0.20 |" in table
+
+
+def test_study_config_rejects_unknown_methods_and_bad_fraction():
+    with pytest.raises(ValueError, match="unknown methods"):
+        StudyConfig(methods=("random", "oracle"))
+    with pytest.raises(ValueError, match="fraction"):
+        StudyConfig(fraction=0.0)
+
+
+def test_study_runs_end_to_end_and_resumes(tmp_path):
+    config = StudyConfig(methods=("random", "full", "longest"), **TINY)
+    result = run_study(tmp_path, config, echo=lambda *_: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"random", "full", "longest"}
+    pool = [json.loads(line) for line in open(tmp_path / "seed0" / "testbed" / "pool.jsonl")]
+    noisy = np.mean([r["meta"]["noisy"] for r in pool])
+    targets = np.mean([r["meta"]["category"] in config.targets for r in pool])
+    # Full data trains on every record: its shares are the pool's.
+    assert rows["full"]["noisy_share"] == pytest.approx(noisy)
+    assert rows["full"]["target_share"] == pytest.approx(targets)
+    # Longest picks the records with the most response tokens: never an empty-answer record.
+    selected = [json.loads(line) for line in open(tmp_path / "seed0" / "longest" / "selection.jsonl")]
+    assert len(selected) == round(0.1 * len(pool))
+    assert min(len(r["output"]) for r in selected) >= np.median([len(r["output"]) for r in pool])
+    for row in rows.values():
+        assert 0 <= row["target_em"] <= 1 and 0 <= row["all_em"] <= 1 and np.isfinite(row["target_loss"])
+    assert result["base"]["method"].startswith("base")
+    # A second run reads the finished rows back instead of recomputing them.
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    again = run_study(tmp_path, config, echo=lambda *_: None)
+    assert (tmp_path / "rows.jsonl").read_text().splitlines() == lines
+    assert [r["total_seconds"] for r in again["rows"]] == [r["total_seconds"] for r in result["rows"]]
+
+
+def test_demo_prints_table_and_verdict_and_writes_chart(tmp_path):
+    from jraise.demo import run_demo
+
+    said = []
+    out = run_demo(tmp_path, methods=("random", "sspl"), echo=said.append, **TINY)
+    text = "\n".join(said)
+    assert "| random |" in text and "| sspl |" in text and "Verdict:" in text
+    assert (tmp_path / "study.png").stat().st_size > 1000
+    assert {e["method"] for e in out["summary"]} == {"random", "sspl"}
