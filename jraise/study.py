@@ -3,9 +3,11 @@
 Protocol (one seed):
 
 1. **Base model.** A `small` model trained from scratch on a clean testbed of every category
-   (``base_pool`` records, ``base_steps`` steps): the stand-in for a pretrained LLM. It has left
-   the copy-task plateau but is far from solving the tasks. Built once per work directory (its
-   config is checked on reuse) and shared by every seed and method.
+   except the targets (``base_pool`` records, ``base_steps`` steps): the stand-in for a pretrained
+   LLM. It has left the copy-task plateau (the skills the targets need exist) but has never seen
+   a target task, so what a fine-tune teaches about the targets comes from the selected records.
+   Built once per work directory (its settings are checked on reuse) and shared by every seed and
+   method.
 2. **Pool.** A fresh testbed (seed-dependent, ``noise`` planted) whose few-shot validation files
    are cut down to the ``targets`` categories: the target task a selector is told about.
 3. **Selection at one budget.** Static selectors (random, longest, perplexity, IFD, RDS, LESS,
@@ -55,7 +57,7 @@ class StudyConfig:
     fraction: float = 0.05
     steps: int = 200
     batch_size: int = 16
-    lr: float = 3e-4  # fine-tunes from the base; its own 1e-3 overfits a 5% subset (BUILD_NOTES)
+    lr: float = 1e-3
     n_test: int = 30
     base_pool: int = 20000
     base_steps: int = 2500
@@ -105,8 +107,12 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.train import TrainConfig, train
 
+    from jraise.data.testbed import CATEGORIES
+
+    categories = [c for c in CATEGORIES if c not in config.targets]
     settings = {"base_pool": config.base_pool, "base_steps": config.base_steps, "base_lr": config.base_lr,
-                "base_seed": config.base_seed, "batch_size": config.batch_size, "max_len": config.max_len}
+                "base_seed": config.base_seed, "batch_size": config.batch_size, "max_len": config.max_len,
+                "categories": categories}
     base_dir = work / "base" / "run" / "final"
     stamp = work / "base" / "settings.json"
     if stamp.exists():
@@ -114,7 +120,7 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
             return base_dir
         shutil.rmtree(work / "base")  # built with other settings: start over
     paths = write_testbed(work / "base" / "testbed", n_train=config.base_pool, noise=0.0, seed=config.base_seed,
-                          n_val_per_category=1, n_test_per_category=1)
+                          n_val_per_category=1, n_test_per_category=1, categories=categories)
     tok = load_tokenizer(paths["tokenizer"])
     model_config = preset_config("small", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -126,7 +132,8 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     train(init_model(model_config, seed=config.base_seed), pool, train_config, work / "base" / "run",
           resume=True, tokenizer_dir=paths["tokenizer"])
     atomic_write_text(stamp, json.dumps(settings) + "\n")
-    echo(f"base model: {config.base_steps} steps from scratch on {config.base_pool} clean records "
+    echo(f"base model: {config.base_steps} steps from scratch on {config.base_pool} clean records of the "
+         f"{len(categories)} non-target categories "
          f"({time.perf_counter() - t0:.0f} s)")
     return base_dir
 
@@ -269,6 +276,7 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
     tok = load_tokenizer(base_dir)
     pool = load_pool(paths["pool"], tok, max_len=config.max_len)
     run_dir = work / f"seed{seed}" / method
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or other-settings attempt
     t0 = time.perf_counter()
     if method in DYNAMIC_METHODS:
         model, trained_on, select_s = _dynamic_run(method, base_dir, paths, config, seed, run_dir)

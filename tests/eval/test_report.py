@@ -40,7 +40,7 @@ def tok(testbed):
 @pytest.fixture(scope="module")
 def model(tok):
     config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return init_model(config, seed=1)  # seed 1: replies that differ between prompts (see eos_model)
+    return init_model(config, seed=5)  # seed 5: replies that differ between prompts (see eos_model)
 
 
 def read_jsonl(path):
@@ -249,14 +249,14 @@ def testbed_result(model, tok, testbed, tmp_path_factory):
     return result, out
 
 
-def test_untrained_model_scores_near_zero_on_testbed(testbed_result):
+def test_untrained_model_scores_near_zero_on_testbed(testbed_result, tok):
     result, _ = testbed_result
     em = result["exact_match"]
     assert em["overall"]["n"] == 2 * len(CATEGORIES)
     assert em["overall"]["accuracy"] <= 0.05
     assert set(em["per_category"]) == set(CATEGORIES) and all(c["n"] == 2 for c in em["per_category"].values())
     # An untrained model is near uniform over the vocabulary: loss near log(V).
-    assert result["loss"]["overall"]["per_token"] == pytest.approx(np.log(100), rel=0.1)
+    assert result["loss"]["overall"]["per_token"] == pytest.approx(np.log(len(tok)), rel=0.1)
 
 
 def test_json_is_written_atomically_and_reloads(testbed_result):

@@ -60,15 +60,15 @@ def test_static_features_layout_cache_and_clusters(setup, tmp_path):
 def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     root, _, pool, model, static, val = setup
     layout = cluster_layout(np.zeros(len(pool), int), 1)
-    config = RaiseConfig(episodes=14, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=3e-3, entropy_coef=0.0)
+    config = RaiseConfig(episodes=20, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=3e-3, entropy_coef=0.0)
     out = root / "policy"
-    half = RaiseConfig(**{**config.__dict__, "episodes": 7})
+    half = RaiseConfig(**{**config.__dict__, "episodes": 10})
     train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, half, out, progress=False)
     policy, history = train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, config, out,
                                    progress=False)
-    assert [h["episode"] for h in history] == list(range(1, 15))
+    assert [h["episode"] for h in history] == list(range(1, 21))
     assert (out / "reward_curve.png").stat().st_size > 1000
-    assert len((out / "history.jsonl").read_text().splitlines()) == 14
+    assert len((out / "history.jsonl").read_text().splitlines()) == 20
     loaded = load_policy(out)
     selector = raise_policy(loaded.actor, static, layout, per_cluster=8)
     select = jax.jit(selector.select)
