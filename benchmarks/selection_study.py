@@ -20,7 +20,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(argv=None) -> dict:
     from jraise.atomic import atomic_write_text
-    from jraise.study import ALL_METHODS, StudyConfig, markdown_table, plot_summary, run_study, summarise
+    from jraise.study import (
+        ALL_METHODS,
+        StudyConfig,
+        markdown_table,
+        plot_summary,
+        run_study,
+        summarise,
+    )
 
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

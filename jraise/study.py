@@ -102,11 +102,9 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     """The shared base model directory (HF format, with the testbed tokenizer): reused when its
     recorded settings match, rebuilt from scratch when they differ, resumed when unfinished."""
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.data.testbed import CATEGORIES, write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.train import TrainConfig, train
-
-    from jraise.data.testbed import CATEGORIES
 
     categories = [c for c in CATEGORIES if c not in config.targets]
     settings = {"base_pool": config.base_pool, "base_steps": config.base_steps, "base_lr": config.base_lr,
@@ -178,7 +176,10 @@ def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
                       out: Path) -> np.ndarray:
     if method in ("less", "rose"):
-        from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
+        from jraise.select.influence_run import (
+            InfluenceRunConfig,
+            run_influence_selection,
+        )
 
         influence = InfluenceRunConfig(method=method, fraction=config.fraction, warmup_fraction=config.fraction,
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,

@@ -4,7 +4,13 @@ import string
 
 import numpy as np
 
-from jraise.model import build_char_tokenizer, init_model, load_model, preset_config, save_model
+from jraise.model import (
+    build_char_tokenizer,
+    init_model,
+    load_model,
+    preset_config,
+    save_model,
+)
 from jraise.train import export_model
 
 
