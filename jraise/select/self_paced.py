@@ -26,19 +26,16 @@ import numpy as np
 from jraise.atomic import atomic_write_text
 from jraise.data.batching import (
     PAD_INDEX,
-    iterate_batches,
     length_buckets,
     make_batch,
     pick_bucket,
 )
 from jraise.data.pool import InstructionPool
+from jraise.train.loop import per_example_nll, step_functions
 from jraise.train.step import (
     MODEL_KEYS,
     SCHEDULES,
     assign_trainable,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
     param_dtypes,
     split_trainable,
 )
@@ -88,14 +85,8 @@ def response_losses(eval_step: Callable, trainable, frozen, pool: InstructionPoo
                     buckets) -> np.ndarray:
     """float32 [N]: every example's mean response NLL under the model (0 for no response tokens),
     by ``eval_step`` (from `make_eval_step`) over length-sorted batches padded to ``buckets``."""
-    nll = np.zeros(len(pool), np.float64)
-    tokens = np.zeros(len(pool), np.float64)
     order = np.argsort(pool.lengths, kind="stable")  # similar lengths share a batch: less padding
-    for batch in iterate_batches(pool, order, batch_size, buckets):
-        row_nll, row_tokens = eval_step(trainable, frozen, {k: batch[k] for k in MODEL_KEYS})
-        real = batch["index"] != PAD_INDEX
-        nll[batch["index"][real]] = np.asarray(row_nll)[real]
-        tokens[batch["index"][real]] = np.asarray(row_tokens)[real]
+    nll, tokens = per_example_nll(eval_step, trainable, frozen, pool, batch_size, buckets, order)
     return (nll / np.maximum(tokens, 1.0)).astype(np.float32)
 
 
@@ -133,9 +124,8 @@ def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: in
     _check_args(pool, steps, batch_size, lr, refresh_every, n_buckets, schedule)
     graphdef, trainable, frozen = split_trainable(model)
     dtypes = param_dtypes(model)
-    tx, _ = make_optimizer(lr, total_steps=steps, schedule=schedule, max_grad_norm=max_grad_norm)
-    train_step = make_train_step(graphdef, tx, dtypes)
-    eval_step = make_eval_step(graphdef, dtypes)
+    tx, train_step, eval_step = step_functions(
+        graphdef, {"lr": lr, "total_steps": steps, "schedule": schedule, "max_grad_norm": max_grad_norm}, dtypes)
     opt_state = jax.jit(tx.init)(trainable)
     buckets = length_buckets(pool.lengths, shape_buckets)
     pick_key, dropout_key = jax.random.split(jax.random.key(seed))

@@ -278,18 +278,26 @@ def _truncate_log(path: Path, last_step: int) -> None:
 # Evaluation
 
 
-def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
-                  n_buckets: int) -> dict:
-    """Mean response-token NLL over ``pool`` (total NLL / total response tokens), overall and,
-    when the pool has categories, per category with the same per-token rule."""
-    buckets = length_buckets(pool.lengths, n_buckets)
+def per_example_nll(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
+                    buckets, order) -> tuple[np.ndarray, np.ndarray]:
+    """(summed response NLL, response tokens), float64 [N] each, of every pool example under
+    ``eval_step`` (from `make_eval_step`), batched in ``order`` and padded to ``buckets``."""
     nll = np.zeros(len(pool), np.float64)
     tokens = np.zeros(len(pool), np.float64)
-    for batch in iterate_batches(pool, np.arange(len(pool)), batch_size, buckets):
+    for batch in iterate_batches(pool, order, batch_size, buckets):
         row_nll, row_tokens = eval_step(trainable, frozen, {k: batch[k] for k in MODEL_KEYS})
         real = batch["index"] != PAD_INDEX
         nll[batch["index"][real]] = np.asarray(row_nll)[real]
         tokens[batch["index"][real]] = np.asarray(row_tokens)[real]
+    return nll, tokens
+
+
+def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
+                  n_buckets: int) -> dict:
+    """Mean response-token NLL over ``pool`` (total NLL / total response tokens), overall and,
+    when the pool has categories, per category with the same per-token rule."""
+    nll, tokens = per_example_nll(eval_step, trainable, frozen, pool, batch_size,
+                                  length_buckets(pool.lengths, n_buckets), np.arange(len(pool)))
     result = {"loss": float(nll.sum() / max(tokens.sum(), 1.0)), "tokens": int(tokens.sum())}
     if any(c is not None for c in pool.categories):
         cats = np.array([str(c) for c in pool.categories], dtype=object)
@@ -309,8 +317,9 @@ def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool,
 _STEPS = CompiledCache(8)
 
 
-def _step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
-    """(tx, train_step, eval_step) for this model structure and optimizer, built once."""
+def step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
+    """(tx, train_step, eval_step) for this model structure and optimizer (``opt_args``: the
+    keyword arguments of `make_optimizer`), built once and reused by later calls."""
 
     def build():
         tx, _ = make_optimizer(**opt_args)
@@ -353,7 +362,7 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
 
     graphdef, trainable, frozen = split_trainable(model)
     dtypes = param_dtypes(model)
-    tx, step_fn, eval_fn = _step_functions(graphdef, opt_args, dtypes)
+    tx, step_fn, eval_fn = step_functions(graphdef, opt_args, dtypes)
     opt_state = jax.jit(tx.init)(trainable)
     lora = lora_settings(model) if trainable_filter(model) is nnx.LoRAParam else None
     identity = {"pool_fingerprint": pool.fingerprint, "order_fingerprint": order_fingerprint(orders),
