@@ -35,7 +35,7 @@ import numpy as np
 from jraise.data.pool import InstructionPool
 from jraise.select.base import Selection, top_fraction
 from jraise.select.embeddings import pooled_embeddings
-from jraise.select.rl.features import difficulty_features
+from jraise.select.rl.features import difficulty_features, start_token_of
 
 BASELINES = ("random", "full", "longest", "perplexity", "ifd", "rds")
 NEEDS_MODEL = ("perplexity", "ifd", "rds")
@@ -160,14 +160,6 @@ def rds(model, pool: InstructionPool, val_pool: InstructionPool, fraction: float
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def start_token_of(tokenizer) -> int:
-    """The token that stands in for the prompt in loss(y): the tokenizer's BOS, else its EOS."""
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise ValueError("tokenizer has neither a BOS nor an EOS token id")
-    return int(token)
 
 
 def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLike, *,

@@ -57,6 +57,14 @@ def _batched_mean_logp(model, sequences: list[tuple[np.ndarray, np.ndarray]], pa
     return out
 
 
+def start_token_of(tokenizer) -> int:
+    """The token that stands in for the prompt in loss(y): the tokenizer's BOS, else its EOS."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("tokenizer has neither a BOS nor an EOS token id")
+    return int(token)
+
+
 def difficulty_features(model, pool: InstructionPool, start_token: int, batch_size: int = 32) -> np.ndarray:
     """[N, 4] float32: len(x), len(y), mean log p(y|x), mean log p(y) (see the module docstring)."""
     masks = [np.asarray(m, bool) for m in pool.loss_masks]

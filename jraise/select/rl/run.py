@@ -22,7 +22,11 @@ from flax import nnx
 from jraise.atomic import atomic_write_text
 from jraise.data.pool import load_pool
 from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
-from jraise.select.rl.features import cached_static_features, cluster_pool
+from jraise.select.rl.features import (
+    cached_static_features,
+    cluster_pool,
+    start_token_of,
+)
 from jraise.select.rl.sampling import cluster_layout
 from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
 
@@ -34,8 +38,7 @@ def _load(model_dir: Path, pool_file, val_file, max_len: int):
     model, _ = load_model(model_dir)
     pool = load_pool(pool_file, tok, max_len=max_len)
     val_pool = load_pool(val_file, tok, max_len=max_len)
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return tok, model, pool, val_pool, start
+    return tok, model, pool, val_pool, start_token_of(tok)
 
 
 def _val_batch(val_pool) -> dict:
