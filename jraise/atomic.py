@@ -8,8 +8,10 @@ any failure the temporary file is removed and the error propagates; an older fil
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -39,3 +41,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text with "\\n" line ends, written atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """One JSON object per line (non-ASCII kept as is), written atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

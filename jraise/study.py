@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jraise.atomic import atomic_write_text
+from jraise.atomic import atomic_write_jsonl, atomic_write_text
+from jraise.train.loop import append_jsonl
 
 STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose")
 DYNAMIC_METHODS = ("sspl", "raise")
@@ -144,14 +145,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _preference_category(pair: dict) -> str | None:
-    return pair.get("category") or (pair.get("meta") or {}).get("category")
-
-
 def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
     """The seed's noisy testbed plus target-only validation files ``val_target`` (SFT) and
     ``val_pref_target`` (preference pairs)."""
@@ -161,11 +154,11 @@ def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
                           n_test_per_category=config.n_test)
     targets = set(config.targets)
     val = [r for r in _read_jsonl(paths["val"]) if r["category"] in targets]
-    pref = [p for p in _read_jsonl(paths["val_pref"]) if _preference_category(p) in targets]
+    pref = [p for p in _read_jsonl(paths["val_pref"]) if p["category"] in targets]
     if not val or not pref:
         raise ValueError(f"no validation records for the targets {sorted(targets)}")
-    paths["val_target"] = _write_jsonl(paths["val"].with_name("val_target.jsonl"), val)
-    paths["val_pref_target"] = _write_jsonl(paths["val"].with_name("val_pref_target.jsonl"), pref)
+    paths["val_target"] = atomic_write_jsonl(paths["val"].with_name("val_target.jsonl"), val)
+    paths["val_pref_target"] = atomic_write_jsonl(paths["val"].with_name("val_pref_target.jsonl"), pref)
     return paths
 
 
@@ -329,8 +322,7 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
             row = done.get((method, seed))
             if row is None:
                 row = {**run_method(method, base_dir, paths, config, seed, work), "settings": key}
-                with open(rows_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(rows_file, row)
             rows.append(row)
             echo(f"seed {seed} {method:>10}: target EM {row['target_em']:.2f}  all EM {row['all_em']:.2f}  "
                  f"target loss {row['target_loss']:.3f}  "

@@ -73,7 +73,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from jraise.atomic import atomic_write_text, temp_sibling
+from jraise.atomic import atomic_write_jsonl, atomic_write_text, temp_sibling
 from jraise.model.tokenizer import build_char_tokenizer
 
 SPLITS = ("pool", "val", "val_pref", "test")
@@ -944,10 +944,6 @@ def _atomic_write_tokenizer(path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _jsonl(records: Sequence[dict]) -> str:
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
 def write_testbed(
     out_dir: str | os.PathLike,
     n_train: int = 2000,
@@ -992,7 +988,7 @@ def write_testbed(
     paths["testbed"] = out / "testbed.json"
     paths["testbed"].unlink(missing_ok=True)
     for split in SPLITS:
-        atomic_write_text(paths[split], _jsonl(splits[split]))
+        atomic_write_jsonl(paths[split], splits[split])
     _atomic_write_tokenizer(paths["tokenizer"])
     manifest = describe_testbed(config, splits)
     atomic_write_text(paths["testbed"], json.dumps(manifest, indent=2) + "\n")
