@@ -1,6 +1,5 @@
 """Tests for EE-CPO (jraise.select.mixture): LP optimality, exact budget, bounds, subsets."""
 
-import itertools
 from pathlib import Path
 
 import numpy as np
