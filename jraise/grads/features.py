@@ -27,7 +27,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from jraise import parallel
 from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import (
     PAD_INDEX,
@@ -88,11 +90,17 @@ def _precondition_and_flatten(adam: bool):
     return transform
 
 
-def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes):
+def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes, mesh=None):
     """One jitted program per (bucket shape): per-example gradients ``chunk`` at a time, then ONE
     projection of the group's [group, P] matrix. Generating the random blocks costs as much as
     applying them, so projecting per group instead of per chunk divides that cost by
-    ``group / chunk`` (measured: the projection was ~90% of the time at chunk 8)."""
+    ``group / chunk`` (measured: the projection was ~90% of the time at chunk 8).
+
+    On a mesh the group's rows are split over data x fsdp and each device runs this same program
+    on its own rows (`jax.shard_map`): per-example gradients need no communication, the weights
+    (FSDP-sharded at rest) are gathered once per call, and the projection blocks are generated
+    from the same keys on every device, so the features equal the single-device ones.
+    """
     grads = make_per_example_fn(graphdef, loss, config.chunk, _precondition_and_flatten(adam), dtypes, config.beta,
                                 jit=False)
     proj = config.projection
@@ -102,6 +110,9 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
         key = extra[2] if adam else extra
         return project(flat, key, proj.dim, proj.kind, proj.block_rows)
 
+    if mesh is not None:
+        whole, rows = PartitionSpec(), PartitionSpec(parallel.ROWS)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(whole, whole, rows, whole), out_specs=rows, check_vma=False)
     return jax.jit(fn)
 
 
@@ -124,15 +135,15 @@ def grouped_indices(lengths: np.ndarray, rows: np.ndarray, buckets, group: int):
             yield bucket, np.array(chunk + [PAD_INDEX] * (group - len(chunk)), dtype=np.int64)
 
 
-def _reference_logprobs(pool: PreferencePool, index: np.ndarray, bucket: int, logprob_fn, reference,
-                        frozen) -> dict:
-    batch = preference_batch(pool, index, bucket)
+def _reference_logprobs(batch: dict, logprob_fn, reference, frozen, mesh=None) -> dict:
+    """The reference model's summed response log-probability of each side, [G] per side, laid
+    out like the batch's rows."""
     out = {}
     for side in ("chosen", "rejected"):
         out[f"ref_{side}"] = logprob_fn(reference, frozen, batch[f"{side}_input_ids"],
                                         batch[f"{side}_attention_mask"], batch[f"{side}_loss_mask"],
                                         batch["example_mask"])
-    return out
+    return parallel.shard_batch(out, mesh, what="reference log-probabilities")
 
 
 def compute_features(graphdef, trainable, frozen, pool: InstructionPool | PreferencePool, rows: np.ndarray,
@@ -147,21 +158,29 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     if is_pref != (loss in ("dpo", "margin")):
         raise ValueError(f"loss {loss!r} needs {'a preference pool' if loss in ('dpo', 'margin') else 'an instruction pool'}")
     adam = moments is not None
-    fn = _PROGRAMS.get((graphdef, loss, adam, config, dtypes_key(dtypes)),
-                       lambda: _group_features_fn(graphdef, loss, adam, config, dtypes))
+    mesh = parallel.active_mesh()
+    if config.group % parallel.row_shards(mesh):
+        raise ValueError(f"FeatureConfig.group ({config.group}) must be a multiple of the mesh's data x fsdp "
+                         f"({parallel.row_shards(mesh)} devices)")
+    fn = _PROGRAMS.get((graphdef, loss, adam, config, dtypes_key(dtypes), mesh),
+                       lambda: _group_features_fn(graphdef, loss, adam, config, dtypes, mesh))
     if loss == "dpo":
         logprob_fn = _PROGRAMS.get((graphdef, "logprob", dtypes_key(dtypes)),
                                    lambda: make_sequence_logprob_fn(graphdef, dtypes))
     extra = (*moments, config.projection.key()) if moments is not None else config.projection.key()
+    trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
+    extra = parallel.shard_replicated(extra, mesh)
     buckets = length_buckets(pool.lengths, config.n_buckets)
     rows = np.asarray(rows, dtype=np.int64)
     position = {int(r): k for k, r in enumerate(rows)}
     out = np.zeros((len(rows), config.projection.dim), np.float32)
     for bucket, index in grouped_indices(np.asarray(pool.lengths), rows, buckets, config.group):
         batch = preference_batch(pool, index, bucket) if is_pref else make_batch(pool, index, bucket)
+        batch = parallel.shard_batch({k: v for k, v in batch.items() if k != "index"}, mesh,
+                                     what="feature group")
         if loss == "dpo":
-            batch.update(_reference_logprobs(pool, index, bucket, logprob_fn, reference, frozen))
-        feats = np.asarray(fn(trainable, frozen, batch, extra))
+            batch.update(_reference_logprobs(batch, logprob_fn, reference, frozen, mesh))
+        feats = parallel.to_host(fn(trainable, frozen, batch, extra))
         real = index != PAD_INDEX
         out[[position[int(i)] for i in index[real]]] = feats[real]
     return out
@@ -177,13 +196,30 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
     """
     full_identity = {**identity, "pool_fingerprint": pool.fingerprint, "loss": loss,
                      "adam": moments is not None, "features": config.to_dict()}
-    store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
-                                        identity=full_identity, shard_rows=config.shard_rows)
+    # Multi-process runs: every process computes every shard (the programs are collective), only
+    # process 0 writes. Process 0 creates the store first; all read the list of missing shards
+    # before any is written, so they run the same sequence of programs.
+    writer = parallel.is_writer()
+    if writer:
+        store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
+                                            identity=full_identity, shard_rows=config.shard_rows)
+    parallel.barrier("jraise-feature-store-created")
+    if not writer:
+        store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
+                                            identity=full_identity, shard_rows=config.shard_rows)
+    missing = store.missing_shards()
+    parallel.barrier("jraise-feature-store-planned")
+    mesh = parallel.active_mesh()
+    trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
+    if moments is not None:
+        moments = parallel.shard_params(moments, mesh)
+
     def compute(start: int, stop: int) -> np.ndarray:
         return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
                                 reference, dtypes)
 
-    store.fill(compute, progress=progress)
+    store.fill(compute, progress=progress and writer, shards=missing, write=writer)
+    parallel.barrier("jraise-feature-store-filled")
     return store
 
 

@@ -416,24 +416,30 @@ class FeatureStore:
         return atomic_write_bytes(self.shard_path(i), buf.getvalue())
 
     def fill(self, compute_fn: Callable[[int, int], object], progress: bool = True, *,
-             normalise: bool = True) -> int:
+             normalise: bool = True, shards: Sequence[int] | None = None, write: bool = True) -> int:
         """Computes and writes every missing shard in order: ``write_shard(i, compute_fn(start, stop))``.
 
         The resume mechanism: after a crash, calling it again computes only the missing shards.
         A shard that appears meanwhile (another process filling the same store) is skipped.
+        ``shards``: compute exactly these, none skipped (a multi-process run fixes the list on
+        every process before any shard is written, so all run the same collective programs);
+        ``write=False`` computes without writing (the processes other than the writer).
         Returns the number of shards written.
         """
         from tqdm.auto import tqdm
 
-        missing = self.missing_shards()
+        fixed = shards is not None
+        todo = [self._check_shard(i) for i in shards] if fixed else self.missing_shards()
         written = 0
-        with tqdm(total=self.n_shards, initial=self.n_shards - len(missing), disable=None if progress else True,
+        with tqdm(total=self.n_shards, initial=self.n_shards - len(todo), disable=None if progress else True,
                   desc=f"features {self.dir.name}", unit="shard", dynamic_ncols=True) as bar:
-            for i in missing:
-                if not self.shard_path(i).exists():
+            for i in todo:
+                if fixed or not self.shard_path(i).exists():
                     start, stop = self.shard_range(i)
-                    self.write_shard(i, compute_fn(start, stop), normalise=normalise)
-                    written += 1
+                    features = compute_fn(start, stop)
+                    if write:
+                        self.write_shard(i, features, normalise=normalise)
+                        written += 1
                 bar.update(1)
         return written
 

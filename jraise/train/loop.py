@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jraise import parallel
 from jraise.atomic import atomic_write_text
 from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length_buckets
@@ -285,10 +286,11 @@ def per_example_nll(eval_step: Callable, trainable, frozen, pool: InstructionPoo
     nll = np.zeros(len(pool), np.float64)
     tokens = np.zeros(len(pool), np.float64)
     for batch in iterate_batches(pool, order, batch_size, buckets):
-        row_nll, row_tokens = eval_step(trainable, frozen, {k: batch[k] for k in MODEL_KEYS})
+        inputs = parallel.shard_batch({k: batch[k] for k in MODEL_KEYS}, what="evaluation batch")
+        row_nll, row_tokens = eval_step(trainable, frozen, inputs)
         real = batch["index"] != PAD_INDEX
-        nll[batch["index"][real]] = np.asarray(row_nll)[real]
-        tokens[batch["index"][real]] = np.asarray(row_tokens)[real]
+        nll[batch["index"][real]] = parallel.to_host(row_nll)[real]
+        tokens[batch["index"][real]] = parallel.to_host(row_tokens)[real]
     return nll, tokens
 
 
@@ -328,9 +330,17 @@ def step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
     return _STEPS.get((graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes)), build)
 
 
-def _placement(tree):
-    """Where the training state lives: the device of its first leaf (single-device training)."""
-    return jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(tree)[0].devices())))
+def place_state(trainable, opt_state, frozen):
+    """(trainable, opt_state, frozen) on the active mesh by `jraise.parallel`'s parameter rules,
+    else committed to the device of the first trainable leaf.
+
+    Restored arrays are committed to a device, fresh ones are not; jit keys its cache on that, so
+    without committing a resumed run would compile its step a second time.
+    """
+    if parallel.active_mesh() is not None:
+        return parallel.shard_params((trainable, opt_state, frozen))
+    device = jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(trainable)[0].devices())))
+    return (*jax.device_put((trainable, opt_state), device), frozen)
 
 
 def _check_same_run(run_dir: Path, meta: dict, identity: dict) -> None:
@@ -363,7 +373,8 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
     graphdef, trainable, frozen = split_trainable(model)
     dtypes = param_dtypes(model)
     tx, step_fn, eval_fn = step_functions(graphdef, opt_args, dtypes)
-    opt_state = jax.jit(tx.init)(trainable)
+    # Placed before a restore, so a checkpoint is read straight into its sharding.
+    trainable, opt_state, frozen = place_state(trainable, jax.jit(tx.init)(trainable), frozen)
     lora = lora_settings(model) if trainable_filter(model) is nnx.LoRAParam else None
     identity = {"pool_fingerprint": pool.fingerprint, "order_fingerprint": order_fingerprint(orders),
                 "trainable": "lora" if lora else "full", "lora": lora,
@@ -381,9 +392,6 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
         _check_same_run(run_dir, meta, identity)
         step, epoch, next_batch = meta["step"], meta["next_epoch"], meta["next_batch"]
         lr_history, elapsed = list(meta["lr_history"]), meta["elapsed"]
-    # Restored arrays are committed to a device, fresh ones are not; jit keys its cache on that,
-    # so without this a resumed run would compile its step a second time.
-    trainable, opt_state = jax.device_put((trainable, opt_state), _placement(trainable))
     metrics_path = run_dir / METRICS_FILE
     _truncate_log(metrics_path, step)
 
@@ -413,12 +421,13 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
             while upcoming is not None and step < total:
                 batch = upcoming
                 key = jax.random.fold_in(base_key, step)
-                trainable, opt_state, metrics = step_fn(
-                    trainable, opt_state, frozen, accumulation_batch(batch, config.accum), key)
+                inputs = parallel.shard_batch(accumulation_batch(batch, config.accum), axis=1,
+                                              what="training micro-batch (batch_size / accum)")
+                trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, inputs, key)
                 upcoming = next(batches, None)  # builds the next batch while the step runs
                 lr_history.append(float(lrs[step]))
                 step += 1
-                metrics = jax.device_get(metrics)
+                metrics = parallel.tree_to_host(metrics)
                 record = {"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": lr_history[-1],
                           "tokens": int(metrics["tokens"]), "response_tokens": int(metrics["response_tokens"]),
                           "grad_norm": float(metrics["grad_norm"]),

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jraise import parallel
 from jraise.data.batching import make_batch
 from jraise.data.pool import InstructionPool
 from jraise.select.rl.policy import fused_state, stage_features
@@ -131,7 +132,12 @@ def make_fused_step(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig)
 
 def make_episode(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
     """A jitted ``episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key)
-    -> (trainable, opt_state, Rollout, train_losses [T])``: `make_fused_step` scanned over t = 1..T."""
+    -> (trainable, opt_state, Rollout, train_losses [T])``: `make_fused_step` scanned over t = 1..T.
+
+    With an active `jraise.parallel` mesh the inputs are placed on it first: LLM weights and Adam
+    state by the parameter rules (FSDP / tensor), the token pool and static features split by
+    example over data x fsdp (kept whole when the mesh does not divide N), the rest replicated.
+    """
     step = make_fused_step(graphdef, tx, dtypes, actor_graphdef, config)
 
     def episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key):
@@ -147,7 +153,17 @@ def make_episode(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
                           val0)
         return trainable, opt_state, rollout, out["train_loss"]
 
-    return jax.jit(episode)
+    jitted = jax.jit(episode)
+
+    def run(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key):
+        mesh = parallel.active_mesh()
+        if mesh is not None:  # see jraise.parallel: XLA partitions the scan from these placements
+            trainable, opt_state, frozen = parallel.shard_params((trainable, opt_state, frozen), mesh)
+            static, pool = parallel.shard_examples((static, pool), mesh)
+            actor_state, layout, val, key = parallel.shard_replicated((actor_state, layout, val, key), mesh)
+        return jitted(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key)
+
+    return run
 
 
 def replay(actor, critic, static: jax.Array, layout: ClusterLayout, rollout: Rollout, tau: float):
