@@ -12,6 +12,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="jraise: choose the instruction data an LLM is fine-tuned on (JAX/Flax).")
 
 
+@app.callback()
+def devices(
+    ctx: typer.Context,
+    mesh: Optional[str] = typer.Option(
+        None, help="Run on a device mesh, e.g. 'data=8', 'fsdp=-1', 'data=2,fsdp=4,tensor=2' or 'auto' (every "
+                   "device on data). Training, gradient features and RAISE episodes shard on it."),
+    coordinator: Optional[str] = typer.Option(
+        None, help="Multi-host: HOST:PORT of process 0 (else $JRAISE_COORDINATOR / $JAX_COORDINATOR_ADDRESS)."),
+    num_processes: Optional[int] = typer.Option(None, help="Multi-host: number of processes."),
+    process_id: Optional[int] = typer.Option(None, help="Multi-host: this process's index (0 writes the outputs)."),
+):
+    """Device options, given before the command: ``jraise --mesh fsdp=8 train ...``."""
+    from jraise import parallel
+
+    try:
+        parallel.initialize_distributed(coordinator, num_processes, process_id)
+        active = parallel.make_mesh(mesh) if mesh is not None else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    ctx.with_resource(parallel.use_mesh(active))
+
+
 @app.command("init-model")
 def init_model_cmd(
     out_dir: Path = typer.Argument(..., help="Directory to write the HF-format model into."),

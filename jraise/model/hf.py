@@ -4,6 +4,11 @@ Loading streams: an abstract model is built with `nnx.eval_shape` (shapes only, 
 each safetensors tensor is read, transposed where torch and jraise lay it out differently, cast,
 and placed into its variable, one tensor at a time. The host never holds the whole state twice.
 
+With an active `jraise.parallel` mesh each tensor goes straight into its sharding (the parameter
+rules of `jraise.parallel.param_spec`): `jax.make_array_from_callback` asks for the slices this
+process's devices hold and only those are read from the file (safetensors slices), so on a
+multi-host run no host reads or holds the whole model.
+
 Saving writes `config.json` and safetensors (sharded with `model.safetensors.index.json` above a
 size limit) that `transformers.AutoModelForCausalLM.from_pretrained` loads. LoRA adapters, when
 attached, are merged into the exported weights (the model itself is left unchanged).
@@ -77,15 +82,32 @@ def _checkpoint_files(model_dir: Path) -> dict[str, list[str]]:
     raise FileNotFoundError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
 
 
+def _read_sharded(stored, shape: tuple[int, ...], kernel: bool, dtype, mesh) -> jax.Array:
+    """A global array of ``shape`` placed by the parameter rules, each device's block read from
+    the file's slice ``stored`` (torch layout: a kernel is stored transposed)."""
+    from jraise import parallel
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        part = stored[index[1], index[0]].T if kernel else stored[index]
+        return np.asarray(part).astype(dtype)
+
+    sharding = jax.sharding.NamedSharding(mesh, parallel.param_spec(shape, mesh))
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
 def load_model(path: str | os.PathLike, dtype: str | None = None, remat: bool = False,
                **config_overrides) -> tuple[CausalLM, ModelConfig]:
     """Loads a local HF model directory (config.json + safetensors, single or sharded).
 
     `dtype` ("float32" / "bfloat16") sets both parameter and compute dtype; default: float32.
+    With an active `jraise.parallel` mesh every weight is read straight into its sharding.
     Returns (model, config). Errors name the file and the tensor or field at fault.
     """
     from safetensors import safe_open
 
+    from jraise import parallel
+
+    mesh = parallel.active_mesh()
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
@@ -100,7 +122,7 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, remat: bool = 
     for fname in sorted(files):
         fpath = model_dir / fname
         try:
-            handle = safe_open(str(fpath), framework="flax")
+            handle = safe_open(str(fpath), framework="flax" if mesh is None else "numpy")
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{fpath}: not a readable safetensors file: {err}") from err
         with handle as f:
@@ -111,12 +133,17 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, remat: bool = 
                     raise ValueError(f"{fpath}: unexpected tensor {name!r} (not part of a "
                                      f"{config.model_type} model with this config.json)")
                 var_path, var = wanted[name]
-                tensor = f.get_tensor(name)
-                expected = tuple(var.shape[::-1]) if _is_kernel(var_path) else tuple(var.shape)
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                kernel = _is_kernel(var_path)
+                stored = f.get_slice(name)
+                expected = tuple(var.shape[::-1]) if kernel else tuple(var.shape)
+                if tuple(stored.get_shape()) != expected:
+                    raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
                                      f"but config.json implies {expected}")
-                var.value = jnp.asarray(tensor.T if _is_kernel(var_path) else tensor, dtype=target)
+                if mesh is None:
+                    tensor = f.get_tensor(name)
+                    var.value = jnp.asarray(tensor.T if kernel else tensor, dtype=target)
+                else:
+                    var.value = _read_sharded(stored, tuple(var.shape), kernel, target, mesh)
                 loaded.add(name)
     missing = sorted(set(wanted) - loaded)
     if missing:

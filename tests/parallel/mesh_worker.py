@@ -19,7 +19,8 @@ from parallel_setup import FEATURES, episode_inputs, feature_setup, testbed, tra
 
 from jraise import parallel
 from jraise.grads.features import compute_features
-from jraise.model import init_model
+from jraise.model import init_model, load_model
+from jraise.model.hf import save_model
 from jraise.select.rl.episode import EpisodeConfig, make_episode
 from jraise.train import TrainConfig, train
 
@@ -29,7 +30,8 @@ features = feature_setup(work / "features")
 data = testbed(work / "episode", n_train=24, categories=["first", "upper", "add"])
 episode = episode_inputs(data)
 config = TrainConfig(lr=3e-3, epochs=1, batch_size=16, accum=2, n_buckets=2, max_steps=3)
-results = {}
+results, shard_shapes = {}, {}
+save_model(init_model(features["config"], seed=7), features["config"], work / "hf-model")
 
 
 def put(prefix, tree):
@@ -39,6 +41,10 @@ def put(prefix, tree):
 
 for spec in specs:
     with parallel.use_mesh(None if spec == "none" else spec):
+        loaded, _ = load_model(work / "hf-model")  # read straight into the mesh's sharding
+        put(f"{spec}/load", trained_params(loaded))
+        shard_shapes[spec] = {jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape) for p, x in
+                              jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)))}
         model = init_model(features["config"], seed=0)
         run = train(model, features["pool"], config, tempfile.mkdtemp(dir=work), export=False)
         put(f"{spec}/train", trained_params(model))
@@ -57,4 +63,4 @@ for spec in specs:
         put(f"{spec}/episode/train_losses", parallel.to_host(losses))
 
 np.savez(work / "results.npz", **results)
-(work / "info.json").write_text(json.dumps({"devices": jax.device_count(), "specs": specs}))
+(work / "info.json").write_text(json.dumps({"devices": jax.device_count(), "specs": specs, "shard_shapes": shard_shapes}))

@@ -28,11 +28,12 @@ def results(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     info = json.loads((work / "info.json").read_text())
     assert info["devices"] == 8
-    return dict(np.load(work / "results.npz"))
+    return {**np.load(work / "results.npz"), "shard_shapes": info["shard_shapes"]}
 
 
 def _pairs(results, mesh, what):
-    keys = [k for k in results if k.startswith(f"none/{what}")]
+    keys = [k for k in results if k == f"none/{what}" or k[len(f"none/{what}"):][:1] in ("/", "[", ".")
+            and k.startswith(f"none/{what}")]
     assert keys, what
     return [(k, results[k], results[f"{mesh}{k[len('none'):]}"]) for k in keys]
 
@@ -69,3 +70,17 @@ def test_raise_episode_matches_one_device(results, mesh):
             np.testing.assert_allclose(sharded, one, rtol=1e-4, atol=1e-6, err_msg=key)
     for key, one, sharded in _pairs(results, mesh, "episode/trainable"):
         assert _rel(one, sharded) < 1e-3, (key, _rel(one, sharded))
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_checkpoint_loads_straight_into_its_sharding(results, mesh):
+    for key, one, sharded in _pairs(results, mesh, "load"):
+        np.testing.assert_array_equal(sharded, one, err_msg=key)  # the same bytes, read slice by slice
+    full, shards = results["shard_shapes"]["none"], results["shard_shapes"][mesh]
+    embed, kernel = "['embed_tokens']", "['layers'][0]['mlp']['up_proj']['kernel']"
+    sizes = dict(part.split("=") for part in mesh.split(","))
+    fsdp, tensor = int(sizes.get("fsdp", 1)), int(sizes.get("tensor", 1))
+    # Each device holds 1/(fsdp x tensor) of a matrix whose dimensions divide; norms are whole.
+    for name in (embed, kernel):
+        assert np.prod(shards[name]) * fsdp * tensor == np.prod(full[name]), (name, shards[name], full[name])
+    assert shards["['norm']['weight']"] == full["['norm']['weight']"]
