@@ -151,11 +151,19 @@ def row_shards(mesh: Mesh | None = None) -> int:
 # Sharding rules
 
 
+def _spec(dims: list) -> PartitionSpec:
+    """A PartitionSpec without trailing Nones: XLA returns shardings in that canonical form, and
+    jit's cache compares specs literally (P(None) != P() would recompile a step once)."""
+    while dims and dims[-1] is None:
+        dims = dims[:-1]
+    return PartitionSpec(*dims)
+
+
 def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The `PartitionSpec` of a weight (or Adam moment) of ``shape``; see the module docstring."""
     dims: list = [None] * len(shape)
     if len(shape) < 2:
-        return PartitionSpec(*dims)
+        return _spec(dims)
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     if tensor > 1 and shape[-1] % tensor == 0:
         dims[-1] = "tensor"
@@ -163,7 +171,7 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
         free = [i for i in range(len(shape)) if dims[i] is None and shape[i] % fsdp == 0]
         if free:
             dims[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
-    return PartitionSpec(*dims)
+    return _spec(dims)
 
 
 def param_shardings(tree: Pytree, mesh: Mesh) -> Pytree:
@@ -171,11 +179,21 @@ def param_shardings(tree: Pytree, mesh: Mesh) -> Pytree:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), mesh)), tree)
 
 
+def constrain_params(tree: Pytree, mesh: Mesh | None) -> Pytree:
+    """Inside a jitted function: pins each leaf to its parameter sharding (no-op without a mesh).
+    A train step's outputs then keep their inputs' placement; left to itself XLA may, e.g., shard
+    a norm's gain over ``tensor``, and the next call would compile a second program."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, param_spec(tuple(x.shape), mesh))), tree)
+
+
 def rows_spec(ndim: int, axis: int = 0) -> PartitionSpec:
     """Rows (dimension ``axis``) split over data x fsdp, the rest replicated."""
     dims: list = [None] * ndim
     dims[axis] = ROWS
-    return PartitionSpec(*dims)
+    return _spec(dims)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

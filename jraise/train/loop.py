@@ -321,13 +321,14 @@ _STEPS = CompiledCache(8)
 
 def step_functions(graphdef, opt_args: dict, dtypes) -> tuple:
     """(tx, train_step, eval_step) for this model structure and optimizer (``opt_args``: the
-    keyword arguments of `make_optimizer`), built once and reused by later calls."""
+    keyword arguments of `make_optimizer`) on the active mesh, built once and reused by later calls."""
+    mesh = parallel.active_mesh()
 
     def build():
         tx, _ = make_optimizer(**opt_args)
-        return tx, make_train_step(graphdef, tx, dtypes), make_eval_step(graphdef, dtypes)
+        return tx, make_train_step(graphdef, tx, dtypes, mesh=mesh), make_eval_step(graphdef, dtypes)
 
-    return _STEPS.get((graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes)), build)
+    return _STEPS.get((graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes), mesh), build)
 
 
 def place_state(trainable, opt_state, frozen):

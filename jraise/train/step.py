@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jraise import parallel
+
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "example_mask")  # what the model step reads
 
@@ -240,7 +242,7 @@ def accumulated_grads(graphdef, dtypes, trainable, frozen, batch, key=None):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, dtypes: Pytree | None = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, mesh=None) -> Callable:
     """A jitted ``step(trainable, opt_state, frozen, batch, key=None) -> (trainable, opt_state, metrics)``.
 
     ``batch`` arrays are [A, B, L] (A >= 1 micro-batches; ``index`` and other extra keys are
@@ -248,12 +250,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, dt
     trainable state is cast to it for the forward pass. ``key`` reseeds dropout (None: no reseed).
     The trainable and optimizer buffers are donated: callers must use the returned ones.
     Metrics: loss (mean response NLL), grad_norm (before clipping), response_tokens, tokens.
+    ``mesh`` (a `jraise.parallel` mesh): the new state is pinned to the parameter shardings.
     """
 
     def step(trainable, opt_state, frozen, batch, key=None):
         grads, loss, resp, tokens = accumulated_grads(graphdef, dtypes, trainable, frozen, batch, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = parallel.constrain_params((trainable, opt_state), mesh)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "response_tokens": resp,
                    "tokens": tokens}
         return trainable, opt_state, metrics

@@ -23,6 +23,8 @@ from jraise.model import init_model, load_model
 from jraise.model.hf import save_model
 from jraise.select.rl.episode import EpisodeConfig, make_episode
 from jraise.train import TrainConfig, train
+from jraise.train.loop import optimizer_args, step_functions
+from jraise.train.step import param_dtypes, split_trainable
 
 work = Path(sys.argv[1])
 specs = ["none", *sys.argv[2:]]
@@ -30,7 +32,7 @@ features = feature_setup(work / "features")
 data = testbed(work / "episode", n_train=24, categories=["first", "upper", "add"])
 episode = episode_inputs(data)
 config = TrainConfig(lr=3e-3, epochs=1, batch_size=16, accum=2, n_buckets=2, max_steps=3)
-results, shard_shapes = {}, {}
+results, shard_shapes, compiles = {}, {}, {}
 save_model(init_model(features["config"], seed=7), features["config"], work / "hf-model")
 
 
@@ -48,6 +50,9 @@ for spec in specs:
         model = init_model(features["config"], seed=0)
         run = train(model, features["pool"], config, tempfile.mkdtemp(dir=work), export=False)
         put(f"{spec}/train", trained_params(model))
+        graphdef, _, _ = split_trainable(model)
+        _, step_fn, _ = step_functions(graphdef, optimizer_args(config, run.steps), param_dtypes(model))
+        compiles[spec] = step_fn._cache_size()  # one program per bucket shape used, none per step
         put(f"{spec}/loss", np.array([json.loads(line)["loss"] for line in run.metrics_path.read_text().splitlines()]))
         put(f"{spec}/features", compute_features(features["graphdef"], features["trainable"], features["frozen"],
                                                  features["pool"], np.arange(len(features["pool"])), FEATURES, "sft",
@@ -63,4 +68,5 @@ for spec in specs:
         put(f"{spec}/episode/train_losses", parallel.to_host(losses))
 
 np.savez(work / "results.npz", **results)
-(work / "info.json").write_text(json.dumps({"devices": jax.device_count(), "specs": specs, "shard_shapes": shard_shapes}))
+(work / "info.json").write_text(json.dumps({"devices": jax.device_count(), "specs": specs, "shard_shapes": shard_shapes,
+                                                "compiles": compiles}))

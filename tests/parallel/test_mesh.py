@@ -28,7 +28,7 @@ def results(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     info = json.loads((work / "info.json").read_text())
     assert info["devices"] == 8
-    return {**np.load(work / "results.npz"), "shard_shapes": info["shard_shapes"]}
+    return {**np.load(work / "results.npz"), "shard_shapes": info["shard_shapes"], "compiles": info["compiles"]}
 
 
 def _pairs(results, mesh, what):
@@ -52,6 +52,12 @@ def test_training_steps_match_one_device(results, mesh):
         # one step's change (lr 3e-3).
         assert one.shape == sharded.shape, key
         assert _rel(one, sharded) < 1e-3, (key, _rel(one, sharded))
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_training_compiles_its_step_once_per_shape(results, mesh):
+    # The step's outputs come back in its inputs' shardings, so step 2 reuses step 1's program.
+    assert results["compiles"][mesh] == results["compiles"]["none"] <= 2  # 2 length buckets
 
 
 @pytest.mark.parametrize("mesh", MESHES)

@@ -45,15 +45,15 @@ def test_make_mesh_on_this_process_devices():
 
 
 @pytest.mark.parametrize("sizes, shape, spec", [
-    ((1, 4, 1), (64, 32), PartitionSpec("fsdp", None)),       # FSDP: the largest divisible dimension
+    ((1, 4, 1), (64, 32), PartitionSpec("fsdp")),             # FSDP: the largest divisible dimension
     ((1, 4, 1), (30, 32), PartitionSpec(None, "fsdp")),       # 30 does not divide: the other one
-    ((1, 4, 1), (30, 6), PartitionSpec(None, None)),          # nothing divides: replicated
-    ((1, 4, 1), (64,), PartitionSpec(None)),                  # vectors (norms, biases): replicated
+    ((1, 4, 1), (30, 6), PartitionSpec()),                    # nothing divides: replicated
+    ((1, 4, 1), (64,), PartitionSpec()),                      # vectors (norms, biases): replicated
     ((1, 1, 2), (64, 32), PartitionSpec(None, "tensor")),     # tensor: the output dimension
     ((1, 2, 2), (64, 32), PartitionSpec("fsdp", "tensor")),
-    ((1, 2, 2), (64, 31), PartitionSpec("fsdp", None)),       # output not divisible: FSDP only
-    ((8, 1, 1), (64, 32), PartitionSpec(None, None)),         # pure data parallel: weights replicated
-    ((1, 4, 1), (2, 8, 8), PartitionSpec(None, "fsdp", None)),  # ties: the first largest dimension
+    ((1, 2, 2), (64, 31), PartitionSpec("fsdp")),             # output not divisible: FSDP only
+    ((8, 1, 1), (64, 32), PartitionSpec()),                   # pure data parallel: weights replicated
+    ((1, 4, 1), (2, 8, 8), PartitionSpec(None, "fsdp")),      # ties: the first largest dimension
 ])
 def test_param_spec_rules(sizes, shape, spec):
     assert param_spec(shape, AbstractMesh(sizes, AXES)) == spec
