@@ -171,19 +171,24 @@ def replay(actor, critic, static: jax.Array, layout: ClusterLayout, rollout: Rol
     the stored picks [T, C], first-pick entropy [T, C] and state value [T] (the value of the state
     the step's decision was taken in). States are rebuilt from the counts, never stored."""
 
-    def body(counts, xs):
-        picked, indices, stage = xs
+    steps = rollout.indices.shape[0]
+
+    def body(_, xs):
+        t, picked, stage = xs
+        # The counts before step t, rebuilt from the O(T x B) picks of the earlier steps rather
+        # than carried: a carried [N] vector would be saved at every step for the backward pass.
+        earlier = jnp.where(jnp.arange(steps)[:, None] < t, rollout.indices, -1)
+        counts = add_selections(jnp.zeros((static.shape[0],), jnp.float32), earlier.reshape(-1))
         state = fused_state(static, counts, stage)
         scores = layout.gather(actor(state))
         logp = plackett_luce_logp(scores, layout.valid, picked, tau)
         entropy = pl_first_pick_entropy(scores, layout.valid, tau)
         value = critic(state)
-        counts = add_selections(counts, indices)
-        return counts, (logp, entropy, value)
+        return None, (logp, entropy, value)
 
-    counts0 = jnp.zeros((static.shape[0],), jnp.float32)
-    # Rematerialised: differentiating the scan then keeps only each step's carry (the counts, N
-    # numbers) instead of the actor's [N, hidden] activations of every step.
-    _, (logp, entropy, values) = jax.lax.scan(jax.checkpoint(body), counts0,
-                                              (rollout.picked, rollout.indices, rollout.stages))
+    # Rematerialised, with no carry: differentiating the scan keeps only each step's O(B) inputs,
+    # not the actor's [N, hidden] activations (nor an [N] carry) of every step, so the update's
+    # memory does not grow with T x N.
+    _, (logp, entropy, values) = jax.lax.scan(jax.checkpoint(body), None,
+                                              (jnp.arange(steps), rollout.picked, rollout.stages))
     return logp, entropy, values
