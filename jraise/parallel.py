@@ -174,11 +174,6 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     return _spec(dims)
 
 
-def param_shardings(tree: Pytree, mesh: Mesh) -> Pytree:
-    """A `NamedSharding` per leaf of ``tree`` (arrays or ShapeDtypeStructs), by `param_spec`."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), mesh)), tree)
-
-
 def constrain_params(tree: Pytree, mesh: Mesh | None) -> Pytree:
     """Inside a jitted function: pins each leaf to its parameter sharding (no-op without a mesh).
     A train step's outputs then keep their inputs' placement; left to itself XLA may, e.g., shard
@@ -223,17 +218,11 @@ def _global_array(x, sharding: NamedSharding) -> jax.Array:
 
 def shard_params(tree: Pytree, mesh: Mesh | None = None) -> Pytree:
     """``tree`` (weights, Adam state, ...) placed by the parameter rules; unchanged without a mesh.
-    Typed PRNG keys (dropout streams) are replicated."""
+    Typed PRNG keys (dropout streams) are replicated (by `_global_array`)."""
     mesh = mesh or active_mesh()
     if mesh is None:
         return tree
-
-    def put(x):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return _global_array(x, replicated(mesh))
-        return _global_array(x, NamedSharding(mesh, param_spec(tuple(np.shape(x)), mesh)))
-
-    return jax.tree.map(put, tree)
+    return jax.tree.map(lambda x: _global_array(x, NamedSharding(mesh, param_spec(tuple(np.shape(x)), mesh))), tree)
 
 
 def shard_replicated(tree: Pytree, mesh: Mesh | None = None) -> Pytree:
@@ -296,11 +285,6 @@ def to_host(x) -> np.ndarray:
 
 def tree_to_host(tree: Pytree) -> Pytree:
     return jax.tree.map(to_host, tree)
-
-
-def sharding_of(tree: Pytree) -> Pytree:
-    """The sharding of each leaf (to pin a jitted function's outputs to its inputs' placement)."""
-    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 # ----------------------------------------------------------------------------------------------

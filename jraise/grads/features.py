@@ -146,6 +146,15 @@ def _reference_logprobs(batch: dict, logprob_fn, reference, frozen, mesh=None) -
     return parallel.shard_batch(out, mesh, what="reference log-probabilities")
 
 
+def _placed_inputs(trainable, frozen, reference, moments, mesh):
+    """(trainable, frozen, reference, moments) as the feature program reads them on ``mesh``:
+    weights by the parameter rules (FSDP at rest), Adam moments replicated (they enter the
+    per-device program whole). Placing already-placed inputs costs nothing, so `feature_store`
+    places once and each `compute_features` call finds them in place."""
+    trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
+    return trainable, frozen, reference, parallel.shard_replicated(moments, mesh)
+
+
 def compute_features(graphdef, trainable, frozen, pool: InstructionPool | PreferencePool, rows: np.ndarray,
                      config: FeatureConfig, loss: str = "sft", moments: tuple | None = None,
                      reference: Pytree | None = None, dtypes=None) -> np.ndarray:
@@ -167,9 +176,9 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     if loss == "dpo":
         logprob_fn = _PROGRAMS.get((graphdef, "logprob", dtypes_key(dtypes)),
                                    lambda: make_sequence_logprob_fn(graphdef, dtypes))
-    extra = (*moments, config.projection.key()) if moments is not None else config.projection.key()
-    trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
-    extra = parallel.shard_replicated(extra, mesh)
+    trainable, frozen, reference, moments = _placed_inputs(trainable, frozen, reference, moments, mesh)
+    key = parallel.shard_replicated(config.projection.key(), mesh)
+    extra = (*moments, key) if moments is not None else key
     buckets = length_buckets(pool.lengths, config.n_buckets)
     rows = np.asarray(rows, dtype=np.int64)
     position = {int(r): k for k, r in enumerate(rows)}
@@ -200,19 +209,19 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
     # process 0 writes. Process 0 creates the store first; all read the list of missing shards
     # before any is written, so they run the same sequence of programs.
     writer = parallel.is_writer()
-    if writer:
-        store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
-                                            identity=full_identity, shard_rows=config.shard_rows)
+
+    def open_store() -> FeatureStore:
+        return FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
+                                           identity=full_identity, shard_rows=config.shard_rows)
+
+    store = open_store() if writer else None
     parallel.barrier("jraise-feature-store-created")
-    if not writer:
-        store = FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
-                                            identity=full_identity, shard_rows=config.shard_rows)
+    if store is None:
+        store = open_store()
     missing = store.missing_shards()
     parallel.barrier("jraise-feature-store-planned")
-    mesh = parallel.active_mesh()
-    trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
-    if moments is not None:
-        moments = parallel.shard_params(moments, mesh)
+    trainable, frozen, reference, moments = _placed_inputs(trainable, frozen, reference, moments,
+                                                           parallel.active_mesh())
 
     def compute(start: int, stop: int) -> np.ndarray:
         return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
