@@ -280,13 +280,15 @@ def mixture_cmd(
     quality_field: Optional[str] = typer.Option(None, help="Numeric field of candidates: added best-first."),
     min_per_category: int = typer.Option(5), seed: int = typer.Option(0),
     categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
+    max_change: Optional[int] = typer.Option(
+        None, help="Cap on any one category's change |n_k - n0_k| (default: none)"),
 ):
     """EE-CPO: re-mix the categories by linear programming over Gamma (budget exact, no duplicates)."""
     from jraise.select.beyond_iid import mixture_job
 
     meta = mixture_job(pool, gamma, out, budget=budget, edit_fraction=edit, candidates_file=candidates,
                        min_per_category=min_per_category, quality_field=quality_field, seed=seed,
-                       categories_file=categories)
+                       categories_file=categories, max_change=max_change)
     typer.echo(json.dumps({k: meta[k] for k in ("counts_before", "counts_after", "edits", "objective_before",
                                                  "objective_after")}, indent=2))
 
@@ -377,6 +379,9 @@ def interactions_cmd(
     lora_rank: int = typer.Option(0, help="LoRA rank; 0: full fine-tuning."),
     self_effect_floor: Optional[float] = typer.Option(
         None, help="Clip a category's own effect up to this (default: a non-positive own effect is an error)."),
+    relative_self_effect_floor: Optional[float] = typer.Option(
+        None, help="Floor every own effect at this fraction of the median positive own effect (damps rows of "
+                   "nearly learned categories)"),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
 ):
     """Beyond IID: N+1 fine-tunes (baseline + one per category changed by Delta) -> Gamma[target, source]."""
@@ -392,7 +397,8 @@ def interactions_cmd(
         add_lora(net, LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), seed=seed)
     config = InterventionConfig(base_fraction=base_fraction, delta_fraction=delta_fraction, steps=steps,
                                 batch_size=batch_size, lr=lr, metric=metric, seed=seed,
-                                self_effect_floor=self_effect_floor)
+                                self_effect_floor=self_effect_floor,
+                                relative_self_effect_floor=relative_self_effect_floor)
     result = measure_interactions(net, load_pool(pool, tok, max_len=max_len), load_pool(eval_data, tok, max_len=max_len),
                                   config, out_dir=out, mode=mode, tokenizer=tok)
     typer.echo(json.dumps({"out": str(out), "categories": list(result["names"]),

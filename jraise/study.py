@@ -11,10 +11,13 @@ Protocol (one seed):
 2. **Pool.** A fresh testbed (seed-dependent, ``noise`` planted) whose few-shot validation files
    are cut down to the ``targets`` categories: the target task a selector is told about.
 3. **Selection at one budget.** Static selectors (random, longest, perplexity, IFD, RDS, LESS,
-   ROSE) pick ``fraction`` of the pool; the base model is then fine-tuned on the picked records for
-   exactly ``steps`` updates of ``batch_size`` (reshuffled every pass). Full data trains on the
-   whole pool for the same ``steps``. Dynamic selectors (SSPL, RAISE) choose every batch
-   themselves for the same ``steps`` updates: the RAISE paper's equal-steps protocol.
+   ROSE, and EE-CPO's re-mix of a random ``fraction``) pick ``fraction`` of the pool; the base
+   model is then fine-tuned on the picked records for exactly ``steps`` updates of ``batch_size``
+   (reshuffled every pass). Full data trains on the whole pool for the same ``steps``. Dynamic
+   selectors (SSPL, RAISE) choose every batch themselves for the same ``steps`` updates: the RAISE
+   paper's equal-steps protocol; so does DT-CSFT, whose curriculum shows ``steps x batch_size / 3``
+   records three times each. EE-CPO and DT-CSFT first measure the interaction matrix Gamma (see
+   `jraise.study_beyond_iid`).
 4. **Columns.** Test exact match on the target categories and on all categories, the target
    categories' test response loss per token (finer-grained than exact match); the share of
    selected records (dynamic: of all records trained on) that are noisy and that are targets
@@ -41,9 +44,10 @@ import numpy as np
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
 from jraise.train.loop import append_jsonl
 
-STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose")
+STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo")
 DYNAMIC_METHODS = ("sspl", "raise")
-ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "sspl", "raise")
+ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo", "dt_csft", "sspl",
+               "raise")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,14 @@ class StudyConfig:
     raise_steps: int = 30
     raise_clusters: int = 4
     sspl_refresh_every: int = 30
+    # EE-CPO / DT-CSFT (`jraise.study_beyond_iid`): Gamma from N+1 runs of `gamma_steps` on D0 = `fraction`
+    # of the pool with Delta_k = +`gamma_delta` n0_k; EE-CPO moves up to `ee_cpo_edit` of D0, at most
+    # `ee_cpo_max_change` of that edit budget per category.
+    gamma_steps: int = 120
+    gamma_delta: float = 0.5
+    gamma_relative_floor: float = 0.25
+    ee_cpo_edit: float = 0.25
+    ee_cpo_max_change: float | None = 0.34
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -91,8 +103,9 @@ class StudyConfig:
 
 
 def demo_config(**overrides) -> StudyConfig:
-    """The study as `jraise demo` runs it: one seed (under 10 CPU minutes); the benchmark runs three."""
-    return StudyConfig(**{"seeds": (0,), **overrides})
+    """The study as `jraise demo` runs it: one seed and a shorter Gamma measurement (under 10 CPU
+    minutes in all); the benchmark runs three seeds at full size."""
+    return StudyConfig(**{"seeds": (0,), "gamma_steps": 40, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +251,35 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
     return load_model(final)[0], indices, seconds
 
 
+def _beyond_iid_run(method: str, base_dir: Path, pool, paths: dict, config: StudyConfig, seed: int, work: Path,
+                    run_dir: Path):
+    """(fine-tuned model, every pool index trained on, selection seconds) of EE-CPO or DT-CSFT:
+    Gamma measured once per seed (its seconds count for both), then the re-mix or the order."""
+    from jraise.select.intervention import pool_categories
+    from jraise.study_beyond_iid import dt_csft_order, ee_cpo_subset, seed_gamma
+
+    measured = seed_gamma(base_dir, pool, paths, config, seed, work)
+    t0 = time.perf_counter()
+    categories = list(pool_categories(pool))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if method == "ee_cpo":
+        keys = [json.dumps({k: v for k, v in r.items() if k not in ("id", "meta")}, sort_keys=True)
+                for r in pool.records]
+        indices, plan = ee_cpo_subset(measured, categories, config, seed, keys)
+        atomic_write_text(run_dir / "plan.json", json.dumps(plan, indent=1) + "\n")
+        np.save(run_dir / "indices.npy", indices)
+        order = _epoch_orders(indices, config.steps, config.batch_size, seed)
+        trained_on = indices
+    else:
+        order, tiers = dt_csft_order(measured, categories, config, seed)
+        atomic_write_text(run_dir / "tiers.json", json.dumps(tiers, indent=1) + "\n")
+        np.save(run_dir / "order.npy", order)
+        trained_on = order
+        order = [order]
+    select_s = measured["seconds"] + time.perf_counter() - t0
+    return _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune"), trained_on, select_s
+
+
 # ----------------------------------------------------------------------------------------------
 # The study
 
@@ -273,6 +315,8 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
     t0 = time.perf_counter()
     if method in DYNAMIC_METHODS:
         model, trained_on, select_s = _dynamic_run(method, base_dir, paths, config, seed, run_dir)
+    elif method in ("ee_cpo", "dt_csft"):
+        model, trained_on, select_s = _beyond_iid_run(method, base_dir, pool, paths, config, seed, work, run_dir)
     else:
         if method == "full":
             indices, order, select_s = np.arange(len(pool)), None, 0.0

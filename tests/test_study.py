@@ -68,3 +68,49 @@ def test_demo_prints_table_and_verdict_and_writes_chart(tmp_path):
     assert "| random |" in text and "| sspl |" in text and "Verdict:" in text
     assert (tmp_path / "study.png").stat().st_size > 1000
     assert {e["method"] for e in out["summary"]} == {"random", "sspl"}
+
+
+def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_path):
+    from jraise.select.curriculum import dependency_taxonomy
+
+    config = StudyConfig(methods=("ee_cpo", "dt_csft"), **{**TINY, "fraction": 0.5, "gamma_steps": 3})
+    result = run_study(tmp_path, config, echo=lambda *_: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    measured = json.loads((tmp_path / "seed0" / "gamma" / "study_gamma.json").read_text())
+    # One Gamma measurement per seed, counted in both rows' selection time.
+    assert rows["ee_cpo"]["select_seconds"] >= measured["seconds"]
+    assert rows["dt_csft"]["select_seconds"] >= measured["seconds"]
+    pool = [json.loads(line) for line in open(tmp_path / "seed0" / "testbed" / "pool.jsonl")]
+    names = measured["names"]
+    assert sorted(names) == sorted({r["category"] for r in pool})
+    gamma = np.array(measured["gamma"])
+    assert gamma.shape == (len(names), len(names)) and np.allclose(np.diag(gamma), 1.0)
+
+    # EE-CPO: |D0| records, counts as planned, at most max_change moved per category, value of a
+    # source = mean of the target rows of Gamma, and no move from a more to a less valuable category.
+    plan = json.loads((tmp_path / "seed0" / "ee_cpo" / "plan.json").read_text())
+    d0 = measured["base_indices"]
+    assert len(d0) == round(0.5 * len(pool)) and sum(plan["counts_after"].values()) == len(d0)
+    rows_of_targets = [names.index(t) for t in config.targets]
+    value = dict(zip(names, gamma[rows_of_targets].mean(axis=0)))
+    assert plan["coefficients"] == pytest.approx(value)
+    change = {n: plan["counts_after"][n] - plan["counts_before"][n] for n in names}
+    assert plan["edits"] > 0 and max(abs(c) for c in change.values()) <= plan["max_change"]
+    grown = [n for n in names if change[n] > 0]
+    shrunk = [n for n in names if change[n] < 0]
+    assert min(value[n] for n in grown) >= max(value[n] for n in shrunk) - 1e-9
+    picked = [pool[i]["category"] for i in np.load(tmp_path / "seed0" / "ee_cpo" / "indices.npy")]
+    assert {n: picked.count(n) for n in names} == {n: plan["counts_after"][n] for n in names}
+
+    # DT-CSFT: steps x batch // 3 records, each exactly three times, tiers from the same Gamma.
+    tiers = json.loads((tmp_path / "seed0" / "dt_csft" / "tiers.json").read_text())
+    assert tiers == dependency_taxonomy(gamma, names).tiers
+    order = np.load(tmp_path / "seed0" / "dt_csft" / "order.npy")
+    n = config.steps * config.batch_size // 3
+    assert len(order) == 3 * n and set(np.unique(order, return_counts=True)[1]) == {3}
+    for row in rows.values():
+        assert 0 <= row["target_em"] <= 1 and np.isfinite(row["target_loss"])
+    # A rerun reads both rows and the Gamma back.
+    stamp = (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns
+    run_study(tmp_path, config, echo=lambda *_: None)
+    assert (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns == stamp

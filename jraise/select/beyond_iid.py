@@ -84,8 +84,9 @@ def _gamma_for(names_in_data: list[str], gamma_path: str | os.PathLike) -> tuple
 
 def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_fraction: float = 0.03,
                 candidates_file=None, min_per_category: int = 5, quality_field: str | None = None,
-                seed: int = 0, categories_file=None) -> dict:
-    """EE-CPO on a pool file; writes the re-mixed set and its metadata. Returns the metadata."""
+                seed: int = 0, categories_file=None, max_change: int | None = None) -> dict:
+    """EE-CPO on a pool file; writes the re-mixed set and its metadata. Returns the metadata.
+    ``max_change`` caps any one category's change ``|n_k - n0_k|`` (None: no cap; see `ee_cpo_plan`)."""
     pool = read_categorised(pool_file, categories_file)
     cand = read_categorised(candidates_file, categories_file) if candidates_file is not None else None
     names, gamma = _gamma_for(sorted(set(pool.categories) | set(cand.categories if cand else [])), gamma_file)
@@ -94,7 +95,7 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
     extra = (np.bincount([index[c] for c in cand.categories], minlength=len(names)) if cand is not None
              else np.zeros(len(names), np.int64))
     plan = ee_cpo_plan(gamma, n0, budget=budget, edit_fraction=edit_fraction, min_per_category=min_per_category,
-                       available_extra=extra)
+                       available_extra=extra, max_change=max_change)
     quality = None
     if cand is not None and quality_field is not None:
         missing = [i for i, r in enumerate(cand.records) if not isinstance(r.get(quality_field), (int, float))]
@@ -112,7 +113,7 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
     meta = {
         "method": "ee_cpo", "pool": str(pool_file), "gamma": str(gamma_file),
         "candidates": str(candidates_file) if candidates_file else None, "seed": seed,
-        "edit_fraction": edit_fraction, "min_per_category": min_per_category,
+        "edit_fraction": edit_fraction, "min_per_category": min_per_category, "max_change": plan.max_change,
         "categories": names,
         "counts_before": dict(zip(names, plan.counts_before.tolist())),
         "counts_after": dict(zip(names, plan.counts_after.tolist())),

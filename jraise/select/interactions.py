@@ -56,6 +56,7 @@ def interaction_matrix(
     *,
     names: Sequence[str] | None = None,
     self_effect_floor: float | None = None,
+    relative_self_effect_floor: float | None = None,
     atol: float = 1e-12,
 ) -> np.ndarray:
     """Effect-equivalence matrix ``Gamma[target, source]`` from N+1 intervention runs.
@@ -76,7 +77,15 @@ def interaction_matrix(
         ``None`` (default): raise ``ValueError`` naming the category, because a row of Gamma
         cannot be expressed in "equivalent own-category instructions" when adding own data does
         not help (``e_jj ~ 0`` divides by zero; ``e_jj < 0`` would flip every sign of the row).
-        A positive float: clip, i.e. divide row j by ``max(e_jj, self_effect_floor)``.
+        A positive float: clip, i.e. divide every row j by ``max(e_jj, self_effect_floor)``.
+      relative_self_effect_floor: ``r`` in (0, 1] or ``None`` (default, off). Floor every own
+        effect at ``r * median(e_kk over the categories with e_kk > atol)``: row j is divided by
+        ``max(e_jj, floor)``, always (also when every own effect is positive). On small runs a
+        nearly learned category has a tiny positive own effect, and dividing its row by it
+        magnifies that row's noise (a row that then dominates the EE-CPO LP). With both floors
+        given the effective floor is ``max(self_effect_floor, r * median)``. A non-positive own
+        effect is clipped to the floor (no error); when no own effect is positive and
+        ``self_effect_floor`` is not given, ``ValueError``.
       atol: ``e_jj <= atol`` counts as "not positive".
 
     Returns:
@@ -107,26 +116,48 @@ def interaction_matrix(
         )
     if self_effect_floor is not None and not self_effect_floor > 0:
         raise ValueError(f"self_effect_floor must be > 0, got {self_effect_floor}")
+    r = relative_self_effect_floor
+    if r is not None and (
+        isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)) or not 0 < r <= 1
+    ):
+        raise ValueError(f"relative_self_effect_floor must be in (0, 1], got {r!r}")
 
     sign = 1.0 if higher_is_better else -1.0
     # effect[i, j] = e_ij: source i (row of the intervention table), target j.
     effect = sign * (inter - base[None, :]) / delta[:, None]
     self_effect = np.diag(effect).copy()
+    if r is not None:
+        self_effect = np.maximum(self_effect, _relative_floor(self_effect, r, self_effect_floor, atol))
+    if self_effect_floor is not None:
+        self_effect = np.maximum(self_effect, self_effect_floor)
     bad = np.flatnonzero(self_effect <= atol)
     if bad.size:
-        if self_effect_floor is None:
-            j = int(bad[0])
-            raise ValueError(
-                f"cannot normalise Gamma row of category {_category_label(names, j)}: its own "
-                f"effect e_jj = {self_effect[j]:.3g} is not positive (adding category-j data did "
-                "not improve category j); pass self_effect_floor=<small positive> to clip"
-            )
-        self_effect = np.maximum(self_effect, self_effect_floor)
+        j = int(bad[0])
+        raise ValueError(
+            f"cannot normalise Gamma row of category {_category_label(names, j)}: its own "
+            f"effect e_jj = {self_effect[j]:.3g} is not positive (adding category-j data did "
+            "not improve category j); pass self_effect_floor=<small positive> to clip"
+        )
     # gamma[j, i] = effect[i, j] / e_jj  ->  transpose, then divide row j.
     gamma = effect.T / self_effect[:, None]
     # Unit diagonal by definition (it is e_jj / e_jj); set exactly to avoid rounding / clipping.
     np.fill_diagonal(gamma, 1.0)
     return gamma
+
+
+def _relative_floor(self_effect: np.ndarray, r: float, self_effect_floor: float | None, atol: float) -> float:
+    """``max(self_effect_floor, r * median(positive own effects))`` for `interaction_matrix`."""
+    positive = self_effect[self_effect > atol]
+    if positive.size == 0:
+        if self_effect_floor is None:
+            raise ValueError(
+                "relative_self_effect_floor needs at least one positive own effect e_jj, but none "
+                "is positive (adding a category's data improved no category); pass "
+                "self_effect_floor=<small positive> to clip to an absolute floor"
+            )
+        return float(self_effect_floor)
+    floor = float(r) * float(np.median(positive))
+    return floor if self_effect_floor is None else max(floor, float(self_effect_floor))
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,7 +159,9 @@ class InterventionConfig:
     Evaluation: ``metric`` "loss" (mean response-token NLL per category, lower is better) or
     "exact_match" (greedy-decoding accuracy per category); ``eval_batch_size`` rows per batch;
     ``self_effect_floor`` is passed to `interaction_matrix` (None: a category whose own effect is
-    not positive is an error).
+    not positive is an error); ``relative_self_effect_floor`` (None or a fraction in (0, 1]) too:
+    every own effect is floored at that fraction of the median positive own effect, which damps
+    the rows of nearly learned categories (tiny own effects magnify their rows' noise).
     """
 
     delta_fraction: float = 0.1
@@ -178,6 +180,7 @@ class InterventionConfig:
     n_buckets: int = 4
     eval_batch_size: int = 16
     self_effect_floor: float | None = None
+    relative_self_effect_floor: float | None = None
 
     def __post_init__(self):
         problems = []
@@ -216,6 +219,9 @@ class InterventionConfig:
         if self.self_effect_floor is not None and not (isinstance(self.self_effect_floor, (int, float))
                                                        and self.self_effect_floor > 0):
             problems.append(f"self_effect_floor must be > 0 or None, got {self.self_effect_floor!r}")
+        rel = self.relative_self_effect_floor
+        if rel is not None and not (isinstance(rel, (int, float)) and not isinstance(rel, bool) and 0 < rel <= 1):
+            problems.append(f"relative_self_effect_floor must be in (0, 1] or None, got {rel!r}")
         if problems:
             raise ValueError("invalid InterventionConfig: " + "; ".join(problems))
 
@@ -713,9 +719,11 @@ def evaluate_runs(model: nnx.Module, stacked_trainable: Pytree, eval_pool: Instr
 
 
 def interaction_from_runs(perf: np.ndarray, deltas: Sequence[int], names: Sequence[str], metric: str = "loss",
-                          self_effect_floor: float | None = None) -> np.ndarray:
+                          self_effect_floor: float | None = None,
+                          relative_self_effect_floor: float | None = None) -> np.ndarray:
     """``Gamma[target, source]`` [N, N] from ``perf`` [N+1, N] (row 0: the baseline run D0, row
-    k+1: category k changed by ``deltas[k]``) via `interaction_matrix`; loss is lower-is-better."""
+    k+1: category k changed by ``deltas[k]``) via `interaction_matrix`; loss is lower-is-better.
+    ``self_effect_floor`` and ``relative_self_effect_floor`` are passed through."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     perf = np.asarray(perf, np.float64)
@@ -723,7 +731,8 @@ def interaction_from_runs(perf: np.ndarray, deltas: Sequence[int], names: Sequen
     if perf.shape != (n + 1, n):
         raise ValueError(f"perf must have shape (N+1, N) = ({n + 1}, {n}) for {n} categories, got {perf.shape}")
     return interaction_matrix(perf[0], perf[1:], np.asarray(deltas), higher_is_better=metric != "loss",
-                              names=list(names), self_effect_floor=self_effect_floor)
+                              names=list(names), self_effect_floor=self_effect_floor,
+                              relative_self_effect_floor=relative_self_effect_floor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -804,7 +813,8 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
         out.mkdir(parents=True, exist_ok=True)
         result["files"]["runs"] = atomic_write_text(out / RESULT_FILE, json.dumps(document(None), indent=1) + "\n")
     try:
-        gamma = interaction_from_runs(perf, deltas, names, config.metric, config.self_effect_floor)
+        gamma = interaction_from_runs(perf, deltas, names, config.metric, config.self_effect_floor,
+                                      relative_self_effect_floor=config.relative_self_effect_floor)
     except ValueError as err:
         if out is not None:
             atomic_write_text(out / RESULT_FILE, json.dumps(document(str(err)), indent=1) + "\n")

@@ -7,12 +7,17 @@ then moves a small share (3%) of the data. jraise solves the clean LP of the met
 
     maximise   c^T n,            c = Gamma^T alpha      (Gamma[target, source])
     subject to sum_k n_k = N
-               max(min_k, n0_k - T) <= n_k <= n0_k + min(T, extra_k)
+               max(min_k, n0_k - T, n0_k - M) <= n_k <= n0_k + min(T, extra_k, M)
                sum_k |n_k - n0_k| <= 2 T                (linearised with d_k >= |n_k - n0_k|)
 
-with HiGHS (``scipy.optimize.linprog(method="highs")``) and then its exact integer optimum with
-``scipy.optimize.milp`` (HiGHS branch and bound), so the budget, the bounds and the edit bound hold
-exactly for the integer counts. :func:`realise_subset` turns the counts into concrete indices.
+where M = ``max_change`` is an optional per-category cap, |n_k - n0_k| <= M (default: none, i.e.
+M = inf). The objective is linear, so without a cap the LP moves the whole edit budget into the
+category with the largest coefficient c_k, and one noisy row of Gamma decides everything; a cap
+spreads the edits over several categories.
+
+The LP is solved with HiGHS (``scipy.optimize.linprog(method="highs")``) and then its exact
+integer optimum with ``scipy.optimize.milp`` (HiGHS branch and bound), so the budget, the bounds,
+the cap and the edit bound hold exactly for the integer counts. :func:`realise_subset` turns the counts into concrete indices.
 
 Numpy in / numpy out; no JAX needed (28 variables).
 """
@@ -48,6 +53,7 @@ class MixturePlan:
       budget: N = ``counts_after.sum()``.
       edit_budget: T (integer); ``sum |n - n0| <= 2 T``.
       edits: ``sum |counts_after - counts_before|``.
+      max_change: per-category cap M used (``|n_k - n0_k| <= M``), or None for no cap.
       objective_before / objective_after: ``c^T n0`` and ``c^T n``.
       lp_objective: optimum of the continuous LP (an upper bound on ``objective_after``).
       lp_counts: ``(C,)`` float continuous LP solution.
@@ -67,6 +73,7 @@ class MixturePlan:
     lp_counts: np.ndarray
     lp_status: str
     milp_status: str
+    max_change: int | None = None
 
 
 def edit_budget(budget: int, edit_fraction: float) -> int:
@@ -96,31 +103,75 @@ def _as_counts(x, name: str, c: int | None = None) -> np.ndarray:
     return a
 
 
+def _check_max_change(max_change) -> int | None:
+    if max_change is None:
+        return None
+    if isinstance(max_change, bool) or not isinstance(max_change, (int, np.integer)) or max_change < 0:
+        raise ValueError(f"max_change must be a non-negative int or None, got {max_change!r}")
+    return int(max_change)
+
+
 def count_bounds(
     current_counts: np.ndarray,
     t: int,
     min_per_category: int = 5,
     available_extra: np.ndarray | None = None,
+    *,
+    max_change: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-category integer bounds ``lo <= n <= hi`` of the EE-CPO LP.
 
     ``lo_k = max(min(min_per_category, n0_k), n0_k - T)``: deletions never take a category below
     the minimum, but a category that already holds fewer than the minimum is not forced to grow
     (the released script only protects categories from deletion). ``hi_k = n0_k + min(T,
-    extra_k)`` with ``extra_k = inf`` when no pool size is given.
+    extra_k)`` with ``extra_k = inf`` when no pool size is given. With ``max_change`` M (a
+    non-negative int; None = no cap) additionally ``lo_k >= n0_k - M`` and ``hi_k <= n0_k + M``.
     """
+    cap = _check_max_change(max_change)
     n0 = np.asarray(current_counts, dtype=np.int64)
     lo = np.maximum(np.minimum(min_per_category, n0), n0 - t)
     if available_extra is None:
         hi = n0 + t
     else:
         hi = n0 + np.minimum(t, np.asarray(available_extra, dtype=np.int64))
+    if cap is not None:
+        lo = np.maximum(lo, n0 - cap)
+        hi = np.minimum(hi, n0 + cap)
     return lo.astype(np.int64), hi.astype(np.int64)
 
 
-def _check_feasible(n0: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, t: int) -> None:
+def _smallest_cap(room: np.ndarray, need: int) -> int:
+    """Smallest M with ``sum_k min(room_k, M) >= need`` (the caller ensures one exists)."""
+    for m in range(int(room.max(initial=0)) + 1):
+        if int(np.minimum(room, m).sum()) >= need:
+            return m
+    return int(room.max(initial=0))
+
+
+def _infeasible_hint(default: str, max_change: int | None, room: np.ndarray, need: int) -> str:
+    """The advice of an infeasible-bounds error; ``room`` = per-category room without the cap."""
+    if max_change is None:
+        return default
+    if int(room.sum()) >= need:  # feasible without the cap: the cap is what makes it infeasible
+        return (
+            f"max_change = {max_change} makes it infeasible, the other bounds allow it; raise "
+            f"max_change to at least {_smallest_cap(room, need)} or drop it"
+        )
+    return f"{default}; max_change = {max_change} also limits every category"
+
+
+def _check_feasible(
+    n0: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    n: int,
+    t: int,
+    max_change: int | None = None,
+    free_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
     # n0 always lies inside [lo, hi], so these three conditions are necessary and sufficient:
     # any budget between sum(lo) and sum(hi) is reachable with exactly |N - N0| edits.
+    # free_bounds: the bounds without the max_change cap (to tell whether the cap is the cause).
     n_cur = int(n0.sum())
     if abs(n - n_cur) > 2 * t:
         raise ValueError(
@@ -128,17 +179,24 @@ def _check_feasible(n0: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, t: i
             f"{abs(n - n_cur)} > 2T = {2 * t} (constraint sum_k |n_k - n0_k| <= 2T; raise "
             "edit_fraction)"
         )
+    lo_free, hi_free = (lo, hi) if free_bounds is None else free_bounds
+    lo_cap, hi_cap = ("", "") if max_change is None else (", n0_k - max_change", ", max_change")
     if n < int(lo.sum()):
+        hint = _infeasible_hint(
+            "raise the budget or the edit_fraction, or lower min_per_category",
+            max_change, n0 - lo_free, n_cur - n,
+        )
         raise ValueError(
             f"EE-CPO infeasible: budget {n} is below the sum of lower bounds {int(lo.sum())} "
-            "(constraint n_k >= max(min_per_category, n0_k - T); raise the budget or the "
-            "edit_fraction, or lower min_per_category)"
+            f"(constraint n_k >= max(min_per_category, n0_k - T{lo_cap}); {hint})"
         )
     if n > int(hi.sum()):
+        hint = _infeasible_hint(
+            "the candidate pool or the edit budget is too small", max_change, hi_free - n0, n - n_cur
+        )
         raise ValueError(
             f"EE-CPO infeasible: budget {n} exceeds the sum of upper bounds {int(hi.sum())} "
-            "(constraint n_k <= n0_k + min(T, available_extra_k); the candidate pool or the "
-            "edit budget is too small)"
+            f"(constraint n_k <= n0_k + min(T, available_extra_k{hi_cap}); {hint})"
         )
 
 
@@ -150,6 +208,8 @@ def ee_cpo_plan(
     min_per_category: int = 5,
     available_extra: np.ndarray | None = None,
     importance: np.ndarray | None = None,
+    *,
+    max_change: int | None = None,
 ) -> MixturePlan:
     """Solve EE-CPO (Beyond IID section 3) and return the full :class:`MixturePlan`.
 
@@ -157,14 +217,20 @@ def ee_cpo_plan(
     ``budget`` N (default ``n0.sum()``); ``edit_fraction`` (T = floor(fraction * N));
     ``min_per_category``; ``available_extra`` (C,) size of the extra pool per category (None =
     unlimited); ``importance`` alpha (C,) non-negative (default: baseline proportions n0 / N0),
-    normalised to sum 1.
+    normalised to sum 1; ``max_change`` M, a non-negative int capping every category's change,
+    ``|n_k - n0_k| <= M`` (default None: no cap). The objective is linear, so without a cap the
+    whole edit budget goes to the category with the largest coefficient (one noisy row of Gamma
+    decides everything); a cap spreads the edits. ``max_change=0`` returns n0 unchanged (when
+    the budget is the current total).
 
     Out: the plan, whose ``counts_after`` is an exact integer optimum of the LP restricted to
     integers. Among equally good integer optima the one with the fewest edits is returned (a
     second HiGHS solve), so ties never cause pointless moves.
 
-    Raises ``ValueError`` naming the violated constraint when the problem is infeasible.
+    Raises ``ValueError`` naming the violated constraint when the problem is infeasible (and
+    ``max_change`` when the cap is what makes it infeasible).
     """
+    cap = _check_max_change(max_change)
     g = np.asarray(gamma, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
@@ -198,8 +264,9 @@ def ee_cpo_plan(
     coef = g.T @ alpha  # c_i = sum_j alpha_j Gamma[j, i]: worth of one source-i instruction
 
     t = edit_budget(n, edit_fraction)
-    lo, hi = count_bounds(n0, t, min_per_category, extra)
-    _check_feasible(n0, lo, hi, n, t)
+    lo, hi = count_bounds(n0, t, min_per_category, extra, max_change=cap)
+    free = None if cap is None else count_bounds(n0, t, min_per_category, extra)
+    _check_feasible(n0, lo, hi, n, t, cap, free)
 
     # Optimise over the change u = n - n0 (magnitudes ~T instead of ~N: better conditioned).
     # Variables x = [u (C), d (C)] with d_k >= |u_k|.
@@ -270,6 +337,7 @@ def ee_cpo_plan(
         lp_counts=lp_counts,
         lp_status=str(lp.message),
         milp_status=milp_status,
+        max_change=cap,
     )
 
 
@@ -286,6 +354,8 @@ def ee_cpo_counts(
     min_per_category: int = 5,
     available_extra: np.ndarray | None = None,
     importance: np.ndarray | None = None,
+    *,
+    max_change: int | None = None,
 ) -> np.ndarray:
     """Optimal integer category counts ``(C,)`` int64; see :func:`ee_cpo_plan`."""
     return ee_cpo_plan(
@@ -296,6 +366,7 @@ def ee_cpo_counts(
         min_per_category=min_per_category,
         available_extra=available_extra,
         importance=importance,
+        max_change=max_change,
     ).counts_after
 
 

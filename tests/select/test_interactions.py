@@ -237,3 +237,98 @@ def test_load_shared_digitized_fixture():
     # A known hidden off-diagonal cell: row 'Concept Understanding', drawn column 9.
     assert m[9][9] is None
     assert g[9, names.index(raw["cols"][9])] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative self-effect floor
+# ---------------------------------------------------------------------------------------------
+
+# Four categories, accuracy-like; category 3 is nearly learned: its own effect is tiny but positive.
+BASE4 = np.array([0.50, 0.60, 0.70, 0.95])
+DELTAS4 = np.array([100.0, 50.0, 200.0, 10.0])
+INTER4 = np.array(
+    [
+        [0.60, 0.65, 0.68, 0.9510],  # +100 of cat 0
+        [0.55, 0.70, 0.70, 0.9490],  # +50 of cat 1
+        [0.52, 0.64, 0.90, 0.9520],  # +200 of cat 2
+        [0.51, 0.61, 0.71, 0.9501],  # +10 of cat 3: e_33 = 1e-5
+    ]
+)
+
+
+def _effects(base, inter, deltas):
+    return (inter - base[None, :]) / deltas[:, None]  # e[source, target]
+
+
+def test_relative_floor_divides_tiny_rows_by_r_times_median():
+    e = _effects(BASE4, INTER4, DELTAS4)
+    own = np.diag(e)  # 1e-3, 2e-3, 1e-3, 1e-5: all positive, median 1e-3
+    assert np.all(own > 0) and own[3] == pytest.approx(1e-5)
+    r = 0.25
+    floor = r * np.median(own)  # 2.5e-4
+    g = interaction_matrix(BASE4, INTER4, DELTAS4, relative_self_effect_floor=r)
+    want = e.T / np.maximum(own, floor)[:, None]
+    np.fill_diagonal(want, 1.0)
+    np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-12)
+    # Row 3 (nearly learned) is divided by the floor, not by its own effect 1e-5.
+    assert g[3, 0] == pytest.approx(e[0, 3] / 2.5e-4)
+    assert g[3, 2] == pytest.approx(e[2, 3] / 2.5e-4)
+    # The other rows are unchanged (their own effects are above the floor).
+    plain = interaction_matrix(BASE4, INTER4, DELTAS4)
+    np.testing.assert_allclose(g[:3], plain[:3], rtol=1e-12)
+    assert abs(plain[3, 0]) > 20 * abs(g[3, 0])  # the unfloored row is blown up
+    # r = 1: every own effect below the median is raised to it.
+    g1 = interaction_matrix(BASE4, INTER4, DELTAS4, relative_self_effect_floor=1.0)
+    want1 = e.T / np.maximum(own, np.median(own))[:, None]
+    np.fill_diagonal(want1, 1.0)
+    np.testing.assert_allclose(g1, want1, rtol=1e-9, atol=1e-12)
+
+
+def test_relative_floor_median_over_positive_own_effects_and_clips_non_positive():
+    inter = INTER4.copy()
+    inter[1, 1] = BASE4[1] - 0.01  # e_11 < 0: excluded from the median, clipped to the floor
+    e = _effects(BASE4, inter, DELTAS4)
+    own = np.diag(e)
+    positive = own[own > 1e-12]  # 1e-3, 1e-3, 1e-5
+    floor = 0.5 * np.median(positive)  # 5e-4
+    with pytest.raises(ValueError, match="not positive"):  # no floor: still an error
+        interaction_matrix(BASE4, inter, DELTAS4)
+    g = interaction_matrix(BASE4, inter, DELTAS4, relative_self_effect_floor=0.5)
+    want = e.T / np.maximum(own, floor)[:, None]
+    np.fill_diagonal(want, 1.0)
+    np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-12)
+    assert g[1, 0] == pytest.approx(e[0, 1] / 5e-4)  # negative e_11 clipped, row sign kept
+
+
+def test_relative_and_absolute_floor_take_the_max():
+    e = _effects(BASE4, INTER4, DELTAS4)
+    own = np.diag(e)
+    rel = 0.1 * np.median(own)  # 1e-4
+    for absolute, floor in ((1e-6, rel), (6e-4, 6e-4)):  # the larger of both floors wins
+        g = interaction_matrix(BASE4, INTER4, DELTAS4, self_effect_floor=absolute,
+                               relative_self_effect_floor=0.1)
+        want = e.T / np.maximum(own, floor)[:, None]
+        np.fill_diagonal(want, 1.0)
+        np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-12)
+    # The absolute floor alone applies to every own effect too (here all are positive).
+    want = e.T / np.maximum(own, 6e-4)[:, None]
+    np.fill_diagonal(want, 1.0)
+    np.testing.assert_allclose(interaction_matrix(BASE4, INTER4, DELTAS4, self_effect_floor=6e-4), want,
+                               rtol=1e-9, atol=1e-12)
+    assert not np.allclose(want, interaction_matrix(BASE4, INTER4, DELTAS4))
+
+
+def test_relative_floor_errors():
+    for bad in (0.0, -0.5, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="relative_self_effect_floor"):
+            interaction_matrix(BASE4, INTER4, DELTAS4, relative_self_effect_floor=bad)
+    # No own effect is positive: the relative floor has no reference.
+    flat = np.tile(BASE4, (4, 1)) - 0.01
+    with pytest.raises(ValueError, match="relative_self_effect_floor.*none is positive"):
+        interaction_matrix(BASE4, flat, DELTAS4, relative_self_effect_floor=0.5)
+    # ... unless an absolute floor is given too: then it alone is used.
+    g = interaction_matrix(BASE4, flat, DELTAS4, self_effect_floor=1e-3, relative_self_effect_floor=0.5)
+    e = _effects(BASE4, flat, DELTAS4)
+    want = e.T / 1e-3
+    np.fill_diagonal(want, 1.0)
+    np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-12)

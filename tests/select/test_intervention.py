@@ -337,3 +337,26 @@ def test_run_axis_sharded_over_devices_matches_sequential(tmp_path, devices):
         assert lines["SHARDED"] == "True" and lines["RUNS_PER_SHARD"] == "2"  # two runs per device
     else:
         assert lines["SHARDED"] == "False" and lines["RUNS_PER_SHARD"] == "4"  # replicated
+
+
+def test_relative_self_effect_floor_config_and_pass_through():
+    for bad in (0.0, 1.5, -1.0, True, "0.5"):
+        with pytest.raises(ValueError, match="relative_self_effect_floor"):
+            InterventionConfig(relative_self_effect_floor=bad)
+    config = InterventionConfig(relative_self_effect_floor=0.5)
+    assert config.to_dict()["relative_self_effect_floor"] == 0.5
+    assert InterventionConfig().relative_self_effect_floor is None
+    # Loss table; category c barely improves (own effect 1e-3, the others 0.05 and 0.075).
+    perf = np.array([[2.0, 3.0, 4.0],
+                     [1.9, 2.9, 3.99],
+                     [2.05, 2.7, 3.98],
+                     [1.99, 2.98, 3.999]])
+    deltas = np.array([2, 4, 1])
+    effect = -(perf[1:] - perf[0]) / deltas[:, None]
+    own = np.diag(effect)
+    floor = 0.5 * np.median(own)
+    gamma = interaction_from_runs(perf, deltas, ["a", "b", "c"], relative_self_effect_floor=0.5)
+    want = effect.T / np.maximum(own, floor)[:, None]
+    np.fill_diagonal(want, 1.0)
+    np.testing.assert_allclose(gamma, want, rtol=1e-9)
+    assert gamma[2, 0] == pytest.approx(effect[0, 2] / floor)

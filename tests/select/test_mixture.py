@@ -25,11 +25,12 @@ needs_fixture = pytest.mark.skipif(
 # ---------------------------------------------------------------------------------------------
 
 
-def brute_force_best(coef, n0, budget, t, minimum, extra):
+def brute_force_best(coef, n0, budget, t, minimum, extra, cap=None):
     """Best c^T n over every feasible integer n, or None (small instances only).
 
     Enumerates the constraints of the method page directly: n0 - T <= n <= n0 + T, n never
-    below min(minimum, n0), additions <= extra, sum n = budget, sum |n - n0| <= 2T.
+    below min(minimum, n0), additions <= extra, sum n = budget, sum |n - n0| <= 2T, and, with
+    ``cap``, |n - n0| <= cap for every category.
     """
     ranges = [np.arange(max(0, a - t), a + t + 1) for a in n0]
     grids = np.meshgrid(*ranges, indexing="ij")
@@ -38,6 +39,8 @@ def brute_force_best(coef, n0, budget, t, minimum, extra):
     ok &= np.all(cand >= np.minimum(minimum, n0), axis=1)
     if extra is not None:
         ok &= np.all(cand - n0 <= extra, axis=1)
+    if cap is not None:
+        ok &= np.all(np.abs(cand - n0) <= cap, axis=1)
     if not ok.any():
         return None
     return float((cand[ok] @ coef).max())
@@ -357,3 +360,130 @@ def test_fixture_plan_realised_end_to_end():
     got = np.bincount(current[keep], minlength=c) + np.bincount(pool[add], minlength=c)
     np.testing.assert_array_equal(got, counts)
     assert len(np.unique(keep)) == keep.size and len(np.unique(add)) == add.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-category change cap (max_change)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_count_bounds_with_cap():
+    n0 = np.array([100, 7, 3, 0])
+    lo, hi = count_bounds(n0, 10, 5, np.array([50, 2, 0, 4]), max_change=3)
+    np.testing.assert_array_equal(lo, [97, 5, 3, 0])
+    np.testing.assert_array_equal(hi, [103, 9, 3, 3])
+    lo0, hi0 = count_bounds(n0, 10, 5, max_change=0)
+    np.testing.assert_array_equal(lo0, n0)
+    np.testing.assert_array_equal(hi0, n0)
+
+
+def test_capped_small_instances_match_brute_force():
+    rng = np.random.default_rng(4321)
+    infeasible = cap_binds = 0
+    for trial in range(60):
+        c = int(rng.integers(3, 5))
+        gamma = rng.uniform(-1, 1, (c, c))
+        np.fill_diagonal(gamma, 1.0)
+        n0 = rng.integers(0, 25, size=c)
+        n0[0] += 5
+        cur = int(n0.sum())
+        frac = float(rng.choice([0.1, 0.2]))
+        budget = None
+        if trial % 3 == 1:
+            budget = cur + int(rng.integers(-3, 4))
+        extra = rng.integers(0, 6, size=c) if trial % 2 else None
+        importance = rng.uniform(0, 1, c) if trial % 4 == 3 else None
+        minimum = int(rng.integers(0, 8))
+        cap = int(rng.integers(0, 4))
+        n = cur if budget is None else budget
+        t = edit_budget(n, frac)
+        alpha = n0 / cur if importance is None else importance / importance.sum()
+        coef = gamma.T @ alpha
+        want = brute_force_best(coef, n0, n, t, minimum, extra, cap=cap)
+        if want is None:
+            infeasible += 1
+            with pytest.raises(ValueError, match="infeasible"):
+                ee_cpo_plan(gamma, n0, budget, frac, minimum, extra, importance, max_change=cap)
+            continue
+        plan = ee_cpo_plan(gamma, n0, budget, frac, minimum, extra, importance, max_change=cap)
+        check_plan(plan, gamma, n0, n, t, minimum, extra)
+        assert plan.max_change == cap
+        assert np.all(np.abs(plan.counts_after - n0) <= cap)  # the cap holds
+        assert plan.objective_after == pytest.approx(want, abs=1e-9)
+        lo, hi = count_bounds(n0, t, minimum, extra, max_change=cap)
+        assert greedy_best(plan.coefficients, n0, lo, hi, n, t) == pytest.approx(want, abs=1e-9)
+        free = brute_force_best(coef, n0, n, t, minimum, extra)
+        cap_binds += free is not None and free > want + 1e-9
+    assert 0 < infeasible < 30  # both branches exercised
+    assert cap_binds > 0  # and the cap changes the optimum on some instances
+
+
+def test_cap_spreads_the_edits_on_larger_instances():
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        c = 12
+        gamma = rng.normal(0, 0.5, (c, c))
+        np.fill_diagonal(gamma, 1.0)
+        n0 = rng.integers(50, 400, size=c)
+        extra = rng.integers(0, 60, size=c)
+        budget = int(n0.sum()) + int(rng.integers(-10, 11))
+        t = edit_budget(budget, 0.05)
+        cap = int(rng.integers(15, 40))
+        plan = ee_cpo_plan(gamma, n0, budget=budget, edit_fraction=0.05, available_extra=extra, max_change=cap)
+        check_plan(plan, gamma, n0, budget, t, 5, extra)
+        assert np.abs(plan.counts_after - n0).max() <= cap
+        lo, hi = count_bounds(n0, t, 5, extra, max_change=cap)
+        want = greedy_best(plan.coefficients, n0, lo, hi, budget, t)
+        assert plan.objective_after == pytest.approx(want, rel=1e-9, abs=1e-9)
+        uncapped = ee_cpo_plan(gamma, n0, budget=budget, edit_fraction=0.05, available_extra=extra)
+        assert plan.objective_after <= uncapped.objective_after + 1e-9
+        assert uncapped.max_change is None
+
+
+def test_cap_moves_mass_into_several_categories():
+    # Without a cap the whole budget goes to category 0 (largest coefficient); a cap of 10
+    # spreads the additions over 0 and then 1, and the deletions over 3 and then 2.
+    gamma = np.array([[1.0, 0.5, 0.0, -0.5], [0.9, 1.0, 0.0, -0.5], [0.9, 0.5, 1.0, -0.5],
+                      [0.9, 0.5, 0.0, 1.0]])
+    n0 = np.full(4, 100)
+    free = ee_cpo_counts(gamma, n0, edit_fraction=0.05)  # T = 20
+    np.testing.assert_array_equal(free, [120, 100, 100, 80])
+    capped = ee_cpo_counts(gamma, n0, edit_fraction=0.05, max_change=10)
+    np.testing.assert_array_equal(capped, [110, 110, 90, 90])
+
+
+def test_cap_zero_returns_current_counts():
+    rng = np.random.default_rng(3)
+    gamma = rng.normal(0, 1, (5, 5))
+    n0 = rng.integers(10, 200, size=5)
+    plan = ee_cpo_plan(gamma, n0, edit_fraction=0.2, max_change=0)
+    np.testing.assert_array_equal(plan.counts_after, n0)
+    assert plan.edits == 0 and plan.max_change == 0
+    np.testing.assert_array_equal(ee_cpo_counts(gamma, n0, max_change=np.int64(0)), n0)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, 3.0, "3", True])
+def test_bad_cap_is_refused(bad):
+    with pytest.raises(ValueError, match="max_change"):
+        ee_cpo_plan(np.eye(3), np.array([10, 10, 10]), max_change=bad)
+    with pytest.raises(ValueError, match="max_change"):
+        count_bounds(np.array([10, 10, 10]), 3, max_change=bad)
+
+
+def test_infeasible_cap_names_max_change():
+    n0 = np.array([100, 200, 300])
+    # Growing by 12 with T = 18: feasible without a cap, but 3 categories x 3 < 12.
+    with pytest.raises(ValueError, match=r"upper bounds.*max_change = 3 makes it infeasible.*at least 4"):
+        ee_cpo_plan(np.eye(3), n0, budget=612, max_change=3)
+    ee_cpo_plan(np.eye(3), n0, budget=612, max_change=4)  # the suggested cap is enough
+    with pytest.raises(ValueError, match=r"lower bounds.*max_change = 3 makes it infeasible.*at least 4"):
+        ee_cpo_plan(np.eye(3), n0, budget=588, max_change=3)
+    with pytest.raises(ValueError, match=r"upper bounds.*max_change = 0 makes it infeasible"):
+        ee_cpo_plan(np.eye(3), n0, budget=601, max_change=0)
+    # The pool is too small anyway: the message still names the cap among the bounds.
+    with pytest.raises(ValueError, match=r"available_extra_k, max_change\).*also limits"):
+        ee_cpo_plan(np.eye(3), n0, budget=612, available_extra=np.array([1, 1, 1]), max_change=3)
+    # Without a cap the messages do not mention it.
+    with pytest.raises(ValueError) as err:
+        ee_cpo_plan(np.eye(3), n0, budget=620, available_extra=np.array([1, 1, 1]))
+    assert "max_change" not in str(err.value)

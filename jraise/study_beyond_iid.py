@@ -1,0 +1,124 @@
+"""EE-CPO and DT-CSFT in the selection study: one measured Gamma per seed, a re-mixed 5% subset
+and a curriculum order at the study's budget.
+
+The Beyond-IID methods do not score records; they act on categories, so in the study they need
+the interaction matrix first (Beyond IID, arXiv 2409.07045, section 2). Per seed, and shared by
+both methods (measured once, cached under ``<work>/seed<s>/gamma/``):
+
+* **Gamma** by the intervention design (`jraise.select.intervention.measure_interactions`) on the
+  seed's noisy pool, from the study's base model: D0 = ``fraction`` of the pool in the pool's own
+  category mix (the same size as a static selector's subset), Delta_k = +``gamma_delta`` of n0_k,
+  every run ``gamma_steps`` updates of ``batch_size`` at the study's learning rate; performance =
+  response loss per category on the seed's validation split of *all* categories (the method
+  measures how categories act on each other, so it needs every category's few-shot set; no
+  test record is read). Own effects are floored at ``gamma_relative_floor`` x their median, so a
+  nearly learned category's row is not magnified by a tiny divisor.
+* **EE-CPO** (section 3): the LP re-mixes D0 with importance spread evenly over the target
+  categories (the targeted setting of the study: only the targets' performance counts; the paper's
+  default weights every category by its share), edit budget ``ee_cpo_edit`` x |D0|, no category
+  changed by more than ``ee_cpo_max_change`` x the edit budget, at least 5 per category; additions
+  drawn at random from the rest of the pool (no quality score: the study gives none), never a
+  duplicate of a kept record's content. The result is a static subset of |D0| records, trained on
+  like every other static selection.
+* **DT-CSFT** (section 4): tiers derived from the same Gamma (prerequisite rule with its default
+  threshold, depth tiers); a random subset of ``steps x batch_size // 3`` records is ordered into
+  the 3-stage schedule (every record exactly three times, base tiers early, dependent late), so it
+  uses the study's step budget like the dynamic methods do, read in order without reshuffling.
+
+Both rows report the Gamma measurement's seconds (shared) plus their own as selection time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from jraise.atomic import atomic_write_text
+
+GAMMA_FILE = "study_gamma.json"
+
+
+def _gamma_settings(config, seed: int) -> dict:
+    keys = ("n_pool", "noise", "fraction", "batch_size", "lr", "max_len", "gamma_steps", "gamma_delta",
+            "gamma_relative_floor", "base_pool", "base_steps", "base_lr", "base_seed", "targets")
+    return {"seed": seed, **{k: asdict(config)[k] for k in keys}}
+
+
+def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path) -> dict:
+    """{"names", "gamma", "base_indices", "seconds"} of the seed: read back when measured with the
+    same settings, else measured now (files of the measurement beside it)."""
+    gamma_dir = work / f"seed{seed}" / "gamma"
+    cached = gamma_dir / GAMMA_FILE
+    settings = _gamma_settings(config, seed)
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    from jraise.data.pool import load_pool
+    from jraise.model import load_model, load_tokenizer
+    from jraise.select.intervention import InterventionConfig, measure_interactions
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(base_dir)
+    val_pool = load_pool(paths["val"], tok, max_len=config.max_len)
+    n_select = max(1, round(config.fraction * len(pool)))
+    intervention = InterventionConfig(delta_fraction=config.gamma_delta, base_size=n_select,
+                                      steps=config.gamma_steps, batch_size=config.batch_size, lr=config.lr,
+                                      schedule="constant", warmup_ratio=0.0, seed=seed, metric="loss",
+                                      max_grad_norm=1.0, eval_batch_size=64,
+                                      relative_self_effect_floor=config.gamma_relative_floor)
+    model, _ = load_model(base_dir)
+    measured = measure_interactions(model, pool, val_pool, intervention, gamma_dir, mode="sequential",
+                                    tokenizer=tok, progress=False)
+    result = {"settings": settings, "names": list(measured["names"]),
+              "gamma": np.asarray(measured["gamma"], np.float64).tolist(),
+              "base_indices": np.asarray(measured["base_indices"], np.int64).tolist(),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(cached, json.dumps(result) + "\n")
+    return result
+
+
+def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys: list) -> tuple[np.ndarray, dict]:
+    """(pool indices of the re-mixed D0, the plan's counts) by EE-CPO with target importance."""
+    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset
+
+    names = measured["names"]
+    gamma = np.asarray(measured["gamma"], np.float64)
+    d0 = np.asarray(measured["base_indices"], np.int64)
+    rest = np.setdiff1d(np.arange(len(categories)), d0)
+    index = {n: k for k, n in enumerate(names)}
+    n0 = np.bincount([index[categories[i]] for i in d0], minlength=len(names))
+    extra = np.bincount([index[categories[i]] for i in rest], minlength=len(names))
+    importance = np.array([1.0 if n in config.targets else 0.0 for n in names])
+    if not importance.any():
+        raise ValueError(f"none of the targets {list(config.targets)} is a category of the pool")
+    t = edit_budget(len(d0), config.ee_cpo_edit)
+    cap = None if config.ee_cpo_max_change is None else math.ceil(config.ee_cpo_max_change * t)
+    plan = ee_cpo_plan(gamma, n0, edit_fraction=config.ee_cpo_edit, min_per_category=5, available_extra=extra,
+                       importance=importance, max_change=cap)
+    keep, add = realise_subset([categories[i] for i in d0], plan.counts_after, [categories[i] for i in rest], None,
+                               seed, names=names, current_keys=[keys[i] for i in d0],
+                               candidate_keys=[keys[i] for i in rest])
+    chosen = np.sort(np.concatenate([d0[keep], rest[add]]))
+    return chosen, {"counts_before": dict(zip(names, plan.counts_before.tolist())),
+                    "counts_after": dict(zip(names, plan.counts_after.tolist())), "edits": plan.edits,
+                    "max_change": cap, "coefficients": dict(zip(names, plan.coefficients.tolist()))}
+
+
+def dt_csft_order(measured: dict, categories: list[str], config, seed: int) -> tuple[np.ndarray, dict]:
+    """(the 3n-long order of pool indices, tiers) for a random n = steps x batch_size // 3 records."""
+    from jraise.select.curriculum import dependency_taxonomy, dt_csft_schedule, example_tiers
+
+    names = measured["names"]
+    tiers = dependency_taxonomy(np.asarray(measured["gamma"], np.float64), names).tiers
+    n = max(1, config.steps * config.batch_size // 3)
+    if n > len(categories):
+        raise ValueError(f"DT-CSFT needs {n} records (steps x batch_size / 3) but the pool has {len(categories)}")
+    chosen = np.sort(np.random.default_rng((seed, 3)).permutation(len(categories))[:n])
+    order = chosen[dt_csft_schedule(example_tiers([categories[i] for i in chosen], tiers), seed=seed)]
+    return order, tiers
