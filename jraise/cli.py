@@ -128,6 +128,8 @@ def train_cmd(
     resume: bool = typer.Option(True, help="Continue from the run directory's latest checkpoint."),
     selector: Optional[str] = typer.Option(None, help="'raise': each step's batch chosen by a trained policy."),
     policy: Optional[Path] = typer.Option(None, help="With --selector raise: the `jraise select raise` directory."),
+    sample_policy: bool = typer.Option(False, help="With --selector raise: draw each batch from the policy (as in "
+                                       "training, key --seed) instead of its deterministic top-b."),
 ):
     """Fine-tune a model (full or LoRA); checkpoints hold weights, Adam moments and the lr history."""
     if selector is not None:
@@ -137,7 +139,7 @@ def train_cmd(
         from jraise.select.rl.run import finetune_with_policy
 
         final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
-                                     tokenizer_dir=_tokenizer_dir(model, tokenizer))
+                                     tokenizer_dir=_tokenizer_dir(model, tokenizer), sample=sample_policy, seed=seed)
         typer.echo(json.dumps({"run_dir": str(out), "steps": max_steps, "final_model": str(final)}, indent=2))
         return
     from jraise.data.pool import load_pool

@@ -15,7 +15,8 @@ Protocol (one seed):
    model is then fine-tuned on the picked records for exactly ``steps`` updates of ``batch_size``
    (reshuffled every pass). Full data trains on the whole pool for the same ``steps``. Dynamic
    selectors (SSPL, RAISE) choose every batch themselves for the same ``steps`` updates: the RAISE
-   paper's equal-steps protocol; so does DT-CSFT, whose curriculum shows ``steps x batch_size / 3``
+   paper's equal-steps protocol (one RAISE policy per seed, deployed twice: ``raise`` takes its
+   deterministic top-b as in the paper, ``raise_sampled`` draws batches from it as in training); so does DT-CSFT, whose curriculum shows ``steps x batch_size / 3``
    records three times each. EE-CPO and DT-CSFT first measure the interaction matrix Gamma (see
    `jraise.study_beyond_iid`).
 4. **Columns.** Test exact match on the target categories and on all categories, the target
@@ -45,9 +46,9 @@ from jraise.atomic import atomic_write_jsonl, atomic_write_text
 from jraise.train.loop import append_jsonl
 
 STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo")
-DYNAMIC_METHODS = ("sspl", "raise")
+DYNAMIC_METHODS = ("sspl", "raise", "raise_sampled")
 ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo", "dt_csft", "sspl",
-               "raise")
+               "raise", "raise_sampled")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class StudyConfig:
     batch_size: int = 16
     lr: float = 1e-3
     n_test: int = 20
+    base_preset: str = "small"
     base_pool: int = 12000
     base_steps: int = 1800
     base_lr: float = 1e-3
@@ -76,7 +78,7 @@ class StudyConfig:
     influence_proj_dim: int = 1024
     influence_warmup_epochs: int = 2
     # RAISE: policy episodes of `raise_steps` fused steps (the deployed run uses `steps`).
-    raise_episodes: int = 4
+    raise_episodes: int = 20  # the paper's K
     raise_steps: int = 30
     raise_clusters: int = 4
     sspl_refresh_every: int = 30
@@ -96,16 +98,20 @@ class StudyConfig:
             raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        from jraise.model.config import PRESETS
+
+        if self.base_preset not in PRESETS:
+            raise ValueError(f"unknown base_preset {self.base_preset!r}; presets: {', '.join(PRESETS)}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.batch_size % self.raise_clusters and "raise" in self.methods:
+        if self.batch_size % self.raise_clusters and {"raise", "raise_sampled"} & set(self.methods):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of raise_clusters {self.raise_clusters}")
 
 
 def demo_config(**overrides) -> StudyConfig:
     """The study as `jraise demo` runs it: one seed and a shorter Gamma measurement (under 10 CPU
     minutes in all); the benchmark runs three seeds at full size."""
-    return StudyConfig(**{"seeds": (0,), "gamma_steps": 40, **overrides})
+    return StudyConfig(**{"seeds": (0,), "gamma_steps": 40, "raise_episodes": 4, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +127,8 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     from jraise.train import TrainConfig, train
 
     categories = [c for c in CATEGORIES if c not in config.targets]
-    settings = {"base_pool": config.base_pool, "base_steps": config.base_steps, "base_lr": config.base_lr,
+    settings = {"base_preset": config.base_preset, "base_pool": config.base_pool, "base_steps": config.base_steps,
+                "base_lr": config.base_lr,
                 "base_seed": config.base_seed, "batch_size": config.batch_size, "max_len": config.max_len,
                 "categories": categories}
     base_dir = work / "base" / "run" / "final"
@@ -133,7 +140,7 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     paths = write_testbed(work / "base" / "testbed", n_train=config.base_pool, noise=0.0, seed=config.base_seed,
                           n_val_per_category=1, n_test_per_category=1, categories=categories)
     tok = load_tokenizer(paths["tokenizer"])
-    model_config = preset_config("small", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+    model_config = preset_config(config.base_preset, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     pool = load_pool(paths["pool"], tok, max_len=config.max_len)
     train_config = TrainConfig(lr=config.base_lr, schedule="constant", warmup_ratio=0.05, epochs=1000,
@@ -143,9 +150,10 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     train(init_model(model_config, seed=config.base_seed), pool, train_config, work / "base" / "run",
           resume=True, tokenizer_dir=paths["tokenizer"])
     atomic_write_text(stamp, json.dumps(settings) + "\n")
-    echo(f"base model: {config.base_steps} steps from scratch on {config.base_pool} clean records of the "
-         f"{len(categories)} non-target categories "
-         f"({time.perf_counter() - t0:.0f} s)")
+    which = (f"the {len(categories)} non-target categories" if config.targets
+             else f"all {len(categories)} categories")
+    echo(f"base model ({config.base_preset}): {config.base_steps} steps from scratch on {config.base_pool} clean "
+         f"records of {which} ({time.perf_counter() - t0:.0f} s)")
     return base_dir
 
 
@@ -238,17 +246,27 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
     from jraise.select.rl.run import finetune_with_policy, train_raise_policy
     from jraise.select.rl.trainer import RaiseConfig
 
-    raise_config = RaiseConfig(episodes=config.raise_episodes, steps=config.raise_steps, llm_lr=config.lr,
-                               per_cluster=config.batch_size // config.raise_clusters, seed=seed)
-    t0 = time.perf_counter()
-    train_raise_policy(base_dir, paths["pool"], paths["val_target"], run_dir / "policy", raise_config,
-                       clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
-                       echo=lambda *_: None)
-    seconds = time.perf_counter() - t0
-    final = finetune_with_policy(base_dir, paths["pool"], paths["val_target"], run_dir / "policy", run_dir / "deployed",
-                                 steps=config.steps, lr=config.lr, max_len=config.max_len)
+    # One policy per seed, shared by "raise" (deterministic top-b, the paper's deployment) and
+    # "raise_sampled" (batches drawn from the policy): trained once, its seconds count for both.
+    policy_dir = run_dir.parent / "raise_policy"  # beside the seed's method runs
+    stamp = policy_dir / "study_settings.json"
+    settings = {"settings": settings_key(config), "seed": seed}
+    saved = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if {k: saved.get(k) for k in settings} != settings:
+        shutil.rmtree(policy_dir, ignore_errors=True)
+        raise_config = RaiseConfig(episodes=config.raise_episodes, steps=config.raise_steps, llm_lr=config.lr,
+                                   per_cluster=config.batch_size // config.raise_clusters, seed=seed)
+        t0 = time.perf_counter()
+        train_raise_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, raise_config,
+                           clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
+                           echo=lambda *_: None)
+        saved = {**settings, "seconds": round(time.perf_counter() - t0, 1)}
+        atomic_write_text(stamp, json.dumps(saved) + "\n")
+    final = finetune_with_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, run_dir / "deployed",
+                                 steps=config.steps, lr=config.lr, max_len=config.max_len,
+                                 sample=method == "raise_sampled", seed=seed)
     indices = np.asarray(json.loads((run_dir / "deployed" / "selections.json").read_text())["indices"]).reshape(-1)
-    return load_model(final)[0], indices, seconds
+    return load_model(final)[0], indices, saved["seconds"]
 
 
 def _beyond_iid_run(method: str, base_dir: Path, pool, paths: dict, config: StudyConfig, seed: int, work: Path,

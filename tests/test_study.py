@@ -114,3 +114,21 @@ def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_p
     stamp = (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns
     run_study(tmp_path, config, echo=lambda *_: None)
     assert (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns == stamp
+
+
+def test_raise_rows_share_one_policy_and_differ_only_in_deployment(tmp_path):
+    config = StudyConfig(methods=("raise", "raise_sampled"), **{**TINY, "raise_episodes": 1, "raise_steps": 2})
+    result = run_study(tmp_path, config, echo=lambda *_: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    stamp = json.loads((tmp_path / "seed0" / "raise_policy" / "study_settings.json").read_text())
+    assert rows["raise"]["select_seconds"] == rows["raise_sampled"]["select_seconds"] == stamp["seconds"]
+    top = json.loads((tmp_path / "seed0" / "raise" / "deployed" / "selections.json").read_text())
+    drawn = json.loads((tmp_path / "seed0" / "raise_sampled" / "deployed" / "selections.json").read_text())
+    assert (top["deployment"], drawn["deployment"]) == ("top_b", "sample")
+    steps = config.steps
+    assert np.shape(top["indices"]) == np.shape(drawn["indices"]) == (steps, config.batch_size)
+    # Top-b of a fixed policy only changes through the availability feature; draws differ.
+    assert top["indices"] != drawn["indices"]
+    for picks in (top["indices"], drawn["indices"]):
+        for batch in picks:
+            assert len(set(batch)) == len(batch)  # no record twice in one batch

@@ -76,9 +76,15 @@ def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseCon
 
 
 def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, steps: int, lr: float,
-                         max_len: int = 2048, tokenizer_dir=None) -> Path:
-    """Fine-tunes the base model for ``steps`` steps on the policy's deterministic selections;
-    writes ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step)."""
+                         max_len: int = 2048, tokenizer_dir=None, sample: bool = False, seed: int = 0) -> Path:
+    """Fine-tunes the base model for ``steps`` steps on the policy's selections; writes
+    ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step).
+
+    Selections are the paper's deterministic top-b of each cluster by default; ``sample=True``
+    draws them from the policy as in training (Gumbel-top-b at its temperature, key ``seed``).
+    A policy trained for few episodes is close to uniform, and its top-b then follows tiny score
+    differences, re-picking the same extreme records step after step; sampling deploys the
+    distribution that was actually trained."""
     from jraise.train import export_model
     from jraise.train.step import (
         assign_trainable,
@@ -102,14 +108,15 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
     actor_graphdef, actor_state = nnx.split(policy.actor)
     episode = make_episode(graphdef, tx, param_dtypes(model), actor_graphdef,
                            EpisodeConfig(steps=steps, per_cluster=meta["per_cluster"], tau=policy.config.tau,
-                                         stage=policy.config.stage, stochastic=False))
+                                         stage=policy.config.stage, stochastic=sample))
     trainable, _, rollout, losses = episode(actor_state, trainable, tx.init(trainable), frozen, jnp.asarray(static),
-                                            layout, device_pool(pool), _val_batch(val_pool), jax.random.key(0))
+                                            layout, device_pool(pool), _val_batch(val_pool), jax.random.key(seed))
     assign_trainable(model, trainable)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "selections.json", json.dumps({
         "indices": np.asarray(rollout.indices).tolist(), "val_losses": np.asarray(rollout.val_losses).tolist(),
-        "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0)}) + "\n")
+        "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0),
+        "deployment": "sample" if sample else "top_b", "seed": seed}) + "\n")
     return export_model(model, out / "final", tokenizer_dir or model_dir)
 
 
