@@ -175,12 +175,24 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | os.PathLike,
 
     Every file is written under a temporary name and renamed into place, and files of an earlier
     save that the new one does not use (a stale index or shards) are removed afterwards.
+
+    In a multi-process run every process must call it (weights sharded across hosts are gathered
+    collectively); process 0 writes the files and all return once they are in place.
     """
+    from jraise import parallel
+
+    tensors = {name: jnp.asarray(parallel.to_host(v)) for name, v in export_tensors(model).items()}
+    out = Path(path)
+    if parallel.is_writer():
+        _write_model_files(tensors, config, out, max_shard_bytes)
+    parallel.barrier(f"save_model:{out}")
+    return out
+
+
+def _write_model_files(tensors: dict, config: ModelConfig, out: Path, max_shard_bytes: int) -> None:
     from safetensors.flax import save
 
-    out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: jnp.asarray(v) for name, v in export_tensors(model).items()}
     names = sorted(tensors)
     shards: list[list[str]] = [[]]
     size = 0
@@ -211,7 +223,6 @@ def save_model(model: CausalLM, config: ModelConfig, path: str | os.PathLike,
     for stale in out.glob("model*.safetensors*"):
         if stale.name not in written:
             stale.unlink()
-    return out
 
 
 def parameter_count(model: nnx.Module, kind=nnx.Param) -> int:

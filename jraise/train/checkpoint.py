@@ -181,16 +181,18 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str
 
     ``tokenizer_dir`` may be a model directory (a base model with its tokenizer): its own model
     files (config, weights, weight index) are never copied over the ones just written."""
+    from jraise import parallel
     from jraise.model.hf import save_model
 
-    out = save_model(model, model.config, out_dir)
-    if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        if not src.is_dir():
-            raise FileNotFoundError(f"{src}: tokenizer directory does not exist")
+    src = None if tokenizer_dir is None else Path(tokenizer_dir)
+    if src is not None and not src.is_dir():  # checked by every process, before any collective
+        raise FileNotFoundError(f"{src}: tokenizer directory does not exist")
+    out = save_model(model, model.config, out_dir)  # collective in a multi-process run; process 0 writes
+    if src is not None and parallel.is_writer():
         for item in sorted(src.iterdir()):
             if item.is_file() and not _is_model_file(item.name):
                 tmp = out / f".{item.name}.tmp-{os.getpid()}"
                 shutil.copyfile(item, tmp)
                 os.replace(tmp, out / item.name)
+    parallel.barrier(f"export_model:{out}")
     return out

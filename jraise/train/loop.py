@@ -236,7 +236,8 @@ def _prepare_config(run_dir: Path, config: TrainConfig, resume: bool) -> None:
             raise ValueError(f"{path}: cannot resume, the saved TrainConfig differs in "
                              + "; ".join(diffs) + ". Use a new run_dir, or the saved config.")
         return
-    atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
+    if parallel.is_writer():
+        atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def _json_safe(value):
@@ -394,7 +395,9 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
         step, epoch, next_batch = meta["step"], meta["next_epoch"], meta["next_batch"]
         lr_history, elapsed = list(meta["lr_history"]), meta["elapsed"]
     metrics_path = run_dir / METRICS_FILE
-    _truncate_log(metrics_path, step)
+    writer = parallel.is_writer()  # in a multi-process run only process 0 writes the metrics log
+    if writer:
+        _truncate_log(metrics_path, step)
 
     buckets = length_buckets(pool.lengths, config.n_buckets)
     base_key = jax.random.key(config.seed)
@@ -437,7 +440,8 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
                     last_eval = evaluate_loss(eval_fn, trainable, frozen, eval_pool, config.micro_batch_size,
                                               config.n_buckets)
                     record["eval"] = last_eval
-                append_jsonl(metrics_path, record)
+                if writer:
+                    append_jsonl(metrics_path, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 if callback is not None:

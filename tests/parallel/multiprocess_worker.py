@@ -4,7 +4,9 @@
 
 Joins a `jax.distributed` run over localhost, builds the same tiny testbed, model and LoRA adapters
 as every other process (deterministic from seeds), and fills one feature store in WORK_DIR/store on
-the global mesh MESH; process 0 writes the shards. Writes WORK_DIR/done-<id>.json when finished.
+the global mesh MESH; process 0 writes the shards. Then trains a tiny model for 3 steps into the
+shared run directory WORK_DIR/train (process 0 writes the metrics log and the exported model; Orbax
+writes the checkpoints). Writes WORK_DIR/done-<id>.json when finished.
 """
 
 import json
@@ -18,13 +20,15 @@ parallel.initialize_distributed(f"localhost:{port}", n_proc, proc_id)
 
 import jax  # noqa: E402  (after jax.distributed.initialize)
 
-from parallel_setup import feature_setup, store_features  # noqa: E402
+from parallel_setup import feature_setup, store_features, train_run  # noqa: E402
 
 setup = feature_setup(work / f"data-{proc_id}")
 with parallel.use_mesh(mesh_spec):
     mesh = parallel.active_mesh()
     store = store_features(setup, work / "store")
+    run = train_run(setup, work / "train")
 (work / f"done-{proc_id}.json").write_text(json.dumps({
     "process_index": jax.process_index(), "process_count": jax.process_count(),
     "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
-    "mesh": dict(mesh.shape), "complete": store.is_complete}))
+    "mesh": dict(mesh.shape), "complete": store.is_complete, "train_steps": run.steps,
+    "final_dir": str(run.final_dir)}))

@@ -25,7 +25,7 @@ FEATURES = FeatureConfig(projection=ProjectionConfig(dim=64, seed=3), chunk=2, g
 def testbed(root: Path, n_train: int = 40, categories=None) -> dict:
     paths = write_testbed(root, n_train=n_train, n_val_per_category=2, n_test_per_category=1, categories=categories)
     tok = load_tokenizer(paths["tokenizer"])
-    return {"tok": tok, "pool": load_pool(paths["pool"], tok, max_len=128),
+    return {"tok": tok, "tokenizer_dir": paths["tokenizer"], "pool": load_pool(paths["pool"], tok, max_len=128),
             "val": load_pool(paths["val"], tok, max_len=128),
             "config": preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id)}
@@ -45,6 +45,17 @@ def feature_setup(root: Path) -> dict:
 def store_features(setup: dict, store_dir: Path, progress: bool = False):
     return feature_store(store_dir, setup["graphdef"], setup["trainable"], setup["frozen"], setup["pool"], FEATURES,
                          {"model": "tiny-lora"}, "sft", setup["moments"], dtypes=setup["dtypes"], progress=progress)
+
+
+TRAIN = dict(lr=3e-3, epochs=1, batch_size=8, n_buckets=2, max_steps=3, seed=0)
+
+
+def train_run(setup: dict, run_dir: Path):
+    """3 full fine-tuning steps of a fresh tiny model on the set-up's pool, exported with its tokenizer."""
+    from jraise.train import TrainConfig, train
+
+    model = init_model(setup["config"], seed=0)
+    return train(model, setup["pool"], TrainConfig(**TRAIN), run_dir, tokenizer_dir=setup["tokenizer_dir"])
 
 
 def trained_params(model) -> dict:
