@@ -98,6 +98,14 @@ def _read_order(path: Path, ids: tuple[str, ...]):
     return np.asarray(order, np.int64)
 
 
+SKIP_BAD_HELP = "Skip bad records of the input files (counted and reported) instead of stopping."
+
+
+def _echo_err(line: str) -> None:
+    """Progress and skip notices to stderr, so a command's JSON on stdout stays parseable."""
+    typer.echo(line, err=True)
+
+
 def _tokenizer_dir(model_dir: Path, tokenizer: Optional[Path]) -> Path:
     if tokenizer is not None:
         return tokenizer
@@ -139,7 +147,8 @@ def train_cmd(
         from jraise.select.rl.run import finetune_with_policy
 
         final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
-                                     tokenizer_dir=_tokenizer_dir(model, tokenizer), sample=sample_policy, seed=seed)
+                                     tokenizer_dir=_tokenizer_dir(model, tokenizer), sample=sample_policy, seed=seed,
+                                     skip_bad=skip_bad, echo=_echo_err)
         typer.echo(json.dumps({"run_dir": str(out), "steps": max_steps, "final_model": str(final)}, indent=2))
         return
     from jraise.data.pool import load_pool
@@ -228,13 +237,14 @@ def _influence_command(method: str):
         max_len: int = typer.Option(2048), seed: int = typer.Option(0),
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
         work_dir: Optional[Path] = typer.Option(None, help="Warmup run and feature stores (default: OUT.work)."),
+        skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
     ):
         from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
 
         config = InfluenceRunConfig(method=method, fraction=fraction, val_loss=val_loss,
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                    max_len=max_len, proj_dim=proj_dim, seed=seed)
+                                    max_len=max_len, proj_dim=proj_dim, seed=seed, skip_bad=skip_bad)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,
                                 echo=typer.echo)
 
@@ -261,6 +271,7 @@ def raise_cmd(
     lr: float = typer.Option(1e-3, help="LLM learning rate inside episodes."),
     policy_lr: float = typer.Option(3e-3), lora_rank: int = typer.Option(0, help="LoRA rank; 0: full fine-tuning."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+    skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
 ):
     """RAISE: train a selection policy with PPO over fused fine-tuning episodes (resumable)."""
     from jraise.select.rl.run import train_raise_policy
@@ -268,7 +279,7 @@ def raise_cmd(
 
     config = RaiseConfig(episodes=episodes, steps=steps, llm_lr=lr, policy_lr=policy_lr, seed=seed)
     train_raise_policy(model, pool, val, out, config, clusters=clusters, batch_size=batch_size, lora_rank=lora_rank,
-                       max_len=max_len, echo=typer.echo)
+                       max_len=max_len, echo=typer.echo, skip_bad=skip_bad)
 
 
 @select_app.command("mixture")
@@ -320,6 +331,7 @@ def _baseline_command(method: str):
         which: str = typer.Option("low", help="perplexity: low or high perplexity first."),
         keep_above_one: bool = typer.Option(False, "--keep-above-one", help="ifd: rank IFD >= 1 by value instead of last."),
         max_len: int = typer.Option(2048), batch_size: int = typer.Option(32, help="Rows per model batch."),
+        skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
     ):
         from jraise.select.baselines import NEEDS_MODEL, run_baseline
 
@@ -332,7 +344,7 @@ def _baseline_command(method: str):
         selection = run_baseline(method, pool, out, model_dir=model, val_file=val,
                                  tokenizer_dir=_tokenizer_dir(model, tokenizer) if model else tokenizer,
                                  fraction=fraction, seed=seed, which=which, max_len=max_len, batch_size=batch_size,
-                                 drop_above_one=not keep_above_one)
+                                 drop_above_one=not keep_above_one, skip_bad=skip_bad, echo=_echo_err)
         typer.echo(json.dumps({"method": selection.method, "selected": len(selection.indices), "out": str(out),
                                "config": selection.config}, indent=2, default=str))
 
@@ -356,13 +368,14 @@ def sspl_cmd(
     buckets: int = typer.Option(4, help="Easy-to-hard loss buckets (n); bucket k opens at step k*T/n + 1."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+    skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
 ):
     """Self-paced learning (SSPL): fine-tune on easy-to-hard buckets of the current loss."""
     from jraise.select.self_paced import run_self_paced
 
     final = run_self_paced(model, pool, out, steps=steps, batch_size=batch_size, lr=lr, refresh_every=refresh_every,
                            n_buckets=buckets, seed=seed, max_len=max_len,
-                           tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo)
+                           tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo, skip_bad=skip_bad)
     typer.echo(json.dumps({"run_dir": str(out), "steps": steps, "final_model": str(final)}, indent=2))
 
 
@@ -385,13 +398,18 @@ def interactions_cmd(
         None, help="Floor every own effect at this fraction of the median positive own effect (damps rows of "
                    "nearly learned categories)"),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+    skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
 ):
     """Beyond IID: N+1 fine-tunes (baseline + one per category changed by Delta) -> Gamma[target, source]."""
-    from jraise.data.pool import load_pool
+    from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
-    from jraise.select.intervention import InterventionConfig, measure_interactions
+    from jraise.select.intervention import RESULT_FILE, InterventionConfig, measure_interactions
 
     tok = load_tokenizer(model)
+    train_pool = load_pool(pool, tok, max_len=max_len, skip_bad=skip_bad)
+    eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad)
+    for line in skip_lines(train_pool, eval_pool, where=out / RESULT_FILE):
+        _echo_err(line)
     net, _ = load_model(model)
     if lora_rank:
         from jraise.model.lora import LoRAConfig, add_lora
@@ -401,8 +419,7 @@ def interactions_cmd(
                                 batch_size=batch_size, lr=lr, metric=metric, seed=seed,
                                 self_effect_floor=self_effect_floor,
                                 relative_self_effect_floor=relative_self_effect_floor)
-    result = measure_interactions(net, load_pool(pool, tok, max_len=max_len), load_pool(eval_data, tok, max_len=max_len),
-                                  config, out_dir=out, mode=mode, tokenizer=tok)
+    result = measure_interactions(net, train_pool, eval_pool, config, out_dir=out, mode=mode, tokenizer=tok)
     typer.echo(json.dumps({"out": str(out), "categories": list(result["names"]),
                            "timings": result["timings"]}, indent=2, default=str))
 
@@ -434,16 +451,19 @@ def categories_cmd(
     k: int = typer.Option(..., help="Number of categories (K-means clusters)."),
     dims: int = typer.Option(32, help="PCA dimensions before K-means."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
+    skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
 ):
     """Derive categories for data without a 'category' field: K-means over pooled model embeddings."""
     from collections import Counter
 
-    from jraise.data.pool import load_pool
+    from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
     from jraise.select.embeddings import derive_categories
 
+    data = load_pool(pool, load_tokenizer(model), max_len=max_len, skip_bad=skip_bad)
+    for line in skip_lines(data, where=out):
+        _echo_err(line)
     net, _ = load_model(model)
-    data = load_pool(pool, load_tokenizer(model), max_len=max_len)
     cats = derive_categories(net, data, k, dims=dims, seed=seed, out=out)
     typer.echo(json.dumps({"out": str(out), "sizes": dict(sorted(Counter(cats).items()))}, indent=2))
 

@@ -121,3 +121,25 @@ def test_interactions_command_writes_gamma(tmp_path):
     assert sorted(gamma["names"]) == ["add", "first", "upper"]
     assert all(gamma["matrix"][i][i] == 1.0 for i in range(3))
     assert (tmp_path / "g" / "gamma_heatmap.png").is_file()
+
+
+def test_categories_command_skip_bad(tmp_path):
+    from jraise.data.testbed import write_testbed
+
+    paths = write_testbed(tmp_path / "tb", n_train=12, n_val_per_category=1, n_test_per_category=1,
+                          categories=["first", "add"])
+    lines = paths["pool"].read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:6] + ['{"instruction": "x"}'] + lines[6:]) + "\n")  # line 7: no output
+    runner = CliRunner()
+    assert runner.invoke(app, ["init-model", str(tmp_path / "m"), "--tokenizer", str(paths["tokenizer"])]).exit_code == 0
+    args = ["categories", "--model", str(tmp_path / "m"), "--pool", str(bad), "--out", str(tmp_path / "c.json"),
+            "--k", "2", "--max-len", "128"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "line 7: field 'output'" in str(result.exception)
+    result = runner.invoke(app, [*args, "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped 1 bad record of {bad} (1 missing-field;" in result.stderr
+    assert sum(json.loads(result.stdout)["sizes"].values()) == 12
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert len(saved["categories"]) == 12 and saved["skipped"]["problems"][0]["line"] == 7

@@ -5,6 +5,8 @@ convention and the truncation policy) into an `InstructionPool`; `load_preferenc
 prompt/chosen/rejected pairs into a `PreferencePool`. The load report (counts of kept, truncated
 and skipped records) is attached to the pool as its ``report`` attribute, so a loader returns one
 thing. `write_selection_jsonl` writes chosen records back, unchanged, as JSON lines.
+`skipped_summary` and `skip_lines` turn the reports of pools loaded with ``skip_bad=True`` into
+what a command records under ``"skipped"`` in its metadata JSON and the line it prints.
 
 Fingerprint
 -----------
@@ -25,13 +27,13 @@ import json
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.formats import EncodedRecord, LoadReport, load_encoded
+from jraise.data.formats import MAX_REPORTED_PROBLEMS, EncodedRecord, LoadReport, load_encoded
 
 FINGERPRINT_VERSION = 1
 
@@ -228,6 +230,8 @@ def write_selection_jsonl(
 
     The text goes to a temporary file beside ``path`` that then replaces it, so a reader never
     sees half a file. Negative indices are refused (no Python wrap-around). Returns the path.
+    ``indices`` count the loaded examples (with ``skip_bad``, the kept records, not file lines);
+    what is written is each record as read, so skipped records never shift it.
     """
     path = Path(path)
     chosen = [int(i) for i in indices]
@@ -237,3 +241,46 @@ def write_selection_jsonl(
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(pool.records[i], ensure_ascii=False) + "\n" for i in chosen)
     return atomic_write_text(path, text)
+
+
+def _skip_reports(pools) -> list[LoadReport]:
+    reports = [getattr(pool, "report", None) for pool in pools if pool is not None]
+    return [r for r in reports if r is not None and r.n_skipped]
+
+
+def skipped_summary(*pools: InstructionPool | PreferencePool | None) -> dict | None:
+    """The bad records skipped while loading ``pools`` (``skip_bad=True``), JSON-ready, or None
+    when none was skipped (None entries and pools without a report are ignored).
+
+    ``{"count": total, "by_file": {source: n}, "by_reason": {reason: n}, "problems": [{"file",
+    "line", "index", "field", "reason", "message"}, ...]}``; ``line`` is the 1-based line of a
+    JSON-lines file (else null, and ``index`` the 0-based record index); ``problems`` lists the
+    first few skipped records of each file (`jraise.data.formats.MAX_REPORTED_PROBLEMS`).
+    """
+    reports = _skip_reports(pools)
+    if not reports:
+        return None
+    by_reason: dict[str, int] = {}
+    for report in reports:
+        for reason, n in report.skipped.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    return {
+        "count": sum(r.n_skipped for r in reports),
+        "by_file": {r.source: r.n_skipped for r in reports},
+        "by_reason": dict(sorted(by_reason.items())),
+        "problems": [asdict(p) for r in reports for p in r.problems],
+        "problems_listed_per_file": MAX_REPORTED_PROBLEMS,
+    }
+
+
+def skip_lines(*pools: InstructionPool | PreferencePool | None, where: str | os.PathLike | None = None) -> list[str]:
+    """One line per pool that had records skipped on loading, e.g. ``skipped 2 bad records of
+    pool.jsonl (1 malformed-json, 1 missing-field; see "skipped" in out.meta.json)``; ``where``
+    names the file that records them (default: the first problem's message is quoted instead)."""
+    lines = []
+    for report in _skip_reports(pools):
+        n = report.n_skipped
+        reasons = ", ".join(f"{k} {r}" for r, k in report.skipped.items())
+        see = f'see "skipped" in {where}' if where is not None else f"first: {report.problems[0].message}"
+        lines.append(f"skipped {n} bad record{'s' if n != 1 else ''} of {report.source} ({reasons}; {see})")
+    return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -11,13 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_bytes, atomic_write_text
-from jraise.data.pool import InstructionPool, write_selection_jsonl
+from jraise.data.pool import InstructionPool, skipped_summary, write_selection_jsonl
 
 
 @dataclass(frozen=True, eq=False)
 class Selection:
     """Chosen pool indices (best first), every example's score where the method has scores, the
-    method name, its options, and the fingerprint of the pool the indices refer to."""
+    method name, its options, and the fingerprint of the pool the indices refer to.
+
+    Indices (``indices``, ``scores`` positions, the meta file's ``"indices"``) count the examples of
+    the loaded pool, i.e. the records kept after any bad ones were skipped (``skip_bad=True``), not
+    the lines or rows of the file. The records written are the original records (ids included),
+    never shifted by the skipped ones.
+    """
 
     indices: np.ndarray  # int64 [k]
     method: str
@@ -26,7 +33,11 @@ class Selection:
     config: dict = field(default_factory=dict)
 
     def to_jsonl(self, pool: InstructionPool, path: str | os.PathLike) -> Path:
-        """The selected records, unchanged, best first (atomic write). Refuses another pool."""
+        """The selected records, unchanged, best first (atomic write). Refuses another pool.
+
+        ``indices`` refer to the loaded (kept) examples of ``pool``; what is written is
+        ``pool.records[i]``, the original record as read (with its stable ``id`` when it has one),
+        so a record skipped as bad on loading never shifts which records are written."""
         if pool.fingerprint != self.pool_fingerprint:
             raise ValueError(f"{path}: this selection was made on pool {self.pool_fingerprint[:12]}..., "
                              f"not on {pool.source} ({pool.fingerprint[:12]}...)")
@@ -36,14 +47,24 @@ class Selection:
         return {"method": self.method, "pool_fingerprint": self.pool_fingerprint, "config": self.config,
                 "n_selected": len(self.indices), "indices": [int(i) for i in self.indices]}
 
-    def write(self, pool: InstructionPool, out: str | os.PathLike) -> dict[str, Path]:
-        """``out`` (selected records), ``out``.scores.npy (when scored) and ``out``.meta.json."""
+    def write(self, pool: InstructionPool, out: str | os.PathLike, inputs: Sequence = ()) -> dict[str, Path]:
+        """``out`` (selected records), ``out``.scores.npy (when scored) and ``out``.meta.json.
+
+        The selected records are the original records of the file (see `to_jsonl`), while the
+        indices in the meta file and the scores' positions refer to the loaded (kept) examples.
+        When bad records were skipped loading ``pool`` or ``inputs`` (other pools the selection
+        used, e.g. the validation set), the meta file has them under ``"skipped"`` (count, per
+        file, per reason, and the problems with file, line, field and reason; see
+        `jraise.data.pool.skipped_summary`)."""
         out = Path(out)
         paths = {"selection": self.to_jsonl(pool, out)}
         if self.scores is not None:
             paths["scores"] = _save_npy(out.with_name(out.name + ".scores.npy"), self.scores)
-        paths["meta"] = atomic_write_text(out.with_name(out.name + ".meta.json"),
-                                          json.dumps(self.metadata(), indent=2) + "\n")
+        meta = self.metadata()
+        skipped = skipped_summary(pool, *inputs)
+        if skipped is not None:
+            meta["skipped"] = skipped
+        paths["meta"] = atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
         return paths
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,16 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
                  model_dir: str | os.PathLike | None = None, val_file: str | os.PathLike | None = None,
                  tokenizer_dir: str | os.PathLike | None = None, fraction: float = 0.05, seed: int = 0,
                  which: str = "low", max_len: int = 2048, batch_size: int = 32,
-                 drop_above_one: bool = True) -> Selection:
+                 drop_above_one: bool = True, skip_bad: bool = False,
+                 echo: Callable[[str], None] | None = print) -> Selection:
     """Loads the pool (tokenised by ``tokenizer_dir``, else the model's tokenizer), runs ``method``
-    and writes ``out`` (selected records), ``out``.scores.npy and ``out``.meta.json."""
-    from jraise.data.pool import load_pool
+    and writes ``out`` (selected records), ``out``.scores.npy and ``out``.meta.json.
+
+    A bad record of the pool or the validation file is an error naming file, line and field,
+    unless ``skip_bad``: then it is dropped, ``echo`` gets one line per file with skipped records
+    and the meta file lists them under ``"skipped"``. The selection's indices count the kept
+    records; the records written are the original ones (see `Selection.write`)."""
+    from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
 
     if method not in BASELINES:
@@ -188,7 +195,11 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
     if method == "perplexity" and which not in PERPLEXITY_SIDES:
         raise ValueError(f"which (--which) must be 'low' or 'high', got {which!r}")
     tok = load_tokenizer(Path(tokenizer_dir if tokenizer_dir is not None else model_dir))
-    pool = load_pool(pool_file, tok, max_len=max_len)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
+    val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad) if method == "rds" else None
+    if echo is not None:
+        for line in skip_lines(pool, val_pool, where=Path(str(out) + ".meta.json")):
+            echo(line)
     model = load_model(model_dir)[0] if method in NEEDS_MODEL else None
     if method == "random":
         selection = random_selection(pool, fraction, seed)
@@ -201,8 +212,8 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
     elif method == "ifd":
         selection = ifd(model, pool, fraction, start_token_of(tok), batch_size, drop_above_one)
     else:
-        selection = rds(model, pool, load_pool(val_file, tok, max_len=max_len), fraction, batch_size)
+        selection = rds(model, pool, val_pool, fraction, batch_size)
     if method in NEEDS_MODEL:
         selection = dataclasses.replace(selection, config={**selection.config, "model": str(model_dir)})
-    selection.write(pool, out)
+    selection.write(pool, out, inputs=(val_pool,))
     return selection

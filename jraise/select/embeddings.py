@@ -20,7 +20,7 @@ from flax import nnx
 
 from jraise.atomic import atomic_write_text
 from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets
-from jraise.data.pool import InstructionPool
+from jraise.data.pool import InstructionPool, skipped_summary
 from jraise.select.clustering import kmeans, pca, zscore
 
 DERIVED_PREFIX = "derived-"
@@ -55,11 +55,15 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, dims: int = 32, seed: int
 def derive_categories(model, pool: InstructionPool, k: int, dims: int = 32, seed: int = 0,
                       out: str | os.PathLike | None = None) -> list[str]:
     """``derived-<j>`` per example; with ``out``, writes JSON {"derived": true, "k", "seed",
-    "pool_fingerprint", "categories": {id: category}} (what ``--categories`` options read)."""
+    "pool_fingerprint", "categories": {id: category}} (what ``--categories`` options read), plus
+    ``"skipped"`` when the pool was loaded with bad records skipped (`skipped_summary`)."""
     labels = cluster_embeddings(pooled_embeddings(model, pool), k, dims, seed)
     cats = [f"{DERIVED_PREFIX}{int(j)}" for j in labels]
     if out is not None:
-        atomic_write_text(Path(out), json.dumps({"derived": True, "method": "kmeans(pooled hidden state)", "k": k,
-                                                 "dims": dims, "seed": seed, "pool_fingerprint": pool.fingerprint,
-                                                 "categories": dict(zip(pool.ids, cats))}, indent=1) + "\n")
+        document = {"derived": True, "method": "kmeans(pooled hidden state)", "k": k, "dims": dims, "seed": seed,
+                    "pool_fingerprint": pool.fingerprint, "categories": dict(zip(pool.ids, cats))}
+        skipped = skipped_summary(pool)
+        if skipped is not None:
+            document["skipped"] = skipped
+        atomic_write_text(Path(out), json.dumps(document, indent=1) + "\n")
     return cats

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jraise.data.pool import load_pool, load_preference_pool
+from jraise.data.pool import load_pool, load_preference_pool, skip_lines
 from jraise.grads.features import FeatureConfig, feature_store, zero_reference
 from jraise.grads.projection import ProjectionConfig
 from jraise.select.base import Selection
@@ -37,6 +37,10 @@ class InfluenceRunConfig:
     """Options of `run_influence_selection` (defaults: the LESS paper's, except sizes that a
     testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free, the default:
     same normalised features, no reference forward pass) or "dpo" (exact, base model as reference).
+    ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
+    the meta file) instead of stopping at the first. It only decides which records are loaded:
+    the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
+    without bad records reuses them whether or not it is set.
     """
 
     method: str = "rose"
@@ -56,6 +60,7 @@ class InfluenceRunConfig:
     seed: int = 0
     chunk: int = 8
     group: int = 64
+    skip_bad: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -114,6 +119,8 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     """LESS or ROSE selection of ``pool_file`` for the validation set ``val_file`` (SFT records for
     LESS, preference pairs for ROSE); writes ``out`` (the selected records), ``out``.scores.npy
     and ``out``.meta.json. Validation subtasks are the val records' ``category`` (else one group).
+    With ``config.skip_bad`` bad records of either file are dropped and reported (one ``echo`` line
+    per file, ``"skipped"`` in the meta file); the selection's indices count the kept records.
     """
     from jraise.model import load_tokenizer
     from jraise.train import (
@@ -126,11 +133,13 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     model_dir, out = Path(model_dir), Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     tok = load_tokenizer(model_dir)
-    pool = load_pool(pool_file, tok, max_len=config.max_len)
+    pool = load_pool(pool_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
     if config.method == "rose":
-        val = load_preference_pool(val_file, tok, max_len=config.max_len)
+        val = load_preference_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
     else:
-        val = load_pool(val_file, tok, max_len=config.max_len)
+        val = load_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
+    for line in skip_lines(pool, val, where=out.with_name(out.name + ".meta.json")):
+        echo(line)
     echo(f"{config.method}: pool {len(pool)} examples, validation {len(val)} "
          f"{'pairs' if config.method == 'rose' else 'examples'}")
 
@@ -159,6 +168,6 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     selection = select_by_influence(config.method, train_mats, val_feats, weights, pool.fingerprint, config.fraction,
                                     groups, config={**asdict(config), "warmup_run": str(run_dir),
                                                     "checkpoints": [c["step"] for c in checkpoints]})
-    paths = selection.write(pool, out)
+    paths = selection.write(pool, out, inputs=(val,))
     echo(f"selected {len(selection.indices)} of {len(pool)} -> {paths['selection']}")
     return selection

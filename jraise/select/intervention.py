@@ -88,7 +88,7 @@ from jraise.data.batching import (
     make_batch,
     pick_bucket,
 )
-from jraise.data.pool import InstructionPool
+from jraise.data.pool import InstructionPool, skipped_summary
 from jraise.select.interactions import ORIENTATION, interaction_matrix, save_gamma
 from jraise.train.loop import accumulation_batch
 from jraise.train.step import (
@@ -753,7 +753,8 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
     (``gamma[target, source]``), ``stacked_trainable`` (the R trained states), ``train_loss``
     [R, steps] and ``timings`` (sets, compile, train, eval, total seconds).
 
-    With ``out_dir``: ``interactions.json`` (design, perf, timings, config; written before Gamma,
+    With ``out_dir``: ``interactions.json`` (design, perf, timings, config, and ``skipped`` when
+    either pool was loaded with bad records skipped; written before Gamma,
     so a Gamma error such as a non-positive own effect keeps the runs) and, via `save_gamma`,
     ``gamma.csv``, ``gamma.json`` and ``gamma_heatmap.png``; every file written atomically.
     ``tokenizer`` is needed for ``config.metric == "exact_match"``.
@@ -787,6 +788,7 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
 
     def document(gamma_error: str | None) -> dict:
         changed = [np.setxor1d(sets[k + 1], base) for k in range(len(names))]
+        skipped = skipped_summary(pool, eval_pool)
         return {
             "format_version": FORMAT_VERSION,
             "method": "Beyond IID (arXiv 2409.07045), section 2: interaction matrix by intervention",
@@ -806,6 +808,7 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
             "bucket_lengths": stats["bucket_lengths"],
             "config": config.to_dict(),
             "gamma_error": gamma_error,
+            **({"skipped": skipped} if skipped is not None else {}),
         }
 
     out = None if out_dir is None else Path(out_dir)

@@ -225,3 +225,67 @@ def test_cli_longest_and_ifd_end_to_end(setup):
     assert meta["method"] == "ifd" and meta["indices"] == want.indices.tolist()
     np.testing.assert_allclose(np.load(root / "ifd.jsonl.scores.npy"), want.scores, rtol=1e-5)
     assert isinstance(want, Selection)
+
+
+def _pool_with_bad_lines(setup, path):
+    """The testbed pool with a non-JSON line (file line 5) and a record missing ``output`` (file
+    line 10) put in the middle; returns the kept records, in file order."""
+    lines = setup["paths"]["pool"].read_text().splitlines()
+    missing = json.loads(lines[0])
+    missing.pop("output")
+    missing["id"] = "no-output"
+    bad = lines[:4] + ["{not json"] + lines[4:8] + [json.dumps(missing)] + lines[8:]
+    path.write_text("\n".join(bad) + "\n")
+    return [json.loads(line) for line in lines]
+
+
+def test_run_baseline_skip_bad_writes_the_original_kept_records(setup, tmp_path):
+    from jraise.data.formats import RecordError
+
+    pool_file, tok_dir = tmp_path / "bad.jsonl", setup["paths"]["tokenizer"]
+    kept = _pool_with_bad_lines(setup, pool_file)
+    with pytest.raises(RecordError, match="line 5"):
+        run_baseline("random", pool_file, tmp_path / "x.jsonl", tokenizer_dir=tok_dir, max_len=128)
+    assert not (tmp_path / "x.jsonl").exists()
+
+    lines = []
+    out = tmp_path / "r.jsonl"
+    sel = run_baseline("random", pool_file, out, tokenizer_dir=tok_dir, fraction=1.0, seed=5, max_len=128,
+                       skip_bad=True, echo=lines.append)
+    assert sorted(sel.indices.tolist()) == list(range(len(kept)))  # indices count the kept records
+    assert sel.indices.tolist() != sorted(sel.indices.tolist())  # a shuffle: records after the bad lines move
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == [kept[i] for i in sel.indices]  # the originals, not shifted by the skipped lines
+    assert [r["id"] for r in written] == [setup["pool"].ids[i] for i in sel.indices]
+    meta = json.loads((tmp_path / "r.jsonl.meta.json").read_text())
+    skipped = meta["skipped"]
+    assert skipped["count"] == 2 and skipped["by_file"] == {str(pool_file): 2}
+    assert skipped["by_reason"] == {"malformed-json": 1, "missing-field": 1}
+    assert [(p["file"], p["line"], p["field"], p["reason"]) for p in skipped["problems"]] == [
+        (str(pool_file), 5, None, "malformed-json"), (str(pool_file), 10, "output", "missing-field")]
+    assert lines == [f"skipped 2 bad records of {pool_file} (1 malformed-json, 1 missing-field; "
+                     f'see "skipped" in {tmp_path / "r.jsonl.meta.json"})']
+
+    # A clean pool: no "skipped" key, nothing echoed.
+    run_baseline("longest", setup["paths"]["pool"], tmp_path / "l.jsonl", tokenizer_dir=tok_dir, fraction=0.25,
+                 max_len=128, skip_bad=True, echo=lines.append)
+    assert "skipped" not in json.loads((tmp_path / "l.jsonl.meta.json").read_text()) and len(lines) == 1
+
+
+def test_cli_longest_skip_bad(setup, tmp_path):
+    pool_file = tmp_path / "bad.jsonl"
+    kept = _pool_with_bad_lines(setup, pool_file)
+    args = ["select", "longest", "--pool", str(pool_file), "--out", str(tmp_path / "l.jsonl"), "--tokenizer",
+            str(setup["paths"]["tokenizer"]), "--max-len", "128", "--fraction", "0.25"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "line 5" in str(result.exception)
+
+    result = CliRunner().invoke(app, [*args, "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped 2 bad records of {pool_file}" in result.stderr
+    assert json.loads(result.stdout)["selected"] == 6  # stdout stays one JSON document
+    meta = json.loads((tmp_path / "l.jsonl.meta.json").read_text())
+    assert meta["skipped"]["count"] == 2
+    want = longest(setup["pool"], 0.25).indices.tolist()  # the clean pool: the same kept records
+    assert meta["indices"] == want
+    assert [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()] == [kept[i] for i in want]

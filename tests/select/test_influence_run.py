@@ -66,3 +66,36 @@ def test_config_errors():
     with pytest.raises(ValueError, match="validation loss"):
         InfluenceRunConfig(method="less", val_loss="dpo")
     assert InfluenceRunConfig(method="less").val_loss == "sft"
+
+
+def test_skip_bad_runs_past_bad_lines_and_records_them(testbed):
+    """``InfluenceRunConfig(skip_bad=True)``: the pool and validation file load past their bad
+    lines, the skips are echoed and recorded in the meta file, and the written records are the
+    original ones; without it the first bad line is an error naming it. ``skip_bad`` is not part
+    of the feature identity."""
+    from jraise.data.formats import RecordError
+
+    root, paths = testbed
+    pool_lines = paths["pool"].read_text().splitlines()
+    bad_pool = root / "bad_pool.jsonl"
+    bad_pool.write_text("\n".join(pool_lines[:3] + ["[1, 2]"] + pool_lines[3:]) + "\n")  # line 4: not an object
+    bad_val = root / "bad_val_pref.jsonl"
+    bad_val.write_text(paths["val_pref"].read_text() + '{"prompt": "p", "chosen": "c"}\n')  # no 'rejected'
+    n_val = len(paths["val_pref"].read_text().splitlines())
+    out = root / "skip" / "sel.jsonl"
+    config = InfluenceRunConfig(method="rose", **SMALL)
+    with pytest.raises(RecordError, match="line 4"):
+        run_influence_selection(root / "model", bad_pool, bad_val, out, config, echo=lambda *_: None)
+    lines = []
+    skipping = InfluenceRunConfig(method="rose", skip_bad=True, **SMALL)
+    sel = run_influence_selection(root / "model", bad_pool, bad_val, out, skipping, echo=lines.append)
+    assert lines[0].startswith(f"skipped 1 bad record of {bad_pool} (1 not-an-object;")
+    assert lines[1].startswith(f"skipped 1 bad record of {bad_val} (1 missing-field;")
+    assert lines[2] == f"rose: pool 40 examples, validation {n_val} pairs"
+    assert len(sel.indices) == 4
+    assert out.read_text().splitlines() == [pool_lines[i] for i in sel.indices]  # kept records, unchanged
+    skipped = json.loads(out.with_name("sel.jsonl.meta.json").read_text())["skipped"]
+    assert skipped["count"] == 2
+    assert sorted((str(q["file"]), q["line"]) for q in skipped["problems"]) == sorted(
+        [(str(bad_pool), 4), (str(bad_val), n_val + 1)])
+    assert skipping.features() == config.features()  # same feature stores with or without skip_bad

@@ -149,3 +149,31 @@ def test_cli_sspl_writes_the_model_and_the_selections(testbed):
     assert saved["config"]["n_buckets"] == 2
     assert load_model(root / "run" / "final")[1].vocab_size == len(testbed["tok"])
     assert (root / "run" / "final" / "tokenizer_config.json").is_file()
+
+
+def test_run_self_paced_skip_bad_records_the_skipped_lines(testbed, tmp_path):
+    from jraise.data.formats import RecordError
+    from jraise.model import save_model
+    from jraise.select.self_paced import run_self_paced
+
+    tok, paths = testbed["tok"], testbed["paths"]
+    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_model(init_model(config, seed=0), config, tmp_path / "m")
+    tok.save_pretrained(str(tmp_path / "m"))
+    lines = paths["pool"].read_text().splitlines()
+    empty = {**json.loads(lines[0]), "id": "empty", "output": "  "}
+    bad_pool = tmp_path / "bad.jsonl"
+    bad_pool.write_text("\n".join(lines[:2] + [json.dumps(empty)] + lines[2:]) + "\n")  # line 3: empty output
+    with pytest.raises(RecordError, match="line 3: field 'output'"):
+        run_self_paced(tmp_path / "m", bad_pool, tmp_path / "run", steps=1, batch_size=4, lr=1e-3, max_len=128)
+    echoed = []
+    run_self_paced(tmp_path / "m", bad_pool, tmp_path / "run", steps=2, batch_size=4, lr=1e-3, refresh_every=2,
+                   n_buckets=2, max_len=128, echo=echoed.append, skip_bad=True)
+    saved = json.loads((tmp_path / "run" / "selections.json").read_text())
+    clean = load_pool(paths["pool"], load_tokenizer(tmp_path / "m"), max_len=128)
+    assert saved["pool_fingerprint"] == clean.fingerprint  # the kept records are the clean pool
+    assert saved["skipped"]["count"] == 1
+    assert [(p["line"], p["field"], p["reason"]) for p in saved["skipped"]["problems"]] == [
+        (3, "output", "empty-response")]
+    assert echoed[0] == (f"skipped 1 bad record of {bad_pool} (1 empty-response; "
+                         f'see "skipped" in {tmp_path / "run" / "selections.json"})')

@@ -1,7 +1,8 @@
 """RAISE on files: `jraise select raise` (train a policy) and `jraise train --selector raise`.
 
 POLICY_DIR holds: ``static.npz`` (cached static features, with the pool fingerprint),
-``clusters.json`` (K-means labels and b per cluster), ``raise_config.json``, ``checkpoints/``
+``clusters.json`` (K-means labels and b per cluster; ``skipped``: the bad records dropped
+with ``skip_bad``), ``raise_config.json``, ``checkpoints/``
 (Orbax: policy weights and Adam state per episode), ``history.jsonl`` and ``reward_curve.png``.
 
 Fine-tuning with a trained policy runs the deterministic fused episode (top-b per cluster every
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.atomic import atomic_write_text
-from jraise.data.pool import load_pool
+from jraise.data.pool import load_pool, skip_lines, skipped_summary
 from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
 from jraise.select.rl.features import (
     cached_static_features,
@@ -31,14 +32,26 @@ from jraise.select.rl.sampling import cluster_layout
 from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
 
 
-def _load(model_dir: Path, pool_file, val_file, max_len: int):
+def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = False, echo=None, where=None):
+    """Tokenizer, model, pool, validation pool and start token. With ``skip_bad`` bad records of
+    either file are dropped, and ``echo`` gets one line per file that had some (naming ``where``,
+    the file that records them)."""
     from jraise.model import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
+    val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad)
+    if echo is not None:
+        for line in skip_lines(pool, val_pool, where=where):
+            echo(line)
     model, _ = load_model(model_dir)
-    pool = load_pool(pool_file, tok, max_len=max_len)
-    val_pool = load_pool(val_file, tok, max_len=max_len)
     return tok, model, pool, val_pool, start_token_of(tok)
+
+
+def _with_skipped(record: dict, *pools) -> dict:
+    """``record`` plus ``"skipped"`` (see `skipped_summary`) when a pool had bad records skipped."""
+    skipped = skipped_summary(*pools)
+    return record if skipped is None else {**record, "skipped": skipped}
 
 
 def _val_batch(val_pool) -> dict:
@@ -55,19 +68,25 @@ def _lora(model, lora_rank: int, seed: int):
 
 
 def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseConfig, clusters: int = 1,
-                       batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print) -> Path:
-    """Static features -> clusters -> PPO policy training into ``out_dir`` (resumable)."""
+                       batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print,
+                       skip_bad: bool = False) -> Path:
+    """Static features -> clusters -> PPO policy training into ``out_dir`` (resumable).
+
+    ``skip_bad``: drop bad records of the pool and the validation file instead of stopping at
+    the first (``echo`` says how many; ``clusters.json`` lists them under ``"skipped"``). The
+    policy then belongs to the kept pool: `finetune_with_policy` needs ``skip_bad`` too."""
     model_dir, out = Path(model_dir), Path(out_dir)
     if batch_size % clusters:
         raise ValueError(f"batch size {batch_size} must be a multiple of the number of clusters {clusters}")
     config = RaiseConfig(**{**config.__dict__, "per_cluster": batch_size // clusters})
-    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len)
+    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
+                                            where=out / "clusters.json")
     _lora(model, lora_rank, config.seed)
     static = cached_static_features(out / "static.npz", model, str(model_dir.resolve()), pool, start)
     labels = cluster_pool(static, clusters, config.seed) if clusters > 1 else np.zeros(len(pool), np.int64)
-    atomic_write_text(out / "clusters.json", json.dumps({"clusters": clusters, "per_cluster": config.per_cluster,
-                                                         "pool_fingerprint": pool.fingerprint, "lora_rank": lora_rank,
-                                                         "labels": labels.tolist()}) + "\n")
+    atomic_write_text(out / "clusters.json", json.dumps(_with_skipped(
+        {"clusters": clusters, "per_cluster": config.per_cluster, "pool_fingerprint": pool.fingerprint,
+         "lora_rank": lora_rank, "labels": labels.tolist()}, pool, val_pool)) + "\n")
     echo(f"raise: pool {len(pool)}, {clusters} cluster(s) of sizes {np.bincount(labels).tolist()}, "
          f"batch {batch_size}, {config.episodes} episodes of {config.steps} steps")
     train_policy(model, jnp.asarray(static), cluster_layout(labels, clusters), device_pool(pool), _val_batch(val_pool),
@@ -76,7 +95,8 @@ def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseCon
 
 
 def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, steps: int, lr: float,
-                         max_len: int = 2048, tokenizer_dir=None, sample: bool = False, seed: int = 0) -> Path:
+                         max_len: int = 2048, tokenizer_dir=None, sample: bool = False, seed: int = 0,
+                         skip_bad: bool = False, echo=print) -> Path:
     """Fine-tunes the base model for ``steps`` steps on the policy's selections; writes
     ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step).
 
@@ -84,7 +104,12 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
     draws them from the policy as in training (Gumbel-top-b at its temperature, key ``seed``).
     A policy trained for few episodes is close to uniform, and its top-b then follows tiny score
     differences, re-picking the same extreme records step after step; sampling deploys the
-    distribution that was actually trained."""
+    distribution that was actually trained.
+
+    ``skip_bad``: drop bad records of the pool and the validation file (``echo`` says how many;
+    ``selections.json`` lists them under ``"skipped"``) instead of stopping at the first; needed
+    to reuse a policy trained with ``skip_bad`` on a file with bad records (the pool fingerprint
+    must match the policy's)."""
     from jraise.train import export_model
     from jraise.train.step import (
         assign_trainable,
@@ -95,7 +120,8 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
 
     model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
     meta = json.loads((policy_dir / "clusters.json").read_text())
-    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len)
+    _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
+                                            where=out / "selections.json")
     if pool.fingerprint != meta["pool_fingerprint"]:
         raise ValueError(f"{pool_file}: this is not the pool the policy in {policy_dir} was trained on "
                          f"(fingerprint {pool.fingerprint[:12]}..., policy's {meta['pool_fingerprint'][:12]}...)")
@@ -113,10 +139,10 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
                                             layout, device_pool(pool), _val_batch(val_pool), jax.random.key(seed))
     assign_trainable(model, trainable)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "selections.json", json.dumps({
+    atomic_write_text(out / "selections.json", json.dumps(_with_skipped({
         "indices": np.asarray(rollout.indices).tolist(), "val_losses": np.asarray(rollout.val_losses).tolist(),
         "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0),
-        "deployment": "sample" if sample else "top_b", "seed": seed}) + "\n")
+        "deployment": "sample" if sample else "top_b", "seed": seed}, pool, val_pool)) + "\n")
     return export_model(model, out / "final", tokenizer_dir or model_dir)
 
 

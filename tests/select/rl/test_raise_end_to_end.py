@@ -81,3 +81,36 @@ def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     random_share = np.mean([c == TARGET for c in pool.categories])
     print(json.dumps({"target_share": share, "random_share": random_share}))
     assert share > random_share + 0.15
+
+
+def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path):
+    """``skip_bad`` through `train_raise_policy` (clusters.json) and `finetune_with_policy`
+    (selections.json): the kept pool is the clean one, so the policy's fingerprint matches."""
+    from jraise.data.formats import RecordError
+    from jraise.model import save_model
+    from jraise.select.rl.run import finetune_with_policy, train_raise_policy
+
+    root, tok = setup[0], setup[1]
+    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_model(init_model(config, seed=0), config, tmp_path / "m")
+    tok.save_pretrained(str(tmp_path / "m"))
+    lines = (root / "tb" / "pool.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "pool.jsonl").write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")  # line 6
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join((root / "tb" / "val.jsonl").read_text().splitlines()[:6]) + "\n")
+    echoed = []
+    train_raise_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy",
+                       RaiseConfig(episodes=1, steps=2), batch_size=4, max_len=128, echo=echoed.append, skip_bad=True)
+    meta = json.loads((tmp_path / "policy" / "clusters.json").read_text())
+    assert len(meta["labels"]) == 24 and meta["skipped"]["count"] == 1
+    assert meta["skipped"]["problems"][0]["line"] == 6 and meta["skipped"]["problems"][0]["reason"] == "malformed-json"
+    assert echoed[0].startswith(f"skipped 1 bad record of {tmp_path / 'pool.jsonl'} (1 malformed-json;")
+    with pytest.raises(RecordError, match="line 6"):
+        finetune_with_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
+                             steps=2, lr=1e-3, max_len=128)
+    echoed.clear()
+    finetune_with_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
+                         steps=2, lr=1e-3, max_len=128, skip_bad=True, echo=echoed.append)
+    saved = json.loads((tmp_path / "run" / "selections.json").read_text())
+    assert np.asarray(saved["indices"]).shape == (2, 4) and np.asarray(saved["indices"]).max() < 24
+    assert saved["skipped"] == meta["skipped"] and len(echoed) == 1
