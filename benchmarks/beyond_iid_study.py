@@ -18,13 +18,15 @@ Protocol (Beyond IID, arXiv 2409.07045; `shared/methods/beyond_iid.md`):
    a. **Gamma** with `jraise.select.intervention.measure_interactions`: D0 = ``--budget`` records
       of the pool (the pool's mix, i.e. balanced), Delta_k = +``--delta-fraction`` of n0_k,
       N+1 fine-tunes of the base with the same step budget as the arms below, per-category
-      response loss on the val split. Files under ``<out>/beyond_iid_gamma/seed<s>/``.
+      response loss on the val split, own effects floored at ``--relative-self-effect-floor`` x
+      their median. Files under ``<out>/beyond_iid_gamma/seed<s>/``.
    b. **Tiers** from that Gamma (`dependency_taxonomy`, ``--tier-method``), and the testbed's true
       tiers (prerequisites of a composite -> 0, composites -> 2, others -> 1) for reference.
    c. **Arms**, every one ``--epochs`` x ``--budget`` examples = the same number of optimizer
       steps from the same base model, same lr schedule:
       ``baseline`` D0 in reshuffled epochs; ``ee_cpo`` the EE-CPO re-mix of D0 (`ee_cpo_plan` with
-      Gamma, ``--edit-fraction``, additions from the rest of the pool via `realise_subset`) in
+      Gamma, ``--edit-fraction``, at most ``--max-change-fraction`` of the edit budget per
+      category, additions from the rest of the pool via `realise_subset`) in
       reshuffled epochs; ``dt_csft`` D0 in the DT-CSFT order of the derived tiers;
       ``dt_csft_true_tiers`` D0 in the DT-CSFT order of the true tiers.
    d. Test exact match and response loss per category (`jraise.eval.evaluate`).
@@ -79,7 +81,13 @@ class BeyondIIDStudyConfig:
     gamma_metric: str = "loss"
     gamma_mode: str = "auto"  # vmap, sequential, auto = sequential on CPU (faster there), vmap elsewhere
     self_effect_floor: float | None = None
+    # Own effects floored at this fraction of their median (a nearly learned category's tiny own
+    # effect otherwise magnifies its row's noise); None: off.
+    relative_self_effect_floor: float | None = 0.25
     edit_fraction: float = 0.2
+    # No category changed by more than this fraction of the edit budget T (None: no cap; without
+    # one the LP moves all of T into the single best category).
+    max_change_fraction: float | None = 0.34
     min_per_category: int = 5
     tier_method: str = "depth"
     tier_threshold: float = 0.1
@@ -110,6 +118,10 @@ class BeyondIIDStudyConfig:
             problems.append(f"gamma_mode must be auto, vmap or sequential, got {self.gamma_mode!r}")
         if self.tier_method not in ("depth", "net_asymmetry"):
             problems.append(f"tier_method must be depth or net_asymmetry, got {self.tier_method!r}")
+        if self.relative_self_effect_floor is not None and not 0 < self.relative_self_effect_floor <= 1:
+            problems.append(f"relative_self_effect_floor must be in (0, 1] or None, got {self.relative_self_effect_floor}")
+        if self.max_change_fraction is not None and not 0 < self.max_change_fraction <= 1:
+            problems.append(f"max_change_fraction must be in (0, 1] or None, got {self.max_change_fraction}")
         if not 0 < self.edit_fraction <= 1:
             problems.append(f"edit_fraction must be in (0, 1], got {self.edit_fraction}")
         if problems:
@@ -274,7 +286,8 @@ def _measure_gamma(base_dir: Path, pool, val_pool, tok, config: BeyondIIDStudyCo
                                       steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                       schedule=config.schedule, warmup_ratio=config.warmup_ratio, seed=seed,
                                       metric=config.gamma_metric, max_grad_norm=1.0, eval_batch_size=64,
-                                      self_effect_floor=config.self_effect_floor)
+                                      self_effect_floor=config.self_effect_floor,
+                                      relative_self_effect_floor=config.relative_self_effect_floor)
     model, _ = load_model(base_dir)
     result = measure_interactions(model, pool, val_pool, intervention, gamma_dir, mode=_gamma_mode(config),
                                   tokenizer=tok, progress=False)
@@ -293,7 +306,7 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     from jraise.model import load_tokenizer
     from jraise.select.curriculum import dependency_taxonomy, dt_csft_schedule, example_tiers
     from jraise.select.intervention import pool_categories
-    from jraise.select.mixture import ee_cpo_plan, realise_subset
+    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset
 
     t_seed = time.perf_counter()
     seed_dir = work / f"seed{seed}"
@@ -324,8 +337,10 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     rest = np.setdiff1d(np.arange(len(pool)), d0)
     n0 = np.array(category_counts(cats, d0, names), np.int64)
     extra = np.array(category_counts(cats, rest, names), np.int64)
+    cap = (None if config.max_change_fraction is None
+           else math.ceil(config.max_change_fraction * edit_budget(config.budget, config.edit_fraction)))
     plan = ee_cpo_plan(gamma, n0, budget=config.budget, edit_fraction=config.edit_fraction,
-                       min_per_category=config.min_per_category, available_extra=extra)
+                       min_per_category=config.min_per_category, available_extra=extra, max_change=cap)
     keys = [(r["instruction"], r["input"], r["output"]) for r in pool.records]
     keep, add = realise_subset([cats[i] for i in d0], plan.counts_after, [cats[i] for i in rest], None, seed,
                                names=names, current_keys=[keys[i] for i in d0],
@@ -497,9 +512,11 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
         f"(warmup {config.warmup_ratio:.0%}), from the base model.  ",
         f"Gamma: {len(names) + 1} intervention runs (Delta_k = +{config.delta_fraction:.0%} of n0_k, mode "
         f"{rows[0]['gamma_mode']}), per-category response {rows[0]['gamma_metric']} on {config.n_val} val records "
-        f"per category. Tiers: `dependency_taxonomy` method `{config.tier_method}`, threshold "
+        f"per category, own effects floored at {config.relative_self_effect_floor} x their median (None: no "
+        f"floor). Tiers: `dependency_taxonomy` method `{config.tier_method}`, threshold "
         f"{config.tier_threshold:g}. EE-CPO: edit fraction {config.edit_fraction:g} (T = "
-        f"{rows[0]['plan']['edit_budget']}), importance alpha = D0's proportions, min {config.min_per_category} per "
+        f"{rows[0]['plan']['edit_budget']}), at most {config.max_change_fraction} x T changed per category (None: "
+        f"no cap), importance alpha = D0's proportions, min {config.min_per_category} per "
         f"category, candidates = the pool outside D0 (added at random). Test: {config.n_test} records per category, greedy exact match.  ",
         f"Seeds: {[r['seed'] for r in rows]}; values are mean ± sample std over seeds"
         + (" (one seed: std 0)." if n_seeds == 1 else "."),
@@ -652,6 +669,10 @@ def plot_report(summary: dict, names: Sequence[str], path: Path) -> Path:
 # Command line
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     d = BeyondIIDStudyConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -668,6 +689,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--self-effect-floor", type=float, default=d.self_effect_floor,
                    help="clip non-positive own effects when normalising Gamma (default: such a category is an error)")
+    p.add_argument("--relative-self-effect-floor", type=_optional_float, default=d.relative_self_effect_floor,
+                   help="floor own effects at this fraction of their median ('none': off)")
+    p.add_argument("--max-change-fraction", type=_optional_float, default=d.max_change_fraction,
+                   help="cap any category's EE-CPO change at this fraction of the edit budget ('none': no cap)")
     p.add_argument("--schedule", default=d.schedule)
     p.add_argument("--gamma-metric", default=d.gamma_metric, choices=("loss", "exact_match"))
     p.add_argument("--gamma-mode", default=d.gamma_mode, choices=("auto", "vmap", "sequential"))
@@ -686,7 +711,8 @@ def config_from_args(args: argparse.Namespace) -> BeyondIIDStudyConfig:
     values = {k: getattr(args, k) for k in ("n_pool", "budget", "batch_size", "n_val", "n_test", "min_per_category",
                                              "base_pool", "base_steps", "base_seed", "max_len", "max_new_tokens",
                                              "lr", "warmup_ratio", "noise", "delta_fraction", "edit_fraction",
-                                             "tier_threshold", "base_lr", "self_effect_floor", "schedule",
+                                             "tier_threshold", "base_lr", "self_effect_floor",
+                                             "relative_self_effect_floor", "max_change_fraction", "schedule",
                                              "gamma_metric", "gamma_mode", "tier_method")}
     values["categories"] = tuple(c.strip() for c in args.categories.split(",") if c.strip())
     values["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())

@@ -46,7 +46,8 @@ GAMMA_FILE = "study_gamma.json"
 def _gamma_settings(config, seed: int) -> dict:
     keys = ("n_pool", "noise", "fraction", "batch_size", "lr", "max_len", "gamma_steps", "gamma_delta",
             "gamma_relative_floor", "base_pool", "base_steps", "base_lr", "base_seed", "targets")
-    return {"seed": seed, **{k: asdict(config)[k] for k in keys}}
+    # Through JSON, so the tuples of the config compare equal to the lists read back from the file.
+    return json.loads(json.dumps({"seed": seed, **{k: asdict(config)[k] for k in keys}}))
 
 
 def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path) -> dict:

@@ -110,9 +110,19 @@ def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_p
     assert len(order) == 3 * n and set(np.unique(order, return_counts=True)[1]) == {3}
     for row in rows.values():
         assert 0 <= row["target_em"] <= 1 and np.isfinite(row["target_loss"])
-    # A rerun reads both rows and the Gamma back.
+    # A rerun reads both rows back, and asking for the seed's Gamma again reads it from its file.
     stamp = (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns
     run_study(tmp_path, config, echo=lambda *_: None)
+    from jraise.data.pool import load_pool
+    from jraise.model import load_tokenizer
+    from jraise.study import seed_data
+    from jraise.study_beyond_iid import seed_gamma
+
+    base_dir = tmp_path / "base" / "run" / "final"
+    paths = seed_data(tmp_path, config, 0)
+    again = seed_gamma(base_dir, load_pool(paths["pool"], load_tokenizer(base_dir), max_len=config.max_len), paths,
+                       config, 0, tmp_path)
+    assert again == measured
     assert (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns == stamp
 
 
