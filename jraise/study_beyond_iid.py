@@ -20,8 +20,9 @@ both methods (measured once, cached under ``<work>/seed<s>/gamma/``):
   drawn at random from the rest of the pool (no quality score: the study gives none), never a
   duplicate of a kept record's content. The result is a static subset of |D0| records, trained on
   like every other static selection.
-* **DT-CSFT** (section 4): tiers derived from the same Gamma (prerequisite rule with its default
-  threshold, depth tiers); a random subset of ``steps x batch_size // 3`` records is ordered into
+* **DT-CSFT** (section 4): tiers derived from the same Gamma (``dt_csft_tier_method``: by default
+  the net-asymmetry ranking cut into thirds, since the depth tiers of a dense noisy 14-category
+  Gamma put everything in one middle tier); a random subset of ``steps x batch_size // 3`` records is ordered into
   the 3-stage schedule (every record exactly three times, base tiers early, dependent late), so it
   uses the study's step budget like the dynamic methods do, read in order without reshuffling.
 
@@ -116,7 +117,8 @@ def dt_csft_order(measured: dict, categories: list[str], config, seed: int) -> t
     from jraise.select.curriculum import dependency_taxonomy, dt_csft_schedule, example_tiers
 
     names = measured["names"]
-    tiers = dependency_taxonomy(np.asarray(measured["gamma"], np.float64), names).tiers
+    tiers = dependency_taxonomy(np.asarray(measured["gamma"], np.float64), names,
+                                method=config.dt_csft_tier_method).tiers
     n = max(1, config.steps * config.batch_size // 3)
     if n > len(categories):
         raise ValueError(f"DT-CSFT needs {n} records (steps x batch_size / 3) but the pool has {len(categories)}")
