@@ -93,6 +93,15 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
     picks = json.loads((tmp_path / "run" / "selections.json").read_text())["indices"]
     assert np.asarray(picks).shape == (4, 8)
     assert load_model(tmp_path / "run" / "final")[1].vocab_size > 0
+    # --sample-policy draws the batches from the policy (seeded): same shape, recorded as sampled.
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "m"), "--data", str(paths["pool"]),
+                                 "--eval-data", str(paths["val"]), "--out", str(tmp_path / "drawn"), "--selector",
+                                 "raise", "--policy", str(tmp_path / "policy"), "--max-steps", "4", "--lr", "1e-3",
+                                 "--max-len", "128", "--sample-policy", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    drawn = json.loads((tmp_path / "drawn" / "selections.json").read_text())
+    assert (drawn["deployment"], drawn["seed"]) == ("sample", 3) and np.asarray(drawn["indices"]).shape == (4, 8)
+    assert drawn["indices"] != picks
     # The README's user-loop example: the policy as a jitted selector.
     import jax
 
