@@ -148,15 +148,20 @@ def test_small_instances_match_brute_force():
     assert 0 < infeasible < 30  # both branches exercised
 
 
+def random_instance(rng, n0_low: int, jitter: int, c: int = 12):
+    """A random 12-category EE-CPO instance: Gamma (unit diagonal), n0, extra pool sizes, budget."""
+    gamma = rng.normal(0, 0.5, (c, c))
+    np.fill_diagonal(gamma, 1.0)
+    n0 = rng.integers(n0_low, 400, size=c)
+    extra = rng.integers(0, 60, size=c)
+    budget = int(n0.sum()) + int(rng.integers(-jitter, jitter + 1))
+    return gamma, n0, extra, budget
+
+
 def test_random_larger_instances_match_greedy_reference():
     rng = np.random.default_rng(7)
     for _ in range(10):
-        c = 12
-        gamma = rng.normal(0, 0.5, (c, c))
-        np.fill_diagonal(gamma, 1.0)
-        n0 = rng.integers(0, 400, size=c)
-        extra = rng.integers(0, 60, size=c)
-        budget = int(n0.sum()) + int(rng.integers(-20, 21))
+        gamma, n0, extra, budget = random_instance(rng, n0_low=0, jitter=20)
         plan = ee_cpo_plan(gamma, n0, budget=budget, edit_fraction=0.05, available_extra=extra)
         t = edit_budget(budget, 0.05)
         check_plan(plan, gamma, n0, budget, t, 5, extra)
@@ -421,12 +426,7 @@ def test_capped_small_instances_match_brute_force():
 def test_cap_spreads_the_edits_on_larger_instances():
     rng = np.random.default_rng(11)
     for _ in range(6):
-        c = 12
-        gamma = rng.normal(0, 0.5, (c, c))
-        np.fill_diagonal(gamma, 1.0)
-        n0 = rng.integers(50, 400, size=c)
-        extra = rng.integers(0, 60, size=c)
-        budget = int(n0.sum()) + int(rng.integers(-10, 11))
+        gamma, n0, extra, budget = random_instance(rng, n0_low=50, jitter=10)
         t = edit_budget(budget, 0.05)
         cap = int(rng.integers(15, 40))
         plan = ee_cpo_plan(gamma, n0, budget=budget, edit_fraction=0.05, available_extra=extra, max_change=cap)
