@@ -35,7 +35,7 @@ import numpy as np
 from jraise.atomic import atomic_write_text
 from jraise.data.formats import MAX_REPORTED_PROBLEMS, EncodedRecord, LoadReport, load_encoded
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,12 +119,6 @@ class PreferencePool:
         return len(self.ids)
 
 
-def tokenizer_name(tokenizer) -> str:
-    """Last path component of ``name_or_path`` ('Qwen2.5-0.5B'), or the class name if empty."""
-    name = str(getattr(tokenizer, "name_or_path", "") or "").rstrip("/\\")
-    return Path(name).name or type(tokenizer).__name__
-
-
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -133,12 +127,15 @@ def _pad_id(tokenizer) -> int:
 
 
 def pool_fingerprint(kind: str, tokenizer, max_len: int, encoded: Sequence[EncodedRecord]) -> str:
-    """sha256 hex over tokenizer identity, max_len and every example's id, category, tokens, mask."""
+    """sha256 hex over the vocabulary size, max_len and every example's id, category, tokens, mask.
+
+    The tokenizer enters only through what it produced (the tokens) and its size, not through its
+    name or directory: the same tokenizer loaded from a model directory or from its own gives the
+    same fingerprint (version 1 also hashed the directory name)."""
     digest = hashlib.sha256()
     header = {
         "version": FINGERPRINT_VERSION,
         "kind": kind,
-        "tokenizer": tokenizer_name(tokenizer),
         "vocab_size": len(tokenizer),
         "max_len": max_len,
     }

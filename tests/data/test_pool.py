@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import string
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,8 +105,8 @@ def test_fingerprint_is_stable_and_tracks_content(tmp_path, tok, tmp_path_factor
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     fingerprint = load_pool(path, tok).fingerprint
     assert load_pool(path, tok).fingerprint == fingerprint
-    # the same tokenizer saved elsewhere (same directory name) gives the same fingerprint
-    other_dir = tmp_path_factory.mktemp("elsewhere") / Path(tok.name_or_path).name
+    # the same tokenizer saved elsewhere, under another directory name, gives the same fingerprint
+    other_dir = tmp_path_factory.mktemp("elsewhere") / "renamed-tokenizer"
     tok.save_pretrained(str(other_dir))
     assert load_pool(path, load_tokenizer(other_dir)).fingerprint == fingerprint
 
