@@ -258,7 +258,7 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
     # "raise_sampled" (batches drawn from the policy): trained once, its seconds count for both.
     policy_dir = run_dir.parent / "raise_policy"  # beside the seed's method runs
     stamp = policy_dir / "study_settings.json"
-    settings = {"settings": settings_key(config), "seed": seed}
+    settings = {"settings": settings_key(config, "raise"), "seed": seed}
     saved = json.loads(stamp.read_text()) if stamp.exists() else {}
     if {k: saved.get(k) for k in settings} != settings:
         shutil.rmtree(policy_dir, ignore_errors=True)
@@ -358,11 +358,22 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
             "select_seconds": round(select_s, 1), "total_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def settings_key(config: StudyConfig) -> str:
-    """What a finished row depends on (everything but the method and seed lists): rows of a run
-    with other settings in the same work directory are not reused."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "seeds")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+# Option groups only some methods read: a row's key leaves out the groups its method does not read,
+# so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
+METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_",), "ee_cpo": ("gamma_", "ee_cpo_"),
+                          "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
+                          "raise_sampled": ("raise_",)}
+_ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))
+
+
+def settings_key(config: StudyConfig, method: str) -> str:
+    """What a finished row of ``method`` depends on: every option but the method and seed lists and
+    the option groups of other methods (`METHOD_OPTION_PREFIXES`). Rows whose key differs are
+    recomputed, never reused."""
+    own = METHOD_OPTION_PREFIXES.get(method, ())
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("methods", "seeds") and (not k.startswith(_ALL_PREFIXES) or k.startswith(own))}
+    return hashlib.sha256(json.dumps({"method": method, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Callable[[str], None] = print) -> dict:
@@ -372,9 +383,8 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "study_config.json", json.dumps(asdict(config), indent=2) + "\n")
     rows_file = work / "rows.jsonl"
-    key = settings_key(config)
     old = _read_jsonl(rows_file) if rows_file.exists() else []
-    done = {(r["method"], r["seed"]): r for r in old if r.get("settings") == key}
+    done = {(r["method"], r["seed"]): r for r in old if r.get("settings") == settings_key(config, r["method"])}
     base_dir = build_base(work, config, echo)
     base_row = None
     rows = []
@@ -391,7 +401,7 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
         for method in config.methods:
             row = done.get((method, seed))
             if row is None:
-                row = {**run_method(method, base_dir, paths, config, seed, work), "settings": key}
+                row = {**run_method(method, base_dir, paths, config, seed, work), "settings": settings_key(config, method)}
                 append_jsonl(rows_file, row)
             rows.append(row)
             echo(f"seed {seed} {method:>10}: target EM {row['target_em']:.2f}  all EM {row['all_em']:.2f}  "

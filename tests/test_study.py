@@ -34,6 +34,23 @@ def test_study_config_rejects_unknown_methods_and_bad_fraction():
         StudyConfig(fraction=0.0)
 
 
+def test_settings_key_of_a_row_ignores_other_methods_options():
+    from jraise.study import settings_key
+
+    a, b = StudyConfig(), StudyConfig(raise_steps=30)
+    assert settings_key(a, "random") == settings_key(b, "random")
+    assert settings_key(a, "less") == settings_key(b, "less")
+    assert settings_key(a, "raise") != settings_key(b, "raise")
+    assert settings_key(a, "raise_sampled") != settings_key(b, "raise_sampled")
+    c = StudyConfig(influence_proj_dim=512)
+    assert settings_key(a, "rose") != settings_key(c, "rose") and settings_key(a, "raise") == settings_key(c, "raise")
+    d = StudyConfig(gamma_steps=40)  # shared by EE-CPO and DT-CSFT
+    assert settings_key(a, "ee_cpo") != settings_key(d, "ee_cpo") and settings_key(a, "dt_csft") != settings_key(d, "dt_csft")
+    e = StudyConfig(lr=3e-4)  # common options change every row
+    assert all(settings_key(a, m) != settings_key(e, m) for m in ("random", "less", "raise", "ee_cpo"))
+    assert settings_key(a, "random") != settings_key(a, "full")
+
+
 def test_study_runs_end_to_end_and_resumes(tmp_path):
     config = StudyConfig(methods=("random", "full", "longest"), **TINY)
     result = run_study(tmp_path, config, echo=lambda *_: None)
