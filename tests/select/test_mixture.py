@@ -112,23 +112,31 @@ def test_count_bounds():
     np.testing.assert_array_equal(hi, [110, 9, 3, 4])
 
 
+def small_instance(rng, trial: int, fracs, jitter: int):
+    """A random 3-4 category EE-CPO instance; ``trial`` varies which options are given (a budget
+    every third trial, a candidate pool every second, importance every fourth)."""
+    c = int(rng.integers(3, 5))
+    gamma = rng.uniform(-1, 1, (c, c))
+    np.fill_diagonal(gamma, 1.0)
+    n0 = rng.integers(0, 25, size=c)
+    n0[0] += 5  # never an all-zero set
+    cur = int(n0.sum())
+    frac = float(rng.choice(fracs))
+    budget = None
+    if trial % 3 == 1:
+        budget = cur + int(rng.integers(-jitter, jitter + 1))
+    extra = rng.integers(0, 6, size=c) if trial % 2 else None
+    importance = rng.uniform(0, 1, c) if trial % 4 == 3 else None
+    minimum = int(rng.integers(0, 8))
+    return c, gamma, n0, cur, frac, budget, extra, importance, minimum
+
+
 def test_small_instances_match_brute_force():
     rng = np.random.default_rng(1234)
     infeasible = 0
     for trial in range(60):
-        c = int(rng.integers(3, 5))
-        gamma = rng.uniform(-1, 1, (c, c))
-        np.fill_diagonal(gamma, 1.0)
-        n0 = rng.integers(0, 25, size=c)
-        n0[0] += 5  # never an all-zero set
-        cur = int(n0.sum())
-        frac = float(rng.choice([0.05, 0.1, 0.2]))
-        budget = None
-        if trial % 3 == 1:
-            budget = cur + int(rng.integers(-2, 3))
-        extra = rng.integers(0, 6, size=c) if trial % 2 else None
-        importance = rng.uniform(0, 1, c) if trial % 4 == 3 else None
-        minimum = int(rng.integers(0, 8))
+        c, gamma, n0, cur, frac, budget, extra, importance, minimum = small_instance(
+            rng, trial, fracs=[0.05, 0.1, 0.2], jitter=2)
         n = cur if budget is None else budget
         t = edit_budget(n, frac)
         lo, hi = count_bounds(n0, t, minimum, extra)
@@ -386,19 +394,8 @@ def test_capped_small_instances_match_brute_force():
     rng = np.random.default_rng(4321)
     infeasible = cap_binds = 0
     for trial in range(60):
-        c = int(rng.integers(3, 5))
-        gamma = rng.uniform(-1, 1, (c, c))
-        np.fill_diagonal(gamma, 1.0)
-        n0 = rng.integers(0, 25, size=c)
-        n0[0] += 5
-        cur = int(n0.sum())
-        frac = float(rng.choice([0.1, 0.2]))
-        budget = None
-        if trial % 3 == 1:
-            budget = cur + int(rng.integers(-3, 4))
-        extra = rng.integers(0, 6, size=c) if trial % 2 else None
-        importance = rng.uniform(0, 1, c) if trial % 4 == 3 else None
-        minimum = int(rng.integers(0, 8))
+        c, gamma, n0, cur, frac, budget, extra, importance, minimum = small_instance(
+            rng, trial, fracs=[0.1, 0.2], jitter=3)
         cap = int(rng.integers(0, 4))
         n = cur if budget is None else budget
         t = edit_budget(n, frac)
