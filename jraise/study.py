@@ -16,8 +16,8 @@ Protocol (one seed):
    (reshuffled every pass). Full data trains on the whole pool for the same ``steps``. Dynamic
    selectors (SSPL, RAISE) choose every batch themselves for the same ``steps`` updates: the RAISE
    paper's equal-steps protocol (one RAISE policy per seed, deployed twice: ``raise`` takes its
-   deterministic top-b as in the paper, ``raise_sampled`` draws batches from it as in training); so does DT-CSFT, whose curriculum shows ``steps x batch_size / 3``
-   records three times each. EE-CPO and DT-CSFT first measure the interaction matrix Gamma (see
+   deterministic top-b as in the paper, ``raise_sampled`` draws batches from it as in training);
+   so does DT-CSFT, whose curriculum shows ``steps x batch_size / 3`` records three times each. EE-CPO and DT-CSFT first measure the interaction matrix Gamma (see
    `jraise.study_beyond_iid`).
 4. **Columns.** Test exact match on the target categories and on all categories, the target
    categories' test response loss per token (finer-grained than exact match); the share of
@@ -289,8 +289,9 @@ def _beyond_iid_run(method: str, base_dir: Path, pool, paths: dict, config: Stud
     categories = list(pool_categories(pool))
     run_dir.mkdir(parents=True, exist_ok=True)
     if method == "ee_cpo":
-        keys = [json.dumps({k: v for k, v in r.items() if k not in ("id", "meta")}, sort_keys=True)
-                for r in pool.records]
+        from jraise.select.beyond_iid import content_key
+
+        keys = [content_key(r, ignore=("id", "meta")) for r in pool.records]  # meta: benchmark-only truth
         indices, plan = ee_cpo_subset(measured, categories, config, seed, keys)
         atomic_write_text(run_dir / "plan.json", json.dumps(plan, indent=1) + "\n")
         np.save(run_dir / "indices.npy", indices)
@@ -366,14 +367,19 @@ METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_",), "ee_
 _ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))
 
 
-def settings_key(config: StudyConfig, method: str) -> str:
-    """What a finished row of ``method`` depends on: every option but the method and seed lists and
-    the option groups of other methods (`METHOD_OPTION_PREFIXES`). Rows whose key differs are
-    recomputed, never reused."""
-    own = METHOD_OPTION_PREFIXES.get(method, ())
+def options_key(config: StudyConfig, tag: str, own: tuple[str, ...]) -> str:
+    """A hash of ``tag`` and every option but the method and seed lists and the option groups
+    (`METHOD_OPTION_PREFIXES`) other than ``own``: what a result computed from those options
+    depends on."""
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("methods", "seeds") and (not k.startswith(_ALL_PREFIXES) or k.startswith(own))}
-    return hashlib.sha256(json.dumps({"method": method, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({"method": tag, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_key(config: StudyConfig, method: str) -> str:
+    """What a finished row of ``method`` depends on (`options_key` with the method's own option
+    groups). Rows whose key differs are recomputed, never reused."""
+    return options_key(config, method, METHOD_OPTION_PREFIXES.get(method, ()))
 
 
 def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Callable[[str], None] = print) -> dict:
@@ -401,7 +407,8 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
         for method in config.methods:
             row = done.get((method, seed))
             if row is None:
-                row = {**run_method(method, base_dir, paths, config, seed, work), "settings": settings_key(config, method)}
+                row = {**run_method(method, base_dir, paths, config, seed, work),
+                       "settings": settings_key(config, method)}
                 append_jsonl(rows_file, row)
             rows.append(row)
             echo(f"seed {seed} {method:>10}: target EM {row['target_em']:.2f}  all EM {row['all_em']:.2f}  "

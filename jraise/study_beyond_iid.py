@@ -22,8 +22,8 @@ both methods (measured once, cached under ``<work>/seed<s>/gamma/``):
   like every other static selection.
 * **DT-CSFT** (section 4): tiers derived from the same Gamma (``dt_csft_tier_method``: by default
   the net-asymmetry ranking cut into thirds, since the depth tiers of a dense noisy 14-category
-  Gamma put everything in one middle tier); a random subset of ``steps x batch_size // 3`` records is ordered into
-  the 3-stage schedule (every record exactly three times, base tiers early, dependent late), so it
+  Gamma put everything in one middle tier); a random subset of ``steps x batch_size // 3``
+  records is ordered into the 3-stage schedule (every record exactly three times, base tiers early, dependent late), so it
   uses the study's step budget like the dynamic methods do, read in order without reshuffling.
 
 Both rows report the Gamma measurement's seconds (shared) plus their own as selection time.
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +44,10 @@ GAMMA_FILE = "study_gamma.json"
 
 
 def _gamma_settings(config, seed: int) -> dict:
-    keys = ("n_pool", "noise", "fraction", "batch_size", "lr", "max_len", "gamma_steps", "gamma_delta",
-            "gamma_relative_floor", "base_pool", "base_steps", "base_lr", "base_seed", "targets")
-    # Through JSON, so the tuples of the config compare equal to the lists read back from the file.
-    return json.loads(json.dumps({"seed": seed, **{k: asdict(config)[k] for k in keys}}))
+    """What the seed's Gamma depends on: the study's common options and its ``gamma_*`` ones."""
+    from jraise.study import options_key
+
+    return {"seed": seed, "options": options_key(config, "gamma", ("gamma_",))}
 
 
 def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path) -> dict:

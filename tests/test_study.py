@@ -49,6 +49,12 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
     e = StudyConfig(lr=3e-4)  # common options change every row
     assert all(settings_key(a, m) != settings_key(e, m) for m in ("random", "less", "raise", "ee_cpo"))
     assert settings_key(a, "random") != settings_key(a, "full")
+    # The per-seed Gamma cache uses the same mechanism: common options and the gamma_* group.
+    from jraise.study_beyond_iid import _gamma_settings
+
+    assert _gamma_settings(a, 0) == _gamma_settings(b, 0) == _gamma_settings(StudyConfig(ee_cpo_edit=0.5), 0)
+    assert _gamma_settings(a, 0) != _gamma_settings(d, 0) and _gamma_settings(a, 0) != _gamma_settings(a, 1)
+    assert _gamma_settings(a, 0) != _gamma_settings(StudyConfig(base_preset="tiny"), 0)  # another base model
 
 
 def test_study_runs_end_to_end_and_resumes(tmp_path):

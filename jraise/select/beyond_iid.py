@@ -68,9 +68,10 @@ def read_categorised(path: str | os.PathLike, categories_file: str | os.PathLike
     return CategorisedRecords(str(path), [p.source.record for p in parsed], [p.id for p in parsed], cats)
 
 
-def _content_key(record: dict) -> str:
-    """A key of a record's content without its id, so a candidate duplicating a kept record is caught."""
-    content = {k: v for k, v in record.items() if k != "id"}
+def content_key(record: dict, ignore: tuple[str, ...] = ("id",)) -> str:
+    """A key of a record's content without the ``ignore`` fields (its id by default), so a
+    candidate duplicating a kept record is caught."""
+    content = {k: v for k, v in record.items() if k not in ignore}
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -104,8 +105,8 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
                              f"not a number ({len(missing)} records)")
         quality = np.array([float(r[quality_field]) for r in cand.records])
     keep, add = realise_subset(pool.categories, plan.counts_after, cand.categories if cand else None, quality, seed,
-                               names=names, current_keys=[_content_key(r) for r in pool.records],
-                               candidate_keys=[_content_key(r) for r in cand.records] if cand else [])
+                               names=names, current_keys=[content_key(r) for r in pool.records],
+                               candidate_keys=[content_key(r) for r in cand.records] if cand else [])
     chosen = [pool.records[i] for i in keep] + ([cand.records[j] for j in add] if cand else [])
     out = Path(out)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
