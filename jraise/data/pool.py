@@ -5,7 +5,7 @@ convention and the truncation policy) into an `InstructionPool`; `load_preferenc
 prompt/chosen/rejected pairs into a `PreferencePool`. The load report (counts of kept, truncated
 and skipped records) is attached to the pool as its ``report`` attribute, so a loader returns one
 thing. `write_selection_jsonl` writes chosen records back, unchanged, as JSON lines.
-`skipped_summary` and `skip_lines` turn the reports of pools loaded with ``skip_bad=True`` into
+`skipped_summary`, `with_skipped` and `skip_lines` turn the reports of pools loaded with ``skip_bad=True`` into
 what a command records under ``"skipped"`` in its metadata JSON and the line it prints.
 
 Fingerprint
@@ -268,6 +268,12 @@ def skipped_summary(*pools: InstructionPool | PreferencePool | None) -> dict | N
         "problems": [asdict(p) for r in reports for p in r.problems],
         "problems_listed_per_file": MAX_REPORTED_PROBLEMS,
     }
+
+
+def with_skipped(record: dict, *pools: InstructionPool | PreferencePool | None) -> dict:
+    """``record`` plus ``"skipped"`` (`skipped_summary`) when bad records of ``pools`` were skipped."""
+    skipped = skipped_summary(*pools)
+    return record if skipped is None else {**record, "skipped": skipped}
 
 
 def skip_lines(*pools: InstructionPool | PreferencePool | None, where: str | os.PathLike | None = None) -> list[str]:

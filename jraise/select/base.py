@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_bytes, atomic_write_text
-from jraise.data.pool import InstructionPool, skipped_summary, write_selection_jsonl
+from jraise.data.pool import InstructionPool, with_skipped, write_selection_jsonl
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,10 +60,7 @@ class Selection:
         paths = {"selection": self.to_jsonl(pool, out)}
         if self.scores is not None:
             paths["scores"] = _save_npy(out.with_name(out.name + ".scores.npy"), self.scores)
-        meta = self.metadata()
-        skipped = skipped_summary(pool, *inputs)
-        if skipped is not None:
-            meta["skipped"] = skipped
+        meta = with_skipped(self.metadata(), pool, *inputs)
         paths["meta"] = atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
         return paths
 

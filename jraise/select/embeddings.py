@@ -20,7 +20,7 @@ from flax import nnx
 
 from jraise.atomic import atomic_write_text
 from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets
-from jraise.data.pool import InstructionPool, skipped_summary
+from jraise.data.pool import InstructionPool, with_skipped
 from jraise.select.clustering import kmeans, pca, zscore
 
 DERIVED_PREFIX = "derived-"
@@ -62,8 +62,5 @@ def derive_categories(model, pool: InstructionPool, k: int, dims: int = 32, seed
     if out is not None:
         document = {"derived": True, "method": "kmeans(pooled hidden state)", "k": k, "dims": dims, "seed": seed,
                     "pool_fingerprint": pool.fingerprint, "categories": dict(zip(pool.ids, cats))}
-        skipped = skipped_summary(pool)
-        if skipped is not None:
-            document["skipped"] = skipped
-        atomic_write_text(Path(out), json.dumps(document, indent=1) + "\n")
+        atomic_write_text(Path(out), json.dumps(with_skipped(document, pool), indent=1) + "\n")
     return cats

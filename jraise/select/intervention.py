@@ -88,7 +88,7 @@ from jraise.data.batching import (
     make_batch,
     pick_bucket,
 )
-from jraise.data.pool import InstructionPool, skipped_summary
+from jraise.data.pool import InstructionPool, with_skipped
 from jraise.select.interactions import ORIENTATION, interaction_matrix, save_gamma
 from jraise.train.loop import accumulation_batch
 from jraise.train.step import (
@@ -788,8 +788,7 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
 
     def document(gamma_error: str | None) -> dict:
         changed = [np.setxor1d(sets[k + 1], base) for k in range(len(names))]
-        skipped = skipped_summary(pool, eval_pool)
-        return {
+        return with_skipped({
             "format_version": FORMAT_VERSION,
             "method": "Beyond IID (arXiv 2409.07045), section 2: interaction matrix by intervention",
             "pool": {"source": pool.source, "fingerprint": pool.fingerprint, "size": len(pool)},
@@ -808,8 +807,7 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
             "bucket_lengths": stats["bucket_lengths"],
             "config": config.to_dict(),
             "gamma_error": gamma_error,
-            **({"skipped": skipped} if skipped is not None else {}),
-        }
+        }, pool, eval_pool)
 
     out = None if out_dir is None else Path(out_dir)
     if out is not None:

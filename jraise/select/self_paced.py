@@ -163,7 +163,7 @@ def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, o
     A bad record of the pool is an error naming file, line and field, unless ``skip_bad``: then
     it is dropped, ``echo`` gets a line saying how many, and ``selections.json`` lists them under
     ``"skipped"``; the indices count the kept records."""
-    from jraise.data.pool import load_pool, skip_lines, skipped_summary
+    from jraise.data.pool import load_pool, skip_lines, with_skipped
     from jraise.model import load_model, load_tokenizer
     from jraise.train import export_model
 
@@ -180,8 +180,5 @@ def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, o
     config = {"steps": steps, "batch_size": batch_size, "lr": lr, "refresh_every": refresh_every,
               "n_buckets": n_buckets, "seed": seed, "max_len": max_len, "model": str(model_dir)}
     record = {"method": "sspl", "pool_fingerprint": pool.fingerprint, "config": config, "indices": indices.tolist()}
-    skipped = skipped_summary(pool)
-    if skipped is not None:
-        record["skipped"] = skipped
-    atomic_write_text(out / "selections.json", json.dumps(record) + "\n")
+    atomic_write_text(out / "selections.json", json.dumps(with_skipped(record, pool)) + "\n")
     return export_model(model, out / "final", tok_dir)

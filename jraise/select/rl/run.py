@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.atomic import atomic_write_text
-from jraise.data.pool import load_pool, skip_lines, skipped_summary
+from jraise.data.pool import load_pool, skip_lines, with_skipped
 from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
 from jraise.select.rl.features import (
     cached_static_features,
@@ -46,12 +46,6 @@ def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = F
             echo(line)
     model, _ = load_model(model_dir)
     return tok, model, pool, val_pool, start_token_of(tok)
-
-
-def _with_skipped(record: dict, *pools) -> dict:
-    """``record`` plus ``"skipped"`` (see `skipped_summary`) when a pool had bad records skipped."""
-    skipped = skipped_summary(*pools)
-    return record if skipped is None else {**record, "skipped": skipped}
 
 
 def _val_batch(val_pool) -> dict:
@@ -84,7 +78,7 @@ def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseCon
     _lora(model, lora_rank, config.seed)
     static = cached_static_features(out / "static.npz", model, str(model_dir.resolve()), pool, start)
     labels = cluster_pool(static, clusters, config.seed) if clusters > 1 else np.zeros(len(pool), np.int64)
-    atomic_write_text(out / "clusters.json", json.dumps(_with_skipped(
+    atomic_write_text(out / "clusters.json", json.dumps(with_skipped(
         {"clusters": clusters, "per_cluster": config.per_cluster, "pool_fingerprint": pool.fingerprint,
          "lora_rank": lora_rank, "labels": labels.tolist()}, pool, val_pool)) + "\n")
     echo(f"raise: pool {len(pool)}, {clusters} cluster(s) of sizes {np.bincount(labels).tolist()}, "
@@ -139,7 +133,7 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
                                             layout, device_pool(pool), _val_batch(val_pool), jax.random.key(seed))
     assign_trainable(model, trainable)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "selections.json", json.dumps(_with_skipped({
+    atomic_write_text(out / "selections.json", json.dumps(with_skipped({
         "indices": np.asarray(rollout.indices).tolist(), "val_losses": np.asarray(rollout.val_losses).tolist(),
         "train_losses": np.asarray(losses).tolist(), "val_loss0": float(rollout.val_loss0),
         "deployment": "sample" if sample else "top_b", "seed": seed}, pool, val_pool)) + "\n")
