@@ -32,6 +32,20 @@ the ratios):
    length bucket is compiled during the warm-up. Its time includes building the padded groups on
    the host and copying the features back.
 
+1b. **Factored projection mode (LoGra-style Kronecker blocks per LoRA matrix), same run.** A
+   fourth side, ``features_factored``, runs `compute_features` with ``ProjectionConfig.mode =
+   "factored"`` on the same groups, timed in the same rotating rounds: its examples/s next to the
+   dense mode's and the torch reference's, as ratios. Then, outside the timing, agreement on the
+   same examples. LESS-style scores: the mean cosine of each pool example's (Adam-preconditioned)
+   feature with ``--n-val`` validation features (plain SFT gradients of the testbed's validation
+   examples, projected in the same mode). Scores are computed four ways: from the exact,
+   unprojected gradients (P coordinates), from dense features, from factored features, and from
+   dense features of another seed (``--seed + 1``: how much two dense projections disagree
+   anyway, the yardstick for the factored one). For each pair the JSON reports the Pearson and
+   Spearman correlations of the scores and the overlap of the top 5% selected by each
+   (|A & B| / k, k = ceil(0.05 N)). ``--factored-dim`` gives the factored side its own d (its cost
+   grows with d far more slowly than the dense mode's). ``--skip-factored`` leaves 1b out.
+
 2. **jraise feature extraction vs a plain jitted training step (examples/s).** The same LoRA model
    trains with `make_train_step` + `make_optimizer` (AdamW, constant lr, clipping at 1.0) on exactly
    the groups `compute_features` builds (`grouped_indices`: one length bucket per group, padding
@@ -78,6 +92,7 @@ would flatter jraise. jraise (XLA) uses its own thread pool over all cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -243,6 +258,57 @@ def _jraise_vectors(graphdef, trainable, frozen, pool, rows, moments, bucket: in
     fn = make_per_example_fn(graphdef, "sft", chunk=len(rows),
                              transform=lambda g, extra: flatten_tree(adam_precondition(g, *extra)))
     return np.asarray(fn(trainable, frozen, make_batch(pool, rows, bucket), moments))
+
+
+def _exact_vectors(graphdef, trainable, frozen, pool, rows, config, moments):
+    """[len(rows), P] unprojected per-example gradients ([Adam-preconditioned] when ``moments``),
+    flattened in jraise's tree order, computed on `compute_features`' groups (figure 1b)."""
+    import numpy as np
+
+    from jraise.data.batching import PAD_INDEX, length_buckets, make_batch
+    from jraise.grads.features import grouped_indices
+    from jraise.grads.per_example import adam_precondition, make_per_example_fn
+    from jraise.grads.projection import flatten_tree
+
+    def transform(g, extra):
+        return flatten_tree(adam_precondition(g, *extra) if extra is not None else g)
+
+    fn = make_per_example_fn(graphdef, "sft", config.chunk, transform=transform)
+    position = {int(r): k for k, r in enumerate(rows)}
+    out = None
+    for bucket, index in grouped_indices(pool.lengths, rows, length_buckets(pool.lengths, config.n_buckets),
+                                         config.group):
+        batch = {k: v for k, v in make_batch(pool, index, bucket).items() if k != "index"}
+        vecs = np.asarray(fn(trainable, frozen, batch, moments))
+        if out is None:
+            out = np.zeros((len(rows), vecs.shape[1]), np.float32)
+        real = index != PAD_INDEX
+        out[[position[int(i)] for i in index[real]]] = vecs[real]
+    return out
+
+
+def _less_scores(train, val):
+    """[N] mean cosine of each train row with the val rows (LESS's score for one task)."""
+    import numpy as np
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+    return (unit(train) @ unit(val).T).mean(axis=1)
+
+
+def _agreement(a, b, fraction: float = 0.05) -> dict:
+    """Pearson, Spearman and top-``fraction`` overlap of two score vectors."""
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    k = max(1, math.ceil(fraction * len(a)))
+    top_a, top_b = set(np.argsort(-a, kind="stable")[:k]), set(np.argsort(-b, kind="stable")[:k])
+    return {"pearson": round(float(stats.pearsonr(a, b)[0]), 4), "spearman": round(float(stats.spearmanr(a, b)[0]), 4),
+            "top5_overlap": round(len(top_a & top_b) / k, 3), "top5_k": k}
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -431,6 +497,28 @@ def _scoring_memory(work: str | None, rows: int, dim: int) -> dict:
     return {**child, "store_bytes": size, "store_write_s": round(write_s, 1)}
 
 
+def _factored_agreement(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, factored, moments,
+                        last) -> dict:
+    """Figure 1b's agreement: LESS-style scores from exact gradients, dense, factored and other-seed
+    dense features of the same pool rows (the timed sides' last-round features) and val rows."""
+    from jraise.grads.features import compute_features
+
+    other = dataclasses.replace(dense, projection=dataclasses.replace(dense.projection, seed=dense.projection.seed + 1))
+    train = {"dense": last["features"], "factored": last["features_factored"],
+             "dense_other_seed": compute_features(graphdef, trainable, frozen, pool, rows, other, "sft",
+                                                  moments=moments),
+             "exact": _exact_vectors(graphdef, trainable, frozen, pool, rows, dense, moments)}
+    val = {"dense": compute_features(graphdef, trainable, frozen, val_pool, val_rows, dense, "sft"),
+           "factored": compute_features(graphdef, trainable, frozen, val_pool, val_rows, factored, "sft"),
+           "dense_other_seed": compute_features(graphdef, trainable, frozen, val_pool, val_rows, other, "sft"),
+           "exact": _exact_vectors(graphdef, trainable, frozen, val_pool, val_rows, dense, None)}
+    scores = {name: _less_scores(train[name], val[name]) for name in train}
+    pairs = (("exact", "dense"), ("exact", "factored"), ("dense", "factored"), ("dense", "dense_other_seed"),
+             ("exact", "dense_other_seed"))
+    out = {f"{a}_vs_{b}": _agreement(scores[a], scores[b]) for a, b in pairs}
+    return {"val_examples": len(val_rows), "exact_dim": int(train["exact"].shape[1]), **out}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -467,6 +555,10 @@ def main(argv=None):
                         help="also time jraise without the projection, and one projection call")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch reference (figure 1)")
     parser.add_argument("--skip-memory", action="store_true", help="no scoring-memory figure (figure 3)")
+    parser.add_argument("--skip-factored", action="store_true", help="no factored-mode side (figure 1b)")
+    parser.add_argument("--n-val", type=int, default=8, help="validation examples of the 1b agreement scores")
+    parser.add_argument("--factored-dim", type=int, default=None,
+                        help="d of the factored side (default: --proj-dim; larger d is cheap in factored mode)")
     parser.add_argument("--score-rows", type=int, default=1_000_000)
     parser.add_argument("--score-dim", type=int, default=1024)
     parser.add_argument("--work", default=None, help="where the scoring store is written (default: a temp dir)")
@@ -484,7 +576,12 @@ def main(argv=None):
     from jraise.data.pool import load_pool
     from jraise.data.testbed import write_testbed
     from jraise.grads.features import FeatureConfig
-    from jraise.grads.projection import ProjectionConfig, dense_matrix, tree_size
+    from jraise.grads.projection import (
+        ProjectionConfig,
+        dense_matrix,
+        factored_plan,
+        tree_size,
+    )
     from jraise.model import (
         init_model,
         load_tokenizer,
@@ -516,6 +613,16 @@ def main(argv=None):
         result["lora_params"] = n_lora
         result["real_tokens"] = int(pool.lengths.sum())
         sides = {"features": _features_side(graphdef, trainable, frozen, pool, rows, config, moments)}
+        if not args.skip_factored:
+            factored_dim = args.factored_dim or args.proj_dim
+            result["factored_dim"] = factored_dim
+            factored = dataclasses.replace(config, projection=dataclasses.replace(config.projection, mode="factored",
+                                                                                  dim=factored_dim))
+            sides["features_factored"] = _features_side(graphdef, trainable, frozen, pool, rows, factored, moments)
+            result["factored_split"] = [list(dims) for _, _, dims in factored_plan(
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable), factored_dim)]
+            val_pool = load_pool(paths["val"], tok, max_len=args.max_len)
+            val_rows = np.arange(min(args.n_val, len(val_pool)))
         train_run, n_train_real, group_shape = _train_side(model, graphdef, pool, rows, config, args.lr)
         result.update(group_shape)  # both jraise sides process these groups, padding rows included
         result["real_row_fraction"] = round(len(rows) / group_shape["group_rows"], 3)
@@ -551,8 +658,8 @@ def main(argv=None):
         run(warm=True)
         result[f"warmup_s_{name}"] = round(time.perf_counter() - t0, 2)
 
-    n_real = {"features": len(rows), "less_reference": len(rows), "training": n_train_real,
-              "grads_no_projection": len(rows)}
+    n_real = {"features": len(rows), "features_factored": len(rows), "less_reference": len(rows),
+              "training": n_train_real, "grads_no_projection": len(rows)}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     last: dict = {}
     names = list(sides)
@@ -573,6 +680,13 @@ def main(argv=None):
     if "less_reference" in sides:
         result["ratio_jraise_over_less_reference"] = round(median["features"] / median["less_reference"], 3)
     result["ratio_features_over_training"] = round(median["features"] / median["training"], 3)
+    if "features_factored" in sides:
+        result["ratio_factored_over_dense"] = round(median["features_factored"] / median["features"], 3)
+        if "less_reference" in sides:
+            result["ratio_factored_over_less_reference"] = round(
+                median["features_factored"] / median["less_reference"], 3)
+        result["agreement"] = _factored_agreement(graphdef, trainable, frozen, pool, rows, val_pool, val_rows,
+                                                  config, factored, moments, last)
 
     if not args.skip_memory:
         result["scoring"] = _scoring_memory(args.work, args.score_rows, args.score_dim)
@@ -589,6 +703,20 @@ def main(argv=None):
               f"after")
     else:
         print("    skipped (--skip-torch)")
+    if "features_factored" in sides:
+        a = result["agreement"]
+        vs_ref = (f", {result['ratio_factored_over_less_reference']:.2f}x the torch reference"
+                  if "less_reference" in sides else "")
+        print(f"[1b] factored mode (d={result['factored_dim']}) {median['features_factored']:.1f} ex/s vs dense {median['features']:.1f} ex/s: "
+              f"{result['ratio_factored_over_dense']:.2f}x{vs_ref}. LESS-style scores ({len(rows)} train x "
+              f"{a['val_examples']} val), Pearson / Spearman / top-5% overlap:")
+        for name, label in (("exact_vs_dense", "exact vs dense"), ("exact_vs_factored", "exact vs factored"),
+                            ("dense_vs_factored", "dense vs factored"),
+                            ("dense_vs_dense_other_seed", "dense vs dense (seed+1)"),
+                            ("exact_vs_dense_other_seed", "exact vs dense (seed+1)")):
+            x = a[name]
+            print(f"     {label:26s} {x['pearson']:.4f} / {x['spearman']:.4f} / {x['top5_overlap']:.3f} "
+                  f"(k={x['top5_k']})")
     print(f"[2] features {median['features']:.1f} ex/s vs training {median['training']:.1f} ex/s: "
           f"{result['ratio_features_over_training']:.2f}x (goal >= 0.5x)")
     if "scoring" in result:

@@ -3,6 +3,7 @@
 pool (or preference pool) + model weights [+ the checkpoint's Adam moments]
   -> fixed-size groups of examples of one length bucket (static shapes: a handful of programs)
   -> `make_per_example_fn`: per-example gradient -> [Adam preconditioning] -> flatten -> JL project
+     (factored mode: the preconditioned tree -> a Kronecker JL projection per 2-D leaf)
   -> rows of the store, in pool order, shard by shard (a killed run resumes at the first missing
      shard and ends bit-identical: every step is deterministic).
 
@@ -45,7 +46,12 @@ from jraise.grads.per_example import (
     make_per_example_fn,
     make_sequence_logprob_fn,
 )
-from jraise.grads.projection import ProjectionConfig, flatten_tree, project
+from jraise.grads.projection import (
+    ProjectionConfig,
+    flatten_tree,
+    project,
+    project_tree_factored,
+)
 from jraise.grads.store import DEFAULT_SHARD_ROWS, FeatureStore
 
 Pytree = object
@@ -57,7 +63,13 @@ class FeatureConfig:
     bucket) and per projection (the random blocks are generated once per group); ``chunk``:
     examples whose gradients exist at once inside it. Memory: chunk x (activations + gradients)
     plus group x P floats for the flattened, preconditioned gradients awaiting projection (P =
-    trainable size: small under LoRA; lower ``group`` for full gradients of a large model)."""
+    trainable size: small under LoRA; lower ``group`` for full gradients of a large model).
+
+    ``projection.mode``: ``"dense"`` projects the flattened gradient by one JL matrix;
+    ``"factored"`` projects each 2-D leaf by its own Kronecker matrix (LoGra) and the other leaves
+    densely (`jraise.grads.projection.project_tree_factored`): the same per-example gradients,
+    far fewer random numbers per group. The two give different (both unbiased) features; the
+    store's identity records the mode."""
 
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     chunk: int = 8
@@ -77,15 +89,16 @@ class FeatureConfig:
         return {**asdict(self), "projection": self.projection.to_dict()}
 
 
-def _precondition_and_flatten(adam: bool):
-    """``transform(grad, extra)`` for `make_per_example_fn`: [Adam preconditioning] then flatten.
-    The projection is applied afterwards to the whole group at once (see `_group_features_fn`)."""
+def _precondition_and_flatten(adam: bool, flatten: bool = True):
+    """``transform(grad, extra)`` for `make_per_example_fn`: [Adam preconditioning] then flatten
+    (dense mode; factored mode keeps the tree, whose 2-D leaves it projects one by one). The
+    projection is applied afterwards to the whole group at once (see `_group_features_fn`)."""
 
     def transform(grad, extra):
         if adam:
             mu, nu, _ = extra
             grad = adam_precondition(grad, mu, nu)
-        return flatten_tree(grad)
+        return flatten_tree(grad) if flatten else grad
 
     return transform
 
@@ -101,20 +114,27 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
     (FSDP-sharded at rest) are gathered once per call, and the projection blocks are generated
     from the same keys on every device, so the features equal the single-device ones.
     """
-    grads = make_per_example_fn(graphdef, loss, config.chunk, _precondition_and_flatten(adam), dtypes, config.beta,
-                                jit=False)
     proj = config.projection
+    factored = proj.mode == "factored"
+    grads = make_per_example_fn(graphdef, loss, config.chunk, _precondition_and_flatten(adam, not factored), dtypes,
+                                config.beta, jit=False)
 
     def fn(trainable, frozen, batch, extra):
-        flat = grads(trainable, frozen, batch, extra)
+        per_example = grads(trainable, frozen, batch, extra)  # [group, P], or a tree of [group, ...]
         key = extra[2] if adam else extra
-        return project(flat, key, proj.dim, proj.kind, proj.block_rows)
+        if factored:
+            return project_tree_factored(per_example, key, proj.dim, proj.kind, proj.block_rows)
+        return project(per_example, key, proj.dim, proj.kind, proj.block_rows)
 
     if mesh is not None:
         whole, rows = PartitionSpec(), PartitionSpec(parallel.ROWS)
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(whole, whole, rows, whole), out_specs=rows, check_vma=False)
     return jax.jit(fn)
 
+
+# Identity keys added after stores were first written, with what their absence in a saved
+# identity means (stores from before `ProjectionConfig.mode` hold dense features).
+IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense"}
 
 # Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one
 # per shard, checkpoint or side) compile once.
@@ -201,7 +221,9 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
     """Fills (or finishes) the store at ``store_dir`` with the pool's L2-normalised features.
 
     ``identity`` names the weights (model, run, checkpoint step); the pool fingerprint, loss, Adam
-    flag and `FeatureConfig` are added here. Reopening with any of them different is an error.
+    flag and `FeatureConfig` are added here. Reopening with any of them different is an error. A
+    store written before ``ProjectionConfig.mode`` existed has no ``features.projection.mode``: it
+    holds dense features and reopens under ``mode="dense"`` (`IDENTITY_ABSENT_MEANS`).
     """
     full_identity = {**identity, "pool_fingerprint": pool.fingerprint, "loss": loss,
                      "adam": moments is not None, "features": config.to_dict()}
@@ -212,7 +234,8 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
 
     def open_store() -> FeatureStore:
         return FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
-                                           identity=full_identity, shard_rows=config.shard_rows)
+                                           identity=full_identity, shard_rows=config.shard_rows,
+                                           absent_means=IDENTITY_ABSENT_MEANS)
 
     store = open_store() if writer else None
     parallel.barrier("jraise-feature-store-created")

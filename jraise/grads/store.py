@@ -50,6 +50,9 @@ names like ``identity.projection.seed``) with the request, after a JSON round tr
 equal lists). Values are compared by their JSON text, so 1 and 1.0 or 1 and true differ. Any
 difference raises ValueError listing every differing field with its saved and requested value,
 so features of another pool, model, checkpoint, seed or dim are never mixed in silently.
+An identity key added after some stores were written can be given a meaning for its absence
+(``absent_means``, e.g. ``{"features.projection.mode": "dense"}``): a saved identity without the
+key then compares as that value, so older stores stay usable where nothing changed for them.
 
 Normalisation
 -------------
@@ -157,23 +160,32 @@ def _json_text(value) -> str:
     return "<absent>" if value is _ABSENT else json.dumps(value, sort_keys=True)
 
 
-def _diff(saved, requested, name: str) -> list[str]:
+def _diff(saved, requested, name: str, absent_means: dict | None = None) -> list[str]:
     if isinstance(saved, dict) and isinstance(requested, dict):
         out = []
         for key in sorted(set(saved) | set(requested)):
-            out += _diff(saved.get(key, _ABSENT), requested.get(key, _ABSENT), f"{name}.{key}")
+            out += _diff(saved.get(key, _ABSENT), requested.get(key, _ABSENT), f"{name}.{key}", absent_means)
         return out
+    shown = _json_text(saved)
+    if saved is _ABSENT and absent_means and name in absent_means:
+        saved = absent_means[name]
+        shown = f"<absent, meaning {_json_text(saved)}>"
     if _json_text(saved) == _json_text(requested):
         return []
-    return [f"{name}: saved {_json_text(saved)}, requested {_json_text(requested)}"]
+    return [f"{name}: saved {shown}, requested {_json_text(requested)}"]
 
 
-def meta_differences(saved: StoreMeta, requested: StoreMeta) -> list[str]:
-    """One "field: saved X, requested Y" line per differing field (identity keys as dotted names)."""
+def meta_differences(saved: StoreMeta, requested: StoreMeta, absent_means: dict | None = None) -> list[str]:
+    """One "field: saved X, requested Y" line per differing field (identity keys as dotted names).
+
+    ``absent_means``: {dotted identity key (without the ``identity.`` prefix): value} for keys
+    added after a store was written: a saved identity without the key compares as that value.
+    """
     out = []
     for name in ("format_version", "dtype", "n", "dim", "shard_rows"):
         out += _diff(getattr(saved, name), getattr(requested, name), name)
-    return out + _diff(saved.identity, requested.identity, "identity")
+    absent = {f"identity.{key}": _canonical_identity({"v": value})["v"] for key, value in (absent_means or {}).items()}
+    return out + _diff(saved.identity, requested.identity, "identity", absent)
 
 
 def _create_exclusive(path: Path, text: str) -> None:
@@ -299,9 +311,11 @@ class FeatureStore:
 
     @classmethod
     def create_or_open(cls, store_dir: str | os.PathLike, n: int, dim: int, identity: dict,
-                       shard_rows: int = DEFAULT_SHARD_ROWS) -> FeatureStore:
+                       shard_rows: int = DEFAULT_SHARD_ROWS, absent_means: dict | None = None) -> FeatureStore:
         """Creates the store, or opens an existing one whose metadata equals the request.
 
+        ``absent_means`` (see `meta_differences`): identity keys newer than some stores, with the
+        value a saved identity lacking them stands for; the saved ``meta.json`` is left as it is.
         Raises ValueError naming the directory and every differing field (saved vs requested).
         """
         store_dir = Path(store_dir)
@@ -315,7 +329,7 @@ class FeatureStore:
                                  "their identity is unknown; use another directory or delete them")
             _create_exclusive(meta_path, requested.to_json())
         saved = StoreMeta.read(meta_path)
-        diffs = meta_differences(saved, requested)
+        diffs = meta_differences(saved, requested, absent_means)
         if diffs:
             raise ValueError(f"{store_dir}: holds features that differ from the requested ones in "
                              + "; ".join(diffs) + ". Use another store directory for these features "

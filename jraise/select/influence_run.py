@@ -25,7 +25,7 @@ import numpy as np
 
 from jraise.data.pool import load_pool, load_preference_pool, skip_lines
 from jraise.grads.features import FeatureConfig, feature_store, zero_reference
-from jraise.grads.projection import ProjectionConfig
+from jraise.grads.projection import MODES, ProjectionConfig
 from jraise.select.base import Selection
 from jraise.select.influence import METHODS, checkpoint_weights, select_by_influence
 
@@ -37,7 +37,9 @@ class InfluenceRunConfig:
     """Options of `run_influence_selection` (defaults: the LESS paper's, except sizes that a
     testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free, the default:
     same normalised features, no reference forward pass) or "dpo" (exact, base model as reference).
-    ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
+    ``projection_mode``: "dense" (LESS's one JL matrix) or "factored" (a Kronecker projection per
+    LoRA matrix, much cheaper to generate; other features, stored apart: see
+    `jraise.grads.projection`). ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
     the meta file) instead of stopping at the first. It only decides which records are loaded:
     the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
     without bad records reuses them whether or not it is set.
@@ -57,6 +59,7 @@ class InfluenceRunConfig:
     lora_dropout: float = 0.1
     max_len: int = 2048
     proj_dim: int = 8192
+    projection_mode: str = "dense"
     seed: int = 0
     chunk: int = 8
     group: int = 64
@@ -73,10 +76,12 @@ class InfluenceRunConfig:
         for name in ("fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.projection_mode not in MODES:
+            raise ValueError(f"projection_mode must be one of {', '.join(MODES)}, got {self.projection_mode!r}")
 
     def features(self) -> FeatureConfig:
-        return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed), chunk=self.chunk,
-                             group=self.group)
+        return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed, mode=self.projection_mode),
+                             chunk=self.chunk, group=self.group)
 
 
 def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> Path:

@@ -362,16 +362,17 @@ def test_flatten_errors():
 
 def test_config_defaults_and_dict():
     config = ProjectionConfig()
-    assert config.to_dict() == {"dim": 8192, "kind": "rademacher", "seed": 0, "block_rows": 4096}
-    custom = ProjectionConfig(dim=np.int64(256), kind="gaussian", seed=np.uint32(7), block_rows=128)
-    assert json.loads(json.dumps(custom.to_dict())) == {"dim": 256, "kind": "gaussian", "seed": 7, "block_rows": 128}
+    assert config.to_dict() == {"dim": 8192, "kind": "rademacher", "seed": 0, "block_rows": 4096, "mode": "dense"}
+    custom = ProjectionConfig(dim=np.int64(256), kind="gaussian", seed=np.uint32(7), block_rows=128, mode="factored")
+    assert json.loads(json.dumps(custom.to_dict())) == {"dim": 256, "kind": "gaussian", "seed": 7, "block_rows": 128,
+                                                        "mode": "factored"}
     np.testing.assert_array_equal(jax.random.key_data(custom.key()), jax.random.key_data(jax.random.key(7)))
 
 
 @pytest.mark.parametrize(
     "field, value",
     [("dim", 0), ("dim", -8), ("dim", 8.0), ("dim", True), ("kind", "sparse"), ("kind", None), ("seed", -1),
-     ("seed", 2**32), ("seed", 1.5), ("block_rows", 0), ("block_rows", "4096")],
+     ("seed", 2**32), ("seed", 1.5), ("block_rows", 0), ("block_rows", "4096"), ("mode", "kron")],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):

@@ -99,3 +99,25 @@ def test_skip_bad_runs_past_bad_lines_and_records_them(testbed):
     assert sorted((str(q["file"]), q["line"]) for q in skipped["problems"]) == sorted(
         [(str(bad_pool), 4), (str(bad_val), n_val + 1)])
     assert skipping.features() == config.features()  # same feature stores with or without skip_bad
+
+
+def test_cli_less_with_the_factored_projection(testbed):
+    from typer.testing import CliRunner
+
+    from jraise.cli import app
+
+    root, paths = testbed
+    out = root / "cli-factored" / "sel.jsonl"
+    args = ["select", "less", "--model", str(root / "model"), "--pool", str(paths["pool"]), "--val",
+            str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
+            "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
+            "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
+    assert CliRunner().invoke(app, [*args, "--projection-mode", "kron"]).exit_code != 0
+    result = CliRunner().invoke(app, [*args, "--projection-mode", "factored"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 4
+    metas = sorted((out.with_name("sel.jsonl.work") / "features").glob("*/*/meta.json"))
+    assert metas  # a train store and a validation store per checkpoint
+    for meta in metas:
+        projection = json.loads(meta.read_text())["identity"]["features"]["projection"]
+        assert projection["mode"] == "factored" and projection["dim"] == 64
