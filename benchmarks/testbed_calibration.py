@@ -8,7 +8,7 @@ per-category exact match; writes the same as JSON to ``--out``.
 
 The issue's target: on 2 CPU cores, most categories reach 80% exact match within 5 minutes.
 
-    python benchmarks/testbed_calibration.py --steps 1500 --eval-every 250 --out benchmarks/results/calibration.json
+    python benchmarks/testbed_calibration.py --out benchmarks/results/calibration.json
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from pathlib import Path
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=20000)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=float, default=0.05)
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--n-test", type=int, default=50, help="test records per category")
+    parser.add_argument("--n-test", type=int, default=30, help="test records per category")
     parser.add_argument("--target", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="keep the testbed and run here (default: a temp dir)")

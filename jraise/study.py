@@ -132,11 +132,12 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     from jraise.data.pool import load_pool
     from jraise.data.testbed import CATEGORIES, write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
+    from jraise.model.config import PRESETS
     from jraise.train import TrainConfig, train
 
     categories = [c for c in CATEGORIES if c not in config.targets]
-    settings = {"base_preset": config.base_preset, "base_pool": config.base_pool, "base_steps": config.base_steps,
-                "base_lr": config.base_lr,
+    settings = {"base_preset": config.base_preset, "base_model": PRESETS[config.base_preset],
+                "base_pool": config.base_pool, "base_steps": config.base_steps, "base_lr": config.base_lr,
                 "base_seed": config.base_seed, "batch_size": config.batch_size, "max_len": config.max_len,
                 "categories": categories}
     base_dir = work / "base" / "run" / "final"
@@ -371,8 +372,11 @@ def options_key(config: StudyConfig, tag: str, own: tuple[str, ...]) -> str:
     """A hash of ``tag`` and every option but the method and seed lists and the option groups
     (`METHOD_OPTION_PREFIXES`) other than ``own``: what a result computed from those options
     depends on."""
+    from jraise.model.config import PRESETS
+
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("methods", "seeds") and (not k.startswith(_ALL_PREFIXES) or k.startswith(own))}
+    settings["base_model"] = PRESETS[config.base_preset]  # the preset's definition, not only its name
     return hashlib.sha256(json.dumps({"method": tag, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,6 @@ from flax import nnx
 from jraise.model.config import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_INIT_STD = 0.02  # transformers' default initializer_range
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
 
 
@@ -44,7 +43,7 @@ class Projection(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
                  rngs: nnx.Rngs):
         param_dtype = dtype_of(config.param_dtype)
-        init = nnx.initializers.normal(_INIT_STD)
+        init = nnx.initializers.normal(config.initializer_range)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else nnx.data(None)
         self.dtype = dtype_of(config.dtype)
@@ -197,7 +196,7 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        init = nnx.initializers.normal(_INIT_STD)
+        init = nnx.initializers.normal(config.initializer_range)
         self.embed_tokens = nnx.Param(
             init(rngs.params(), (config.vocab_size, config.hidden_size), dtype_of(config.param_dtype)))
         self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
@@ -270,5 +269,5 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> tuple:
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
-    """A randomly initialised model (normal(0.02) weights, unit norms), as transformers does."""
+    """A randomly initialised model (normal(`config.initializer_range`) weights, unit norms), as transformers does."""
     return CausalLM(config, rngs=nnx.Rngs(params=seed))

@@ -66,3 +66,18 @@ def test_presets_build_abstractly(name):
 def test_gqa_config_is_validated():
     with pytest.raises(ValueError, match="multiple"):
         preset_config("tiny", vocab_size=10, num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_initializer_range_sets_the_weight_std_and_round_trips_through_config_json():
+    config = preset_config("tiny", vocab_size=64, initializer_range=0.08)
+    model = init_model(config, seed=0)
+    kernels = [np.asarray(model.embed_tokens[...]).ravel()]
+    kernels += [np.asarray(layer.mlp.down_proj.kernel[...]).ravel() for layer in model.layers]
+    std = np.concatenate(kernels).std()
+    assert abs(std - 0.08) < 0.004  # ~6k draws: standard error of the std is about 0.0007
+    hf = config.to_hf_dict()
+    assert hf["initializer_range"] == 0.08
+    assert type(config).from_hf_dict(hf).initializer_range == 0.08
+    assert type(config).from_hf_dict({k: v for k, v in hf.items() if k != "initializer_range"}).initializer_range == 0.02
+    with pytest.raises(ValueError, match="initializer_range"):
+        preset_config("tiny", vocab_size=64, initializer_range=0.0)
