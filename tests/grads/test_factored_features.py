@@ -8,11 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jraise.data.batching import make_batch
-from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
 from jraise.grads.features import FeatureConfig, compute_features, feature_store
 from jraise.grads.per_example import adam_precondition, example_grad_fn
 from jraise.grads.projection import (
@@ -24,8 +21,7 @@ from jraise.grads.projection import (
     factored_split,
     project_tree_factored,
 )
-from jraise.model import init_model, load_tokenizer, preset_config
-from jraise.model.lora import LoRAConfig, add_lora
+from jraise.model import init_model, preset_config
 from jraise.train.step import split_trainable
 
 BLOCK = 64
@@ -33,22 +29,10 @@ ROWS = np.array([5, 0, 9, 11])
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_testbed_and_lora):
     """(root, pool, lora (graphdef, trainable, frozen), full-parameter (graphdef, trainable, frozen))."""
-    root = tmp_path_factory.mktemp("factored")
-    paths = write_testbed(root / "tb", n_train=12, noise=0.3, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "reverse", "add"])
-    tok = load_tokenizer(paths["tokenizer"])
-    pool = load_pool(paths["pool"], tok, max_len=256)
-    config = preset_config("tiny", vocab_size=len(tok))
-    full = split_trainable(init_model(config, seed=1))
-    model = init_model(config, seed=0)
-    add_lora(model, LoRAConfig(rank=2, alpha=4.0))
-    key = jax.random.key(3)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.LoRAParam):  # B != 0, as after warm-up, so every leaf has a gradient
-            key, sub = jax.random.split(key)
-            node.value = 0.05 * jax.random.normal(sub, node.value.shape)
+    root, pool, _, tok, model = tiny_testbed_and_lora("factored", 12)
+    full = split_trainable(init_model(preset_config("tiny", vocab_size=len(tok)), seed=1))
     return root, pool, split_trainable(model), full
 
 

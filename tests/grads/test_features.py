@@ -4,10 +4,7 @@ bit-identically after a kill; ROSE's exact DPO and reference-free features agree
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from jraise.data.pool import load_pool, load_preference_pool
-from jraise.data.testbed import write_testbed
 from jraise.grads.features import (
     FeatureConfig,
     compute_features,
@@ -16,26 +13,12 @@ from jraise.grads.features import (
 )
 from jraise.grads.per_example import adam_precondition, example_grad_fn
 from jraise.grads.projection import ProjectionConfig, dense_matrix, flatten_tree
-from jraise.model import init_model, load_tokenizer, preset_config
-from jraise.model.lora import LoRAConfig, add_lora
 from jraise.train.step import split_trainable
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    paths = write_testbed(root / "tb", n_train=30, noise=0.3, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "reverse", "add"])
-    tok = load_tokenizer(paths["tokenizer"])
-    pool = load_pool(paths["pool"], tok, max_len=256)
-    pref = load_preference_pool(paths["val_pref"], tok, max_len=256)
-    model = init_model(preset_config("tiny", vocab_size=len(tok)), seed=0)
-    add_lora(model, LoRAConfig(rank=2, alpha=4.0))
-    key = jax.random.key(3)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.LoRAParam):
-            key, sub = jax.random.split(key)
-            node.value = 0.05 * jax.random.normal(sub, node.value.shape)
+def setup(tiny_testbed_and_lora):
+    root, pool, pref, _, model = tiny_testbed_and_lora("features", 30)
     graphdef, trainable, frozen = split_trainable(model)
     return root, pool, pref, graphdef, trainable, frozen
 
