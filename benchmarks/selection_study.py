@@ -22,7 +22,9 @@ def main(argv=None) -> dict:
     from jraise.atomic import atomic_write_text
     from jraise.study import (
         ALL_METHODS,
+        REFERENCE_METHODS,
         StudyConfig,
+        full_run_steps,
         markdown_table,
         plot_summary,
         run_study,
@@ -32,7 +34,7 @@ def main(argv=None) -> dict:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/jraise_study", help="work directory (resumable)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(ALL_METHODS + REFERENCE_METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--targets", default=",".join(defaults.targets))
     for name in ("n_pool", "steps", "batch_size", "n_test", "base_pool", "base_steps", "raise_episodes",
@@ -59,6 +61,10 @@ def main(argv=None) -> dict:
               f"targets {', '.join(config.targets)}; pool {config.n_pool} records, {config.noise:.0%} noise; "
               f"{config.fraction:.0%} budget / {config.steps} update steps; seeds {list(config.seeds)} "
               f"(mean ± std); run time {seconds:.0f} s\n\n")
+    if "full_run" in config.methods:
+        full = full_run_steps(config)
+        header += (f"full_run: the whole pool for {config.full_run_epochs} epochs = {full} steps, so the "
+                   f"{config.steps}-step budget is {config.steps / full:.0%} of the full-data steps\n\n")
     atomic_write_text(out.with_suffix(".md"), header + table + "\n")
     atomic_write_text(out.with_suffix(".json"), json.dumps({"config": asdict(config), "base": result["base"],
                                                             "summary": summary, "rows": result["rows"]}, indent=2) + "\n")

@@ -13,7 +13,9 @@ Protocol (one seed):
 3. **Selection at one budget.** Static selectors (random, longest, perplexity, IFD, RDS, LESS,
    ROSE, and EE-CPO's re-mix of a random ``fraction``) pick ``fraction`` of the pool; the base
    model is then fine-tuned on the picked records for exactly ``steps`` updates of ``batch_size``
-   (reshuffled every pass). Full data trains on the whole pool for the same ``steps``. Dynamic
+   (reshuffled every pass). Full data trains on the whole pool for the same ``steps``; the
+   reference row ``full_run`` (not in the demo) trains on it for ``full_run_epochs`` whole epochs,
+   the complete full-data run of which ``steps`` is a fraction (`full_run_steps`). Dynamic
    selectors (SSPL, RAISE) choose every batch themselves for the same ``steps`` updates: the RAISE
    paper's equal-steps protocol (one RAISE policy per seed, deployed twice: ``raise`` takes its
    deterministic top-b as in the paper, ``raise_sampled`` draws batches from it as in training);
@@ -49,6 +51,10 @@ STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose
 DYNAMIC_METHODS = ("sspl", "raise", "raise_sampled")
 ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo", "dt_csft", "sspl",
                "raise", "raise_sampled")
+# Reference rows outside the common budget (not in the demo): "full_run" is a complete fine-tune on the
+# whole pool (``full_run_epochs`` epochs), the "full data" of the RAISE paper's budget protocol, against
+# which the selection methods' ``steps`` are a fraction of the full-data steps.
+REFERENCE_METHODS = ("full_run",)
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,13 @@ class StudyConfig:
     # categories the prerequisite graph of the "depth" method is one strongly connected component,
     # which puts every category in the middle tier (measured: seed 0, 40- and 120-step Gammas).
     dt_csft_tier_method: str = "net_asymmetry"
+    full_run_epochs: int = 3
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS + REFERENCE_METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS + REFERENCE_METHODS)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         from jraise.model.config import PRESETS
@@ -226,13 +233,23 @@ def _epoch_orders(indices: np.ndarray, steps: int, batch_size: int, seed: int) -
     return [rng.permutation(indices) for _ in range(math.ceil(steps / per_epoch))]
 
 
-def _finetune_on(base_dir: Path, pool, order, config: StudyConfig, seed: int, run_dir: Path):
+def full_run_steps(config: StudyConfig) -> int:
+    """Updates of the "full_run" reference: ``full_run_epochs`` whole passes over the pool."""
+    return config.full_run_epochs * math.ceil(config.n_pool / config.batch_size)
+
+
+def _finetune_on(base_dir: Path, pool, order, config: StudyConfig, seed: int, run_dir: Path,
+                 epochs: int | None = None):
+    """The base fine-tuned for ``config.steps`` updates in ``order`` (None: the trainer's epoch
+    orders over the whole pool); ``epochs``: instead, that many whole epochs (no step cap)."""
     from jraise.model import load_model
     from jraise.train import TrainConfig, train
 
     model, _ = load_model(base_dir)
-    epochs = len(order) if order is not None else 1000
-    train_config = TrainConfig(lr=config.lr, schedule="constant", epochs=epochs, max_steps=config.steps,
+    max_steps = None if epochs is not None else config.steps
+    if epochs is None:
+        epochs = len(order) if order is not None else 1000
+    train_config = TrainConfig(lr=config.lr, schedule="constant", epochs=epochs, max_steps=max_steps,
                                batch_size=config.batch_size, seed=seed, max_grad_norm=1.0, max_to_keep=1)
     train(model, pool, train_config, run_dir, order=order, resume=False, export=False)
     return model
@@ -346,13 +363,15 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
     elif method in ("ee_cpo", "dt_csft"):
         model, trained_on, select_s = _beyond_iid_run(method, base_dir, pool, paths, config, seed, work, run_dir)
     else:
-        if method == "full":
+        epochs = None
+        if method in ("full", "full_run"):
             indices, order, select_s = np.arange(len(pool)), None, 0.0
+            epochs = config.full_run_epochs if method == "full_run" else None
         else:
             indices = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
             select_s = time.perf_counter() - t0
             order = _epoch_orders(indices, config.steps, config.batch_size, seed)
-        model = _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune")
+        model = _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune", epochs)
         trained_on = indices
     noisy, target_share = _shares(pool.records, trained_on, set(config.targets))
     scores = _test_scores(model, tok, paths["test"], set(config.targets))
@@ -364,7 +383,7 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
 # so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
 METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_",), "ee_cpo": ("gamma_", "ee_cpo_"),
                           "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
-                          "raise_sampled": ("raise_",)}
+                          "raise_sampled": ("raise_",), "full_run": ("full_run_",)}
 _ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))
 
 

@@ -49,6 +49,8 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
     e = StudyConfig(lr=3e-4)  # common options change every row
     assert all(settings_key(a, m) != settings_key(e, m) for m in ("random", "less", "raise", "ee_cpo"))
     assert settings_key(a, "random") != settings_key(a, "full")
+    f = StudyConfig(full_run_epochs=5)  # a reference row's own option
+    assert settings_key(a, "full_run") != settings_key(f, "full_run") and settings_key(a, "full") == settings_key(f, "full")
     # The per-seed Gamma cache uses the same mechanism: common options and the gamma_* group.
     from jraise.study_beyond_iid import _gamma_settings
 
@@ -58,10 +60,20 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
 
 
 def test_study_runs_end_to_end_and_resumes(tmp_path):
-    config = StudyConfig(methods=("random", "full", "longest"), **TINY)
+    from jraise.study import full_run_steps
+
+    config = StudyConfig(methods=("random", "full", "longest", "full_run"), full_run_epochs=2, **TINY)
     result = run_study(tmp_path, config, echo=lambda *_: None)
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"random", "full", "longest"}
+    assert set(rows) == {"random", "full", "longest", "full_run"}
+    # "full" stops at the common budget; the "full_run" reference makes whole epochs over the pool.
+    def last_step(method):
+        lines = (tmp_path / "seed0" / method / "finetune" / "metrics.jsonl").read_text().splitlines()
+        return max(json.loads(line)["step"] for line in lines)
+
+    assert last_step("full") == config.steps
+    assert last_step("full_run") == full_run_steps(config) == 2 * 35  # 280 records / batch 8, twice
+    assert rows["full_run"]["target_share"] == rows["full"]["target_share"]
     pool = [json.loads(line) for line in open(tmp_path / "seed0" / "testbed" / "pool.jsonl")]
     noisy = np.mean([r["meta"]["noisy"] for r in pool])
     targets = np.mean([r["meta"]["category"] in config.targets for r in pool])
