@@ -363,10 +363,9 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
     elif method in ("ee_cpo", "dt_csft"):
         model, trained_on, select_s = _beyond_iid_run(method, base_dir, pool, paths, config, seed, work, run_dir)
     else:
-        epochs = None
+        epochs = config.full_run_epochs if method == "full_run" else None
         if method in ("full", "full_run"):
             indices, order, select_s = np.arange(len(pool)), None, 0.0
-            epochs = config.full_run_epochs if method == "full_run" else None
         else:
             indices = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
             select_s = time.perf_counter() - t0

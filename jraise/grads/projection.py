@@ -295,11 +295,26 @@ def project(
 # ----------------------------------------------------------------------------- pytrees
 
 
-def _leaves(tree) -> list:
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
+def _named_leaves(tree) -> tuple[list[str], list]:
+    """(``keystr`` names, leaves) in ``jax.tree_util`` order; an empty tree is an error."""
+    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not pairs:
         raise ValueError("tree has no array leaves")
-    return leaves
+    return [jax.tree_util.keystr(path) for path, _ in pairs], [leaf for _, leaf in pairs]
+
+
+def _leaves(tree) -> list:
+    return _named_leaves(tree)[1]
+
+
+def _example_count(leaves) -> int:
+    """The common leading (example) axis of a chunk's leaves; differing or missing ones are an error."""
+    counts = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if len(counts) != 1 or None in counts:
+        sizes = sorted(map(str, counts))
+        raise ValueError(f"every leaf must have the same leading (example) axis, got sizes {sizes}")
+    (count,) = counts
+    return count
 
 
 def tree_size(tree) -> int:
@@ -320,11 +335,7 @@ def flatten_tree(tree) -> jax.Array:
 def flatten_batched_tree(tree) -> jax.Array:
     """A chunk's pytree, every leaf [C, ...] -> [C, P]; row c is ``flatten_tree`` of example c."""
     leaves = _leaves(tree)
-    n_examples = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
-    if len(n_examples) != 1 or None in n_examples:
-        sizes = sorted(map(str, n_examples))
-        raise ValueError(f"every leaf must have the same leading (example) axis, got sizes {sizes}")
-    (count,) = n_examples
+    count = _example_count(leaves)
     return jnp.concatenate([leaf.reshape(count, -1) for leaf in leaves], axis=1)
 
 
@@ -484,17 +495,10 @@ def factored_split(shapes, dim: int, names=None) -> tuple[tuple[int, ...], ...]:
     return tuple(split)
 
 
-def _leaves_with_names(tree) -> tuple[list[str], list]:
-    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if not pairs:
-        raise ValueError("tree has no array leaves")
-    return [jax.tree_util.keystr(path) for path, _ in pairs], [leaf for _, leaf in pairs]
-
-
 def factored_plan(tree, dim: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """(leaf name, shape, dims) per leaf of ONE example's tree (leaves may be ``ShapeDtypeStruct``):
     the `factored_split` that `project_tree_factored` applies to this structure, for inspection."""
-    names, leaves = _leaves_with_names(tree)
+    names, leaves = _named_leaves(tree)
     shapes = [tuple(leaf.shape) for leaf in leaves]
     return list(zip(names, shapes, factored_split(shapes, dim, names)))
 
@@ -533,12 +537,8 @@ def project_tree_factored(
     so two trees of the same structure share the projection. Deterministic like `project`.
     """
     _check_block_args(dim, kind, block_rows)
-    names, leaves = _leaves_with_names(tree_batched)
-    counts = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
-    if len(counts) != 1 or None in counts:
-        sizes = sorted(map(str, counts))
-        raise ValueError(f"every leaf must have the same leading (example) axis, got sizes {sizes}")
-    (count,) = counts
+    names, leaves = _named_leaves(tree_batched)
+    count = _example_count(leaves)
     split = factored_split([leaf.shape[1:] for leaf in leaves], dim, names)
     parts = []
     for j, (leaf, dims) in enumerate(zip(leaves, split)):
