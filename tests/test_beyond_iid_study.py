@@ -52,6 +52,14 @@ def test_writes_report_files_and_gamma_with_unit_diagonal(quick_run):
     row = doc["rows"][0]
     np.testing.assert_allclose(load_gamma(seed_dir / "gamma.json")[1], row["gamma"])
     np.testing.assert_allclose(doc["mean_gamma"], np.mean([r["gamma"] for r in doc["rows"]], axis=0))
+    # Tiers from the mean Gamma: every category in a tier 0..2, the check counts every composition pair.
+    pairs = bis.composition_pairs(names)
+    for method in ("depth", "net_asymmetry"):
+        pooled = doc["pooled_tiers"][method]
+        assert sorted(pooled["tiers"]) == names and set(pooled["tiers"].values()) <= {0, 1, 2}
+        check = pooled["check"]
+        assert check["prerequisite_first"] + check["same_tier"] + check["composite_first"] == len(pairs)
+        assert check == bis.tiers_order_pairs(pooled["tiers"], pairs)
     runs = json.loads((seed_dir / "interactions.json").read_text())
     assert np.asarray(runs["perf"]).shape == (len(names) + 1, len(names))
     assert all(d != 0 for d in runs["deltas"]) and len(runs["base_ids"]) == doc["config"]["budget"]
