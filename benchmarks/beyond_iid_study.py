@@ -436,21 +436,31 @@ def run(config: BeyondIIDStudyConfig, work: Path, out_dir: Path, echo: Callable[
     mean_gamma = np.mean([r["gamma"] for r in rows], axis=0)
     save_gamma(mean_gamma, names, gamma_root)
     return {"rows": rows, "names": names, "mean_gamma": mean_gamma, "base_dir": str(base_dir),
-            "base_seconds": round(base_s, 1), "pooled_tiers": pooled_tiers(mean_gamma, names, config)}
+            "base_seconds": round(base_s, 1), "pooled_tiers": pooled_tiers([r["gamma"] for r in rows], names, config)}
 
 
-def pooled_tiers(mean_gamma: np.ndarray, names: Sequence[str], config: BeyondIIDStudyConfig) -> dict:
-    """Tiers (both methods) and their check against the composition pairs, from the mean Gamma over
-    seeds: averaging S independently measured Gammas divides the run-to-run noise of each entry's
-    estimate by about sqrt(S), which the per-seed tiers do not get."""
-    from jraise.select.curriculum import dependency_taxonomy
+# One-sided level of the replicate t-test for prerequisite edges (`replicated_taxonomy`).
+REPLICATE_ALPHA = 0.05
+
+
+def pooled_tiers(gammas: Sequence[np.ndarray], names: Sequence[str], config: BeyondIIDStudyConfig) -> dict:
+    """Tiers (both methods) and their check against the composition pairs from all seeds' Gammas
+    together: ``mean`` applies the single-matrix rule (asymmetry > threshold) to the mean Gamma,
+    ``replicated`` keeps an edge only where the seeds agree (`replicated_taxonomy`: mean asymmetry
+    > threshold and a one-sided t-test over the seeds at `REPLICATE_ALPHA`; needs 2+ seeds)."""
+    from jraise.select.curriculum import dependency_taxonomy, replicated_taxonomy
 
     pairs = composition_pairs(config.categories)
+    stack = np.asarray(gammas, np.float64)
     out = {}
     for method in ("depth", "net_asymmetry"):
-        taxonomy = dependency_taxonomy(mean_gamma, list(names), threshold=config.tier_threshold, method=method)
-        out[method] = {"tiers": taxonomy.tiers, "check": tiers_order_pairs(taxonomy.tiers, pairs),
-                       "edges": [list(e) for e in _edges(taxonomy.adjacency, names)]}
+        variants = {"mean": dependency_taxonomy(stack.mean(axis=0), list(names), threshold=config.tier_threshold,
+                                                method=method)}
+        if len(stack) >= 2:
+            variants["replicated"] = replicated_taxonomy(stack, list(names), threshold=config.tier_threshold,
+                                                         alpha=REPLICATE_ALPHA, method=method)
+        out[method] = {v: {"tiers": t.tiers, "check": tiers_order_pairs(t.tiers, pairs),
+                           "edges": [list(e) for e in _edges(t.adjacency, names)]} for v, t in variants.items()}
     return out
 
 
@@ -586,12 +596,14 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
         "Prerequisite edges per seed: " + "; ".join(
             f"seed {r['seed']}: " + (", ".join(f"{a} -> {b}" for a, b in r["edges"]) or "none") for r in rows) + ".",
         "",
-        "From the mean Gamma over seeds: " + "; ".join(
-            f"{m}: tiers " + ", ".join(f"{c} {TIER_NAMES[t['tiers'][c]]}" for c in names)
-            + f"; prerequisite strictly before / same tier / after {t['check']['prerequisite_first']}/"
-              f"{t['check']['same_tier']}/{t['check']['composite_first']}; edges "
-            + (", ".join(f"{a} -> {b}" for a, b in t["edges"]) or "none")
-            for m, t in result["pooled_tiers"].items()) + ".",
+        "From all seeds' Gammas together (`mean`: the threshold rule on the mean Gamma; `replicated`: edges "
+        f"only where the seeds agree, one-sided t-test at {REPLICATE_ALPHA:g} on top of the threshold):",
+        "",
+        _table(["method", "variant", "prerequisite before / same / after", "tiers", "edges"],
+               [[m, v, f"{t['check']['prerequisite_first']}/{t['check']['same_tier']}/{t['check']['composite_first']}",
+                 ", ".join(f"{c} {TIER_NAMES[t['tiers'][c]]}" for c in names),
+                 ", ".join(f"{a} -> {b}" for a, b in t["edges"]) or "none"]
+                for m, variants in result["pooled_tiers"].items() for v, t in variants.items()]),
         "",
         "## EE-CPO mix vs the baseline mix (same budget, same steps)",
         "",
@@ -629,8 +641,8 @@ def _headline(summary: dict, rows: Sequence[dict], config: BeyondIIDStudyConfig,
         f"edges p -> c drawn in {edges} of {len(deps) * n} (pair, seed) cases.",
         f"- Derived tiers ({config.tier_method}) put the prerequisite strictly before the composite in {first} of "
         f"{total} (pair, seed) cases (independent uniform tiers would do so in about 1 of 3)."
-        + (f" From the mean Gamma over seeds: {pooled[config.tier_method]['check']['prerequisite_first']} of "
-           f"{pooled[config.tier_method]['check']['pairs']} pairs." if pooled else ""),
+        + "".join(f" From all seeds' Gammas ({v}): {t['check']['prerequisite_first']} of {t['check']['pairs']} pairs."
+                  for v, t in (pooled or {}).get(config.tier_method, {}).items()),
         f"- Average test EM, EE-CPO vs baseline mix: {diff('ee_cpo')}.",
         f"- Average test EM, DT-CSFT (derived tiers) vs shuffled: {diff('dt_csft')}.",
         f"- Average test EM, DT-CSFT (true tiers) vs shuffled: {diff('dt_csft_true_tiers')}.",

@@ -35,6 +35,8 @@ __all__ = [
     "prerequisite_matrix",
     "prerequisite_edges",
     "dependency_taxonomy",
+    "replicated_prerequisite_matrix",
+    "replicated_taxonomy",
     "dependency_tiers",
     "example_tiers",
     "curriculum_m",
@@ -183,12 +185,16 @@ def dependency_taxonomy(
     is involved.
     """
     g = _check_gamma(gamma, names)
+    return _taxonomy(g, prerequisite_matrix(g, threshold), names, n_tiers, method)
+
+
+def _taxonomy(g: np.ndarray, adj: np.ndarray, names: Sequence[str], n_tiers: int, method: str) -> DependencyTaxonomy:
+    """Tiers from a prerequisite adjacency (depth method) or from Gamma's net asymmetry."""
     if n_tiers < 1:
         raise ValueError(f"n_tiers must be >= 1, got {n_tiers}")
     if method not in ("depth", "net_asymmetry"):
         raise ValueError(f"method must be 'depth' or 'net_asymmetry', got {method!r}")
     c = g.shape[0]
-    adj = prerequisite_matrix(g, threshold)
     comp, depth = _condensed_depth(adj)
     score = (g - g.T).sum(axis=0) / max(c - 1, 1)  # score[a] = mean_b Gamma[b,a] - Gamma[a,b]
     tiers = {}
@@ -215,6 +221,59 @@ def dependency_taxonomy(
         tiers=tiers,
         method=method,
     )
+
+
+def replicated_prerequisite_matrix(
+    gammas: np.ndarray, threshold: float = DEFAULT_THRESHOLD, alpha: float = 0.05
+) -> np.ndarray:
+    """Prerequisite adjacency from S >= 2 independently measured Gammas ``(S, C, C)``.
+
+    Rule: a -> b when the mean asymmetry ``mean_s(Gamma_s[b, a] - Gamma_s[a, b])`` exceeds
+    ``threshold`` AND a one-sided one-sample t-test over the S replicates rejects "mean
+    asymmetry <= 0" at level ``alpha`` (t = mean / (sd / sqrt(S)) above Student's t quantile
+    with S - 1 degrees of freedom). One Gamma's asymmetries carry the run-to-run noise of every
+    intervention fine-tune (on the testbed about as large as the asymmetries themselves), so a
+    fixed threshold alone draws an edge for most pairs in one direction or the other; the test
+    keeps only asymmetries that the replicates agree on. A zero spread with a positive mean
+    counts as significant.
+    """
+    from scipy.stats import t as student_t
+
+    gs = np.asarray(gammas, dtype=np.float64)
+    if gs.ndim != 3 or gs.shape[1] != gs.shape[2]:
+        raise ValueError(f"gammas must be a stack (S, C, C) of square matrices, got shape {gs.shape}")
+    if gs.shape[0] < 2:
+        raise ValueError(f"a significance test needs at least 2 replicate Gammas, got {gs.shape[0]}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    for g in gs:
+        _check_gamma(g, None)
+    asym = np.swapaxes(gs, 1, 2) - gs  # asym[s, a, b] = Gamma_s[b, a] - Gamma_s[a, b]
+    s = gs.shape[0]
+    mean, sd = asym.mean(axis=0), asym.std(axis=0, ddof=1)
+    critical = float(student_t.ppf(1.0 - alpha, s - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_stat = np.where(sd > 0, mean / (sd / math.sqrt(s)), np.where(mean > 0, np.inf, -np.inf))
+    adj = (mean > threshold) & (t_stat > critical)
+    np.fill_diagonal(adj, False)
+    return adj
+
+
+def replicated_taxonomy(
+    gammas: np.ndarray,
+    names: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    alpha: float = 0.05,
+    n_tiers: int = 3,
+    method: str = "depth",
+) -> DependencyTaxonomy:
+    """`dependency_taxonomy` from S >= 2 replicate Gammas ``(S, C, C)`` (e.g. one per seed):
+    edges by :func:`replicated_prerequisite_matrix`, scores (and the ``net_asymmetry`` ranking)
+    from the mean Gamma. Tier rules as in `dependency_taxonomy`."""
+    adj = replicated_prerequisite_matrix(gammas, threshold, alpha)
+    mean = np.asarray(gammas, dtype=np.float64).mean(axis=0)
+    _check_gamma(mean, names)
+    return _taxonomy(mean, adj, names, n_tiers, method)
 
 
 def dependency_tiers(

@@ -18,6 +18,8 @@ from jraise.select.curriculum import (
     example_tiers,
     prerequisite_edges,
     prerequisite_matrix,
+    replicated_prerequisite_matrix,
+    replicated_taxonomy,
 )
 from jraise.select.interactions import load_digitized_fixture
 
@@ -77,6 +79,55 @@ def test_cycle_is_condensed_and_isolated_goes_middle():
     assert depth["p"] == depth["q"] == depth["r"] == 0
     assert depth["s"] == 1 and depth["t"] == 2
     assert tax.tiers == {"p": 0, "q": 0, "r": 0, "s": 1, "t": 2, "u": 1}
+
+
+def test_replicated_edges_need_agreeing_replicates():
+    names = ["a", "b", "c"]
+    base = np.eye(3)
+    # a -> b: asymmetry +0.6, +0.5, +0.7 (agreeing); a -> c: +1.6, -0.6, +0.6 (mean 0.53, disagreeing).
+    gammas = []
+    for ab, ac in ((0.6, 1.6), (0.5, -0.6), (0.7, 0.6)):
+        g = base.copy()
+        g[1, 0] = ab  # Gamma[b, a]: source a helps target b
+        g[2, 0] = ac
+        gammas.append(g)
+    gammas = np.stack(gammas)
+    adj = replicated_prerequisite_matrix(gammas, threshold=0.1, alpha=0.05)
+    assert adj[0, 1] and not adj[0, 2] and adj.sum() == 1
+    # The single-matrix rule on the mean Gamma draws both edges: the test is what drops a -> c.
+    assert prerequisite_matrix(gammas.mean(axis=0), 0.1)[0, 2]
+    # The threshold still applies on top of the test: a consistent but small asymmetry is no edge.
+    assert not replicated_prerequisite_matrix(gammas * 0.1 + np.eye(3) * 0.9, threshold=0.1)[0, 1]
+    tax = replicated_taxonomy(gammas, names)
+    assert tax.tiers == {"a": BASE, "b": DEPENDENT, "c": MIDDLE}  # c has no significant edge
+    np.testing.assert_allclose(tax.score, dependency_taxonomy(gammas.mean(axis=0), names).score)
+
+
+def test_replicated_edges_match_scipy_one_sided_t_test():
+    from scipy.stats import ttest_1samp
+
+    rng = np.random.default_rng(0)
+    gammas = rng.normal(0.0, 0.5, size=(4, 6, 6)) + rng.normal(0.0, 0.6, size=(1, 6, 6))
+    for g in gammas:
+        np.fill_diagonal(g, 1.0)
+    asym = np.swapaxes(gammas, 1, 2) - gammas
+    p = ttest_1samp(asym, 0.0, axis=0, alternative="greater").pvalue
+    want = (p < 0.1) & (asym.mean(axis=0) > 0.05)
+    np.fill_diagonal(want, False)
+    got = replicated_prerequisite_matrix(gammas, threshold=0.05, alpha=0.1)
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all()  # the case exercises both outcomes
+
+
+def test_replicated_edges_input_errors():
+    with pytest.raises(ValueError, match="at least 2 replicate"):
+        replicated_prerequisite_matrix(np.eye(3)[None])
+    with pytest.raises(ValueError, match=r"stack \(S, C, C\)"):
+        replicated_prerequisite_matrix(np.eye(3))
+    with pytest.raises(ValueError, match="alpha"):
+        replicated_prerequisite_matrix(np.stack([np.eye(2)] * 2), alpha=1.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        replicated_prerequisite_matrix(np.stack([np.eye(2), np.full((2, 2), np.nan)]))
 
 
 def test_chain_with_cycle_longest_path_depth():
