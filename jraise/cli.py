@@ -433,18 +433,21 @@ def interactions_cmd(
 def curriculum_cmd(
     pool: Path = typer.Option(..., help="Instruction set (records with a 'category')."),
     out: Path = typer.Option(..., help="Training order: one pool id per line (for `jraise train --order`)."),
-    gamma: Optional[Path] = typer.Option(None, help="Gamma: tiers derived from its asymmetry."),
+    gamma: Optional[list[Path]] = typer.Option(
+        None, help="Gamma: tiers derived from its asymmetry. Repeat for replicate Gammas (e.g. one per seed): "
+        "edges then need the replicates' agreement (one-sided t-test at --alpha)."),
     tiers: Optional[Path] = typer.Option(None, help="JSON {category: tier} (0 base, 1 middle, 2 dependent)."),
     threshold: Optional[float] = typer.Option(None, help="Prerequisite-edge threshold on Gamma's asymmetry."),
     method: str = typer.Option("depth", help="Tier rule: depth or net_asymmetry."),
     seed: int = typer.Option(0),
     categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
+    alpha: float = typer.Option(0.05, help="Test level for edges from replicate Gammas (2+ --gamma)."),
 ):
     """DT-CSFT: a 3-stage order (every example 3 times, base skills early, dependent ones late)."""
     from jraise.select.beyond_iid import curriculum_job
 
-    meta = curriculum_job(pool, out, gamma_file=gamma, tiers_file=tiers, threshold=threshold, method=method,
-                          seed=seed, categories_file=categories)
+    meta = curriculum_job(pool, out, gamma_file=gamma or None, tiers_file=tiers, threshold=threshold, method=method,
+                          seed=seed, categories_file=categories, alpha=alpha)
     typer.echo(json.dumps({k: meta[k] for k in ("tiers", "stage_lengths", "n")}, indent=2))
 
 

@@ -70,6 +70,18 @@ def test_select_mixture_and_curriculum_commands(tmp_path):
                                  str(tmp_path / "tiers.json"), "--out", str(tmp_path / "order.txt")])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "order.txt").read_text().splitlines()) == 180
+    # Replicate Gammas: first -> upper agreed by all three (an edge), upper -> reverse_upper only by two
+    # of three with a large spread (no edge): tiers first base, upper dependent, reverse_upper middle.
+    for k, (a, b) in enumerate(((0.6, 1.2), (0.5, -0.8), (0.7, 1.0))):
+        g = np.eye(3)
+        g[1, 0], g[2, 1] = a, b  # Gamma[upper, first], Gamma[reverse_upper, upper]
+        save_gamma(g, cats, tmp_path / f"rep{k}")
+    result = runner.invoke(app, ["curriculum", "--pool", str(tmp_path / "mix.jsonl"), "--out", str(tmp_path / "o2.txt"),
+                                 *[x for k in range(3) for x in ("--gamma", str(tmp_path / f"rep{k}" / "gamma.json"))]])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "o2.txt.meta.json").read_text())
+    assert meta["tiers"] == {"first": 0, "upper": 2, "reverse_upper": 1} and len(meta["gamma"]) == 3
+    assert meta["alpha"] == 0.05
 
 
 def test_select_raise_then_train_with_the_policy(tmp_path):

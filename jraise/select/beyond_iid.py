@@ -33,7 +33,7 @@ from jraise.data.formats import (
     parse_record,
     read_records,
 )
-from jraise.select.curriculum import dependency_tiers, dt_csft_stages, example_tiers
+from jraise.select.curriculum import dependency_tiers, dt_csft_stages, example_tiers, replicated_taxonomy
 from jraise.select.interactions import load_gamma
 from jraise.select.mixture import ee_cpo_plan, realise_subset
 
@@ -129,25 +129,38 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
 
 
 def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: float | None = None,
-                   method: str = "depth", seed: int = 0, categories_file=None) -> dict:
+                   method: str = "depth", seed: int = 0, categories_file=None, alpha: float = 0.05) -> dict:
     """DT-CSFT order of a pool file from Gamma (derived tiers) or a tiers file (JSON {category:
-    tier}, 0 base .. 2 dependent); writes the id sequence and its metadata. Returns the metadata."""
-    if (gamma_file is None) == (tiers_file is None):
-        raise ValueError("give exactly one of a Gamma file or a tiers file")
+    tier}, 0 base .. 2 dependent); writes the id sequence and its metadata. Returns the metadata.
+
+    ``gamma_file`` is one path or a list of paths. Two or more are replicate measurements (e.g. one
+    per seed): edges then need the replicates' agreement (`replicated_taxonomy`, one-sided t-test
+    at ``alpha`` on top of the threshold)."""
+    gamma_files = ([] if gamma_file is None else
+                   [gamma_file] if isinstance(gamma_file, (str, os.PathLike)) else list(gamma_file))
+    if bool(gamma_files) == (tiers_file is not None):
+        raise ValueError("give exactly one of a Gamma file (or several replicates) or a tiers file")
     pool = read_categorised(pool_file, categories_file)
     names = sorted(set(pool.categories))
+    kwargs = {} if threshold is None else {"threshold": threshold}
     if tiers_file is not None:
         tiers = dependency_tiers(None, names, user_tiers=json.loads(Path(tiers_file).read_text()))
     else:
-        gamma_names, gamma = _gamma_for(names, gamma_file)
-        rows = [gamma_names.index(n) for n in names]
-        kwargs = {} if threshold is None else {"threshold": threshold}
-        tiers = dependency_tiers(gamma[np.ix_(rows, rows)], names, method=method, **kwargs)
+        gammas = []
+        for path in gamma_files:
+            gamma_names, gamma = _gamma_for(names, path)
+            rows = [gamma_names.index(n) for n in names]
+            gammas.append(gamma[np.ix_(rows, rows)])
+        if len(gammas) == 1:
+            tiers = dependency_tiers(gammas[0], names, method=method, **kwargs)
+        else:
+            tiers = replicated_taxonomy(np.stack(gammas), names, alpha=alpha, method=method, **kwargs).tiers
     stages = dt_csft_stages(example_tiers(pool.categories, tiers), seed=seed)
     sequence = stages.sequence()
     out = Path(out)
     atomic_write_text(out, "".join(pool.ids[i] + "\n" for i in sequence))
-    meta = {"method": "dt_csft", "pool": str(pool_file), "gamma": str(gamma_file) if gamma_file else None,
+    meta = {"method": "dt_csft", "pool": str(pool_file), "gamma": [str(g) for g in gamma_files] if len(gamma_files) > 1 else (str(gamma_files[0]) if gamma_files else None),
+            "alpha": alpha if len(gamma_files) > 1 else None,
             "tiers_file": str(tiers_file) if tiers_file else None, "seed": seed, "tiers": tiers,
             "tier_sizes": dict(Counter(str(tiers[c]) for c in pool.categories)),
             "stage_lengths": [len(stages.stage1), len(stages.stage2), len(stages.stage3)],
