@@ -62,8 +62,8 @@ TIER_NAMES = {0: "base", 1: "middle", 2: "dependent"}
 
 @dataclass(frozen=True)
 class BeyondIIDStudyConfig:
-    """Sizes and budgets of the study (defaults: the benchmark's, about 15 minutes on 2 quiet CPU
-    cores; see the module docstring for what each part does)."""
+    """Sizes and budgets of the study (defaults: the benchmark's, about 6 minutes on 2 quiet CPU
+    cores with the 2-layer `small` preset; see the module docstring for what each part does)."""
 
     categories: tuple[str, ...] = DEFAULT_CATEGORIES
     seeds: tuple[int, ...] = (0, 1, 2)
