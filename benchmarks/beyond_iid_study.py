@@ -433,17 +433,18 @@ def run(config: BeyondIIDStudyConfig, work: Path, out_dir: Path, echo: Callable[
             echo(f"seed {seed}: finished earlier, read from {rows_file}")
         rows.append(row)
     names = rows[0]["names"]
-    mean_gamma = np.mean([r["gamma"] for r in rows], axis=0)
+    gammas = np.asarray([r["gamma"] for r in rows], np.float64)
+    mean_gamma = gammas.mean(axis=0)
     save_gamma(mean_gamma, names, gamma_root)
     return {"rows": rows, "names": names, "mean_gamma": mean_gamma, "base_dir": str(base_dir),
-            "base_seconds": round(base_s, 1), "pooled_tiers": pooled_tiers([r["gamma"] for r in rows], names, config)}
+            "base_seconds": round(base_s, 1), "pooled_tiers": pooled_tiers(gammas, names, config)}
 
 
 # One-sided level of the replicate t-test for prerequisite edges (`replicated_taxonomy`).
 REPLICATE_ALPHA = 0.05
 
 
-def pooled_tiers(gammas: Sequence[np.ndarray], names: Sequence[str], config: BeyondIIDStudyConfig) -> dict:
+def pooled_tiers(gammas: np.ndarray, names: Sequence[str], config: BeyondIIDStudyConfig) -> dict:
     """Tiers (both methods) and their check against the composition pairs from all seeds' Gammas
     together: ``mean`` applies the single-matrix rule (asymmetry > threshold) to the mean Gamma,
     ``replicated`` keeps an edge only where the seeds agree (`replicated_taxonomy`: mean asymmetry
@@ -451,13 +452,12 @@ def pooled_tiers(gammas: Sequence[np.ndarray], names: Sequence[str], config: Bey
     from jraise.select.curriculum import dependency_taxonomy, replicated_taxonomy
 
     pairs = composition_pairs(config.categories)
-    stack = np.asarray(gammas, np.float64)
     out = {}
     for method in ("depth", "net_asymmetry"):
-        variants = {"mean": dependency_taxonomy(stack.mean(axis=0), list(names), threshold=config.tier_threshold,
+        variants = {"mean": dependency_taxonomy(gammas.mean(axis=0), list(names), threshold=config.tier_threshold,
                                                 method=method)}
-        if len(stack) >= 2:
-            variants["replicated"] = replicated_taxonomy(stack, list(names), threshold=config.tier_threshold,
+        if len(gammas) >= 2:
+            variants["replicated"] = replicated_taxonomy(gammas, list(names), threshold=config.tier_threshold,
                                                          alpha=REPLICATE_ALPHA, method=method)
         out[method] = {v: {"tiers": t.tiers, "check": tiers_order_pairs(t.tiers, pairs),
                            "edges": [list(e) for e in _edges(t.adjacency, names)]} for v, t in variants.items()}
@@ -548,7 +548,7 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
         "",
         "## Headline",
         "",
-        *_headline(summary, rows, config, result.get("pooled_tiers")),
+        *_headline(summary, rows, config, result["pooled_tiers"]),
         "",
         "## Gamma entries of the by-construction dependencies",
         "",
@@ -620,7 +620,7 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
 
 
 def _headline(summary: dict, rows: Sequence[dict], config: BeyondIIDStudyConfig,
-              pooled: Mapping[str, dict] | None = None) -> list[str]:
+              pooled: Mapping[str, dict]) -> list[str]:
     """Bullet lines with the numbers the report is about (all computed from this run)."""
     arms, n = summary["arms"], len(rows)
     deps = summary["dependencies"]
@@ -642,7 +642,7 @@ def _headline(summary: dict, rows: Sequence[dict], config: BeyondIIDStudyConfig,
         f"- Derived tiers ({config.tier_method}) put the prerequisite strictly before the composite in {first} of "
         f"{total} (pair, seed) cases (independent uniform tiers would do so in about 1 of 3)."
         + "".join(f" From all seeds' Gammas ({v}): {t['check']['prerequisite_first']} of {t['check']['pairs']} pairs."
-                  for v, t in (pooled or {}).get(config.tier_method, {}).items()),
+                  for v, t in pooled[config.tier_method].items()),
         f"- Average test EM, EE-CPO vs baseline mix: {diff('ee_cpo')}.",
         f"- Average test EM, DT-CSFT (derived tiers) vs shuffled: {diff('dt_csft')}.",
         f"- Average test EM, DT-CSFT (true tiers) vs shuffled: {diff('dt_csft_true_tiers')}.",
