@@ -304,7 +304,7 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     from jraise.data.pool import load_pool
     from jraise.data.testbed import write_testbed
     from jraise.model import load_tokenizer
-    from jraise.select.curriculum import dependency_taxonomy, dt_csft_schedule, example_tiers
+    from jraise.select.curriculum import adjacency_edges, dependency_taxonomy, dt_csft_schedule, example_tiers
     from jraise.select.intervention import pool_categories
     from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset
 
@@ -377,7 +377,7 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
         "gamma_timings": {k: round(float(v), 1) for k, v in measured["timings"].items()},
         "dependency_entries": dependency_entries(gamma, names, pairs),
         "other_abs_asymmetries": other_asymmetries(gamma, names, pairs),
-        "edges": [list(e) for e in _edges(taxonomy.adjacency, names)],
+        "edges": [list(e) for e in adjacency_edges(taxonomy.adjacency, names)],
         "tiers": taxonomy.tiers, "tier_method": config.tier_method,
         "tiers_alternative": {"method": alternative, "tiers": other.tiers},
         "tier_score": dict(zip(names, _floats(taxonomy.score))),
@@ -388,10 +388,6 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
                  "objective_before": plan.objective_before, "objective_after": plan.objective_after},
         "arms": arms, "gamma_seconds": round(gamma_s, 1), "seconds": round(time.perf_counter() - t_seed, 1),
     }
-
-
-def _edges(adjacency: np.ndarray, names: Sequence[str]) -> list[tuple[str, str]]:
-    return [(names[a], names[b]) for a, b in zip(*np.nonzero(adjacency))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +445,7 @@ def pooled_tiers(gammas: np.ndarray, names: Sequence[str], config: BeyondIIDStud
     together: ``mean`` applies the single-matrix rule (asymmetry > threshold) to the mean Gamma,
     ``replicated`` keeps an edge only where the seeds agree (`replicated_taxonomy`: mean asymmetry
     > threshold and a one-sided t-test over the seeds at `REPLICATE_ALPHA`; needs 2+ seeds)."""
-    from jraise.select.curriculum import dependency_taxonomy, replicated_taxonomy
+    from jraise.select.curriculum import adjacency_edges, dependency_taxonomy, replicated_taxonomy
 
     pairs = composition_pairs(config.categories)
     out = {}
@@ -460,7 +456,7 @@ def pooled_tiers(gammas: np.ndarray, names: Sequence[str], config: BeyondIIDStud
             variants["replicated"] = replicated_taxonomy(gammas, list(names), threshold=config.tier_threshold,
                                                          alpha=REPLICATE_ALPHA, method=method)
         out[method] = {v: {"tiers": t.tiers, "check": tiers_order_pairs(t.tiers, pairs),
-                           "edges": [list(e) for e in _edges(t.adjacency, names)]} for v, t in variants.items()}
+                           "edges": [list(e) for e in adjacency_edges(t.adjacency, names)]} for v, t in variants.items()}
     return out
 
 

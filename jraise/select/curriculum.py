@@ -34,6 +34,7 @@ __all__ = [
     "DependencyTaxonomy",
     "prerequisite_matrix",
     "prerequisite_edges",
+    "adjacency_edges",
     "dependency_taxonomy",
     "replicated_prerequisite_matrix",
     "replicated_taxonomy",
@@ -84,8 +85,13 @@ def prerequisite_edges(
     and keeps only clear asymmetries. Edges are listed in (a, b) index order.
     """
     _check_gamma(gamma, names)
-    adj = prerequisite_matrix(gamma, threshold)
-    return [(names[a], names[b]) for a, b in zip(*np.nonzero(adj))]
+    return adjacency_edges(prerequisite_matrix(gamma, threshold), names)
+
+
+def adjacency_edges(adjacency: np.ndarray, names: Sequence[str]) -> list[tuple[str, str]]:
+    """Edges ``(a, b)`` of a boolean adjacency (``adjacency[a, b]``: a is a prerequisite of b), by
+    name, in (a, b) index order."""
+    return [(names[a], names[b]) for a, b in zip(*np.nonzero(adjacency))]
 
 
 @dataclass(frozen=True, eq=False)
