@@ -242,6 +242,10 @@ def _influence_command(method: str):
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
         work_dir: Optional[Path] = typer.Option(None, help="Warmup run and feature stores (default: OUT.work)."),
         skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+        adam_first_moment: bool = typer.Option(
+            True, help="Keep the warmup checkpoint's first moment in the train-side Adam feature, as the LESS "
+                       "code does; --no-adam-first-moment leaves it out (a vector shared by every example that "
+                       "can swamp the per-example terms; see BUILD_NOTES)."),
     ):
         from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
 
@@ -249,7 +253,7 @@ def _influence_command(method: str):
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode, seed=seed,
-                                    skip_bad=skip_bad)
+                                    skip_bad=skip_bad, adam_first_moment=adam_first_moment)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,
                                 echo=typer.echo)
 

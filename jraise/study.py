@@ -80,10 +80,14 @@ class StudyConfig:
     base_lr: float = 1e-3
     base_seed: int = 1000
     max_len: int = 192
-    # LESS / ROSE at testbed scale: LoRA warmup on `fraction` of the pool, small projection.
+    # LESS / ROSE at testbed scale: LoRA warmup on `fraction` of the pool, small projection, and the
+    # train-side Adam feature without the checkpoint's first moment: after a 50-step warmup b1*mu is
+    # shared by every example and swamps (1-b1)*g (LESS's top 5% held 11% target records with it, 68%
+    # clean target records without it; BUILD_NOTES, session 8).
     influence_lora_rank: int = 8
     influence_proj_dim: int = 1024
     influence_warmup_epochs: int = 2
+    influence_adam_first_moment: bool = False
     # RAISE: `raise_episodes` policy episodes of `raise_steps` fused steps; an episode is as long as the
     # deployed run (`steps`), as in the paper, where an episode is the whole fine-tuning run. K = 8, not
     # the paper's 20, for CPU time (8 x 120 steps: about 2 minutes per seed).
@@ -216,7 +220,8 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
                                        warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,
                                        lora_alpha=2.0 * config.influence_lora_rank, max_len=config.max_len,
-                                       proj_dim=config.influence_proj_dim, seed=seed)
+                                       proj_dim=config.influence_proj_dim, seed=seed,
+                                       adam_first_moment=config.influence_adam_first_moment)
         val = paths["val_pref_target"] if method == "rose" else paths["val_target"]
         selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, echo=lambda *_: None)
     else:

@@ -9,7 +9,8 @@ pool (or preference pool) + model weights [+ the checkpoint's Adam moments]
 
 Sides (LESS/ROSE):
 
-* train side: SFT loss, Adam-preconditioned with the checkpoint's moments (``adam=True``);
+* train side: SFT loss, Adam-preconditioned with the checkpoint's moments (``adam=True``); with
+  ``adam_first_moment=False`` the checkpoint's first moment is left out (see `compute_features`);
 * LESS validation side: SFT loss, plain gradient;
 * ROSE validation side: the DPO loss with a reference model (``loss="dpo"``: the reference is the
   model without its trained LoRA values, i.e. the base model) or the reference-free margin
@@ -134,7 +135,7 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
 
 # Identity keys added after stores were first written, with what their absence in a saved
 # identity means (stores from before `ProjectionConfig.mode` hold dense features).
-IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense"}
+IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense", "adam_first_moment": True}
 
 # Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one
 # per shard, checkpoint or side) compile once.
@@ -177,10 +178,18 @@ def _placed_inputs(trainable, frozen, reference, moments, mesh):
 
 def compute_features(graphdef, trainable, frozen, pool: InstructionPool | PreferencePool, rows: np.ndarray,
                      config: FeatureConfig, loss: str = "sft", moments: tuple | None = None,
-                     reference: Pytree | None = None, dtypes=None) -> np.ndarray:
+                     reference: Pytree | None = None, dtypes=None, adam_first_moment: bool = True) -> np.ndarray:
     """Projected per-example gradient features [len(rows), d] float32 (not normalised), in the
     order of ``rows``. ``moments``: (mu, nu) for Adam preconditioning (train side), else plain
-    gradients. ``reference``: trainable values of the DPO reference model (``loss="dpo"``)."""
+    gradients. ``reference``: trainable values of the DPO reference model (``loss="dpo"``).
+
+    ``adam_first_moment=False`` drops the checkpoint's first moment from the Adam feature (mu taken
+    as zero): ``(1-b1)*g / sqrt(b2*nu + (1-b2)*g**2 + eps)``, the example's own share of the next
+    update. The LESS code keeps it (the default), but ``b1*mu`` is one vector added to every
+    example's feature, and where it outweighs ``(1-b1)*g`` the cosines rank examples by how little
+    they move that shared vector rather than by what they teach (measured in BUILD_NOTES)."""
+    if moments is not None and not adam_first_moment:
+        moments = (jax.tree.map(jnp.zeros_like, moments[0]), moments[1])
     if loss == "dpo" and reference is None:
         raise ValueError("the DPO loss needs reference weights (reference=...)")
     is_pref = isinstance(pool, PreferencePool)
@@ -217,16 +226,20 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
 
 def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, pool, config: FeatureConfig,
                   identity: dict, loss: str = "sft", moments: tuple | None = None, reference=None, dtypes=None,
-                  progress: bool = True) -> FeatureStore:
+                  progress: bool = True, adam_first_moment: bool = True) -> FeatureStore:
     """Fills (or finishes) the store at ``store_dir`` with the pool's L2-normalised features.
 
     ``identity`` names the weights (model, run, checkpoint step); the pool fingerprint, loss, Adam
-    flag and `FeatureConfig` are added here. Reopening with any of them different is an error. A
-    store written before ``ProjectionConfig.mode`` existed has no ``features.projection.mode``: it
-    holds dense features and reopens under ``mode="dense"`` (`IDENTITY_ABSENT_MEANS`).
+    flags (``adam_first_moment``: see `compute_features`) and `FeatureConfig` are added here.
+    Reopening with any of them different is an error. A store written before
+    ``ProjectionConfig.mode`` (or ``adam_first_moment``) existed lacks that key: it reopens under
+    ``mode="dense"`` (and the first moment kept), the values it was written with
+    (`IDENTITY_ABSENT_MEANS`).
     """
     full_identity = {**identity, "pool_fingerprint": pool.fingerprint, "loss": loss,
                      "adam": moments is not None, "features": config.to_dict()}
+    if moments is not None:
+        full_identity["adam_first_moment"] = adam_first_moment
     # Multi-process runs: every process computes every shard (the programs are collective), only
     # process 0 writes. Process 0 creates the store first; all read the list of missing shards
     # before any is written, so they run the same sequence of programs.
@@ -248,7 +261,7 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
 
     def compute(start: int, stop: int) -> np.ndarray:
         return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
-                                reference, dtypes)
+                                reference, dtypes, adam_first_moment)
 
     store.fill(compute, progress=progress and writer, shards=missing, write=writer)
     parallel.barrier("jraise-feature-store-filled")

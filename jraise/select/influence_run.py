@@ -8,6 +8,7 @@ scores (seconds).
 
     work_dir/warmup/                     LoRA warmup run (unless ``warmup_run`` is given)
     work_dir/features/<step>/train/      Adam-preconditioned train-side features of the pool
+                                         (train-no-first-moment/ with ``adam_first_moment=False``)
     work_dir/features/<step>/val-<loss>/ validation-side features (sft, dpo or margin)
 
 Warmup (LESS): LoRA on a random ``warmup_fraction`` of the pool for ``warmup_epochs`` epochs (each
@@ -40,7 +41,9 @@ class InfluenceRunConfig:
     ``projection_mode``: "dense" (LESS's one JL matrix) or "factored" (a Kronecker projection per
     LoRA matrix, much cheaper to generate; other features, stored apart: see
     `jraise.grads.projection`). ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
-    the meta file) instead of stopping at the first. It only decides which records are loaded:
+    the meta file) instead of stopping at the first. ``adam_first_moment``: keep the checkpoint's
+    first moment in the train-side Adam feature (the LESS code, the default) or leave it out
+    (`jraise.grads.features.compute_features`; its features are stored apart). It only decides which records are loaded:
     the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
     without bad records reuses them whether or not it is set.
     """
@@ -64,6 +67,7 @@ class InfluenceRunConfig:
     chunk: int = 8
     group: int = 64
     skip_bad: bool = False
+    adam_first_moment: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -160,8 +164,9 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
         moments = adam_moments(opt_state)
         identity = {"model": str(model_dir.resolve()), "run": str(run_dir.resolve()), "step": step}
         echo(f"checkpoint {step} (epoch {ckpt['epoch']}): train-side features")
-        store = feature_store(work / "features" / str(step) / "train", graphdef, trainable, frozen, pool, features,
-                              identity, loss="sft", moments=moments)
+        train_dir = "train" if config.adam_first_moment else "train-no-first-moment"
+        store = feature_store(work / "features" / str(step) / train_dir, graphdef, trainable, frozen, pool, features,
+                              identity, loss="sft", moments=moments, adam_first_moment=config.adam_first_moment)
         train_mats.append(store.matrix())
         echo(f"checkpoint {step}: validation features ({config.val_loss})")
         reference = zero_reference(trainable) if config.val_loss == "dpo" else None

@@ -47,6 +47,56 @@ def test_train_features_equal_the_formula_example_by_example(setup):
         np.testing.assert_allclose(got[k], flat @ p, rtol=2e-4, atol=1e-6)
 
 
+def test_without_the_first_moment_the_adam_feature_is_the_examples_own_term(setup):
+    """``adam_first_moment=False``: (1-b1) g / sqrt(b2 nu + (1-b2) g^2 + eps), written out here
+    (not through `adam_precondition`); the default keeps b1 mu, so the two differ when mu != 0."""
+    _, pool, _, graphdef, trainable, frozen = setup
+    mu = jax.tree.map(lambda x: 0.01 * np.ones_like(x), trainable)
+    nu = jax.tree.map(lambda x: 1e-4 * np.ones_like(x), trainable)
+    rows = np.array([4, 9, 21])
+    got = compute_features(graphdef, trainable, frozen, pool, rows, CONFIG, "sft", moments=(mu, nu),
+                           adam_first_moment=False)
+    kept = compute_features(graphdef, trainable, frozen, pool, rows, CONFIG, "sft", moments=(mu, nu))
+    grad = example_grad_fn(graphdef, "sft")
+    from jraise.data.batching import make_batch
+
+    length = int(pool.lengths[rows].max())
+    for k, i in enumerate(rows):
+        batch = make_batch(pool, [i], length)
+        g = np.asarray(flatten_tree(jax.jit(grad)(trainable, frozen, {key: v[0] for key, v in batch.items()
+                                                                       if key != "index"})))
+        v = np.asarray(flatten_tree(nu))
+        own = 0.1 * g / np.sqrt(0.999 * v + 0.001 * g * g + 1e-8)
+        p = np.asarray(dense_matrix(CONFIG.projection.key(), len(g), 32, "rademacher", 64))
+        np.testing.assert_allclose(got[k], own @ p, rtol=2e-4, atol=1e-6)
+        cos = got[k] @ kept[k] / (np.linalg.norm(got[k]) * np.linalg.norm(kept[k]))
+        assert cos < 0.99
+
+
+def test_the_first_moment_flag_is_part_of_a_train_stores_identity(setup):
+    root, pool, _, graphdef, trainable, frozen = setup
+    moments = (jax.tree.map(lambda x: 0.01 * np.ones_like(x), trainable),
+               jax.tree.map(lambda x: 1e-4 * np.ones_like(x), trainable))
+    store = feature_store(root / "m1", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, moments=moments,
+                          progress=False)
+    assert store.meta.identity["adam_first_moment"] is True
+    with pytest.raises(ValueError, match="adam_first_moment"):
+        feature_store(root / "m1", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, moments=moments,
+                      progress=False, adam_first_moment=False)
+    # A store written before the flag existed (no key) held first-moment features: it reopens as such.
+    import json
+
+    meta_file = root / "m1" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["identity"]["adam_first_moment"]
+    meta_file.write_text(json.dumps(meta))
+    feature_store(root / "m1", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, moments=moments,
+                  progress=False)
+    with pytest.raises(ValueError, match="adam_first_moment"):
+        feature_store(root / "m1", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, moments=moments,
+                      progress=False, adam_first_moment=False)
+
+
 def test_killed_extraction_resumes_bit_identical(setup, monkeypatch):
     root, pool, _, graphdef, trainable, frozen = setup
     full = feature_store(root / "full", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, progress=False)

@@ -113,11 +113,17 @@ def test_cli_less_with_the_factored_projection(testbed):
             "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
             "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
     assert CliRunner().invoke(app, [*args, "--projection-mode", "kron"]).exit_code != 0
-    result = CliRunner().invoke(app, [*args, "--projection-mode", "factored"])
+    result = CliRunner().invoke(app, [*args, "--projection-mode", "factored", "--no-adam-first-moment"])
     assert result.exit_code == 0, result.output
+    assert json.loads(out.with_name("sel.jsonl.meta.json").read_text())["config"]["adam_first_moment"] is False
+    assert {p.name for p in (out.with_name("sel.jsonl.work") / "features").glob("*/*")} == {
+        "train-no-first-moment", "val-sft"}
     assert len(out.read_text().splitlines()) == 4
     metas = sorted((out.with_name("sel.jsonl.work") / "features").glob("*/*/meta.json"))
     assert metas  # a train store and a validation store per checkpoint
     for meta in metas:
-        projection = json.loads(meta.read_text())["identity"]["features"]["projection"]
-        assert projection["mode"] == "factored" and projection["dim"] == 64
+        identity = json.loads(meta.read_text())["identity"]
+        assert identity["features"]["projection"]["mode"] == "factored"
+        assert identity["features"]["projection"]["dim"] == 64
+        assert identity.get("adam_first_moment", "absent") == (False if meta.parent.name.startswith("train")
+                                                                else "absent")
