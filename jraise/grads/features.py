@@ -134,7 +134,8 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
 
 
 # Identity keys added after stores were first written, with what their absence in a saved
-# identity means (stores from before `ProjectionConfig.mode` hold dense features).
+# identity means (stores from before `ProjectionConfig.mode` hold dense features; train stores
+# from before `adam_first_moment` kept the first moment).
 IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense", "adam_first_moment": True}
 
 # Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one

@@ -41,11 +41,11 @@ class InfluenceRunConfig:
     ``projection_mode``: "dense" (LESS's one JL matrix) or "factored" (a Kronecker projection per
     LoRA matrix, much cheaper to generate; other features, stored apart: see
     `jraise.grads.projection`). ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
-    the meta file) instead of stopping at the first. ``adam_first_moment``: keep the checkpoint's
-    first moment in the train-side Adam feature (the LESS code, the default) or leave it out
-    (`jraise.grads.features.compute_features`; its features are stored apart). It only decides which records are loaded:
+    the meta file) instead of stopping at the first. It only decides which records are loaded:
     the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
-    without bad records reuses them whether or not it is set.
+    without bad records reuses them whether or not it is set. ``adam_first_moment``: keep the
+    checkpoint's first moment in the train-side Adam feature (the LESS code, the default) or leave
+    it out (`jraise.grads.features.compute_features`; those features are stored apart).
     """
 
     method: str = "rose"
