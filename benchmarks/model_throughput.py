@@ -7,6 +7,10 @@ timed over `--iters` steps; the median step time gives tokens/s. The ratio is wh
 absolute numbers drift on shared machines.
 
     python benchmarks/model_throughput.py --preset small --batch 16 --seq 128
+
+``--layers/--heads/--kv-heads/--head-dim`` override the preset's depth and attention shape (same
+width when heads x head_dim is kept), to compare shapes on both frameworks, e.g. ``--heads 4
+--kv-heads 2 --head-dim 32`` against the `small` preset's 8 heads of 16.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    parser.add_argument("--heads", type=int, default=None, help="query heads (default: the preset's)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: the preset's)")
+    parser.add_argument("--head-dim", type=int, default=None, help="dims per head (default: the preset's)")
     args = parser.parse_args(argv)
 
     import jax
@@ -49,7 +57,9 @@ def main(argv=None):
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    config = preset_config(args.preset, vocab_size=args.vocab)
+    shape = {k: v for k, v in (("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
+                                ("num_key_value_heads", args.kv_heads), ("head_dim", args.head_dim)) if v is not None}
+    config = preset_config(args.preset, vocab_size=args.vocab, **shape)
     tokens = np.random.RandomState(0).randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
     n_tokens = args.batch * args.seq
 
@@ -91,7 +101,8 @@ def main(argv=None):
     torch_s = _median_seconds(torch_step, args.iters)
 
     result = {
-        "preset": args.preset, "params": parameter_count(model), "batch": args.batch, "seq": args.seq,
+        "preset": args.preset, "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "params": parameter_count(model), "batch": args.batch, "seq": args.seq,
         "dtype": args.dtype, "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(),
         "jraise_tokens_per_s": round(n_tokens / jax_s, 1),
         "torch_tokens_per_s": round(n_tokens / torch_s, 1),
