@@ -101,8 +101,8 @@ def main(argv=None):
     torch_s = _median_seconds(torch_step, args.iters)
 
     result = {
-        "preset": args.preset, "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "params": parameter_count(model), "batch": args.batch, "seq": args.seq,
+        "preset": args.preset, "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim, "params": parameter_count(model), "batch": args.batch, "seq": args.seq,
         "dtype": args.dtype, "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(),
         "jraise_tokens_per_s": round(n_tokens / jax_s, 1),
         "torch_tokens_per_s": round(n_tokens / torch_s, 1),

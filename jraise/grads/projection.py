@@ -66,7 +66,8 @@ for speed when P x d is large: screening a big pool, or a d the dense mode canno
 examples, 2 quiet CPU cores, 2026-11-22): 3.1x the dense mode's examples/s; LESS-style scores
 against exact (unprojected) gradients reached Pearson 0.839 / Spearman 0.811 and top-5% overlap 0.46
 (dense: 0.943 / 0.934 / 0.77; on the previous small-preset init, 0.961 vs 0.995, both 0.77): see
-BUILD_NOTES. Use the dense mode where the selection must be LESS's own. A store is keyed by its mode: dense and factored features are never mixed.
+BUILD_NOTES. Use the dense mode where the selection must be LESS's own. A store is keyed by its
+mode: dense and factored features are never mixed.
 """
 
 from __future__ import annotations

@@ -159,8 +159,11 @@ def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: 
     sequence = stages.sequence()
     out = Path(out)
     atomic_write_text(out, "".join(pool.ids[i] + "\n" for i in sequence))
-    meta = {"method": "dt_csft", "pool": str(pool_file), "gamma": [str(g) for g in gamma_files] if len(gamma_files) > 1 else (str(gamma_files[0]) if gamma_files else None),
-            "alpha": alpha if len(gamma_files) > 1 else None,
+    replicates = len(gamma_files) > 1
+    gamma_paths = [str(g) for g in gamma_files]  # one path is recorded as a string, replicates as a list
+    meta = {"method": "dt_csft", "pool": str(pool_file),
+            "gamma": gamma_paths if replicates else (gamma_paths[0] if gamma_paths else None),
+            "alpha": alpha if replicates else None,
             "tiers_file": str(tiers_file) if tiers_file else None, "seed": seed, "tiers": tiers,
             "tier_sizes": dict(Counter(str(tiers[c]) for c in pool.categories)),
             "stage_lengths": [len(stages.stage1), len(stages.stage2), len(stages.stage3)],
