@@ -60,11 +60,14 @@ def main(argv=None) -> dict:
     header = (f"Selection study: `python benchmarks/selection_study.py {' '.join(argv or [])}`".rstrip() + "\n\n"
               f"targets {', '.join(config.targets)}; pool {config.n_pool} records, {config.noise:.0%} noise; "
               f"{config.fraction:.0%} budget / {config.steps} update steps; seeds {list(config.seeds)} "
-              f"(mean ± std); run time {seconds:.0f} s\n\n")
+              f"(mean ± std); {config.n_test} test records per category; run time {seconds:.0f} s\n\n")
     if "full_run" in config.methods:
         full = full_run_steps(config)
         header += (f"full_run: the whole pool for {config.full_run_epochs} epochs = {full} steps, so the "
                    f"{config.steps}-step budget is {config.steps / full:.0%} of the full-data steps\n\n")
+    if "oracle" in config.methods:
+        header += (f"oracle: {config.fraction:.0%} of the pool drawn from the clean target records (the testbed's "
+                   "ground truth, which no selector sees): the room selection has at this budget\n\n")
     atomic_write_text(out.with_suffix(".md"), header + table + "\n")
     atomic_write_text(out.with_suffix(".json"), json.dumps({"config": asdict(config), "base": result["base"],
                                                             "summary": summary, "rows": result["rows"]}, indent=2) + "\n")

@@ -29,9 +29,24 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 def test_study_config_rejects_unknown_methods_and_bad_fraction():
     with pytest.raises(ValueError, match="unknown methods"):
-        StudyConfig(methods=("random", "oracle"))
+        StudyConfig(methods=("random", "psychic"))
     with pytest.raises(ValueError, match="fraction"):
         StudyConfig(fraction=0.0)
+
+
+def test_oracle_indices_draw_the_clean_target_records():
+    from jraise.study import oracle_indices
+
+    records = [{"meta": {"category": c, "noisy": n}} for c in ("a", "b", "c") for n in (False, True) for _ in range(10)]
+    picked = oracle_indices(records, {"a", "b"}, fraction=0.25, seed=0)
+    assert len(picked) == 15 and len(set(picked.tolist())) == 15  # round(0.25 x 60), no repeats
+    assert all(records[i]["meta"]["category"] in "ab" and not records[i]["meta"]["noisy"] for i in picked)
+    assert np.array_equal(picked, oracle_indices(records, {"a", "b"}, fraction=0.25, seed=0))
+    assert not np.array_equal(picked, oracle_indices(records, {"a", "b"}, fraction=0.25, seed=1))
+    # Fewer clean target records than the budget: all of them.
+    assert sorted(oracle_indices(records, {"a"}, fraction=0.5, seed=0).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="no clean records"):
+        oracle_indices(records, {"z"}, fraction=0.25, seed=0)
 
 
 def test_settings_key_of_a_row_ignores_other_methods_options():
@@ -62,10 +77,12 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
 def test_study_runs_end_to_end_and_resumes(tmp_path):
     from jraise.study import full_run_steps
 
-    config = StudyConfig(methods=("random", "full", "longest", "full_run"), full_run_epochs=2, **TINY)
+    config = StudyConfig(methods=("random", "full", "longest", "full_run", "oracle"), full_run_epochs=2, **TINY)
     result = run_study(tmp_path, config, echo=lambda *_: None)
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"random", "full", "longest", "full_run"}
+    assert set(rows) == {"random", "full", "longest", "full_run", "oracle"}
+    # The oracle reference trains on clean target records only.
+    assert rows["oracle"]["noisy_share"] == 0.0 and rows["oracle"]["target_share"] == 1.0
     # "full" stops at the common budget; the "full_run" reference makes whole epochs over the pool.
     def last_step(method):
         lines = (tmp_path / "seed0" / method / "finetune" / "metrics.jsonl").read_text().splitlines()
