@@ -99,12 +99,12 @@ class BeyondIIDStudyConfig:
     max_new_tokens: int = 12
 
     def __post_init__(self):
-        from jraise.data.testbed import CATEGORIES
+        from jraise.data.testbed import ALL_CATEGORIES
 
         problems = []
-        unknown = [c for c in self.categories if c not in CATEGORIES]
+        unknown = [c for c in self.categories if c not in ALL_CATEGORIES]
         if unknown:
-            problems.append(f"unknown categories {unknown}; known: {', '.join(CATEGORIES)}")
+            problems.append(f"unknown categories {unknown}; known: {', '.join(ALL_CATEGORIES)}")
         if len(set(self.categories)) != len(self.categories) or len(self.categories) < 2:
             problems.append(f"categories must be at least 2 distinct names, got {list(self.categories)}")
         if not self.seeds:

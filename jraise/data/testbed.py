@@ -9,6 +9,15 @@ for minutes. It exists so data-selection methods can be benchmarked against grou
   dependencies between categories exist by construction; `CATEGORY_PREREQUISITES` is that graph;
 * a configurable fraction of the pool has *planted* low-quality responses (`NOISE_KINDS`).
 
+Opt-in *knowledge* categories (`KNOWLEDGE_CATEGORIES`, not in the default `CATEGORIES`): `fact`
+asks for the code of a made-up name from a fixed table (`FACT_CODES`, the same for every seed),
+and `fact_add` / `fact_compare` use that code inside a skill. A fact is learnable only from records
+that state it, and a composite's record does not state it, so `fact` is a prerequisite that only
+its own data teaches. `fact` is a *recall* category (`RECALL_CATEGORIES`): its held-out records
+ask about the facts the pool teaches, so they may repeat each other and pool texts (the one
+exception to the held-out guarantees below). They add no word token and no character to the
+tokenizer: every default testbed, tokenizer and model is unchanged by their existence.
+
 Record formats (one JSON object per line in the written files):
 
 * SFT records (`pool`, `val`, `test`)::
@@ -52,8 +61,9 @@ the clean pool does not
 depend on `noise`, and the noisy records at a lower noise level are a subset of those at a higher
 one (same seed and pool size), with identical corruptions.
 
-No `val`/`test` record shares a task instance (category + arguments, whatever the template) with
-a `pool` record, and `val` and `test` are disjoint and duplicate-free; so no held-out
+No `val`/`test` record of a non-recall category shares a task instance (category + arguments,
+whatever the template) with a `pool` record, and those `val` and `test` records are disjoint and
+duplicate-free; so no held-out
 instruction+input text appears in the pool. The pool itself may repeat an instance, as real
 instruction pools do.
 """
@@ -192,6 +202,9 @@ class CategorySpec:
     mistakes: Callable[[Args], Sequence[str]]
     # Case-sensitive categories are those where case is part of the task (see normalise_answer).
     case_sensitive: bool = False
+    # Knowledge (recall) categories: the answer rests on a fact only data teaches (`FACT_CODES`),
+    # so held-out records ask about the facts the pool teaches (see `KNOWLEDGE_CATEGORIES`).
+    recall: bool = False
 
 
 def _random_word(rng: random.Random, letters: str = string.ascii_lowercase) -> str:
@@ -499,12 +512,105 @@ _SPEC_LIST: tuple[CategorySpec, ...] = (
     ),
 )
 
-CATEGORY_SPECS: Mapping[str, CategorySpec] = MappingProxyType({s.name: s for s in _SPEC_LIST})
-CATEGORIES: tuple[str, ...] = tuple(CATEGORY_SPECS)
+
+# Knowledge categories (opt-in: not in `CATEGORIES`, so not in any default testbed). `fact` asks
+# for the code of a made-up name; the codes are a fixed table (`FACT_CODES`), the same for every
+# seed, like world knowledge: a model can only learn them from records that state them. The two
+# composites use a fact inside a skill. Unlike a skill, a fact is not exercised by the composite's
+# records in recoverable form ("code of 'bafo' plus 7" = 31 does not say the code is 24), so the
+# prerequisite is one that only its own data teaches: the dependency the Beyond-IID measurement is
+# meant to find (BUILD_NOTES, session 9).
+N_FACTS = 40
+MIN_CODE, MAX_CODE = 10, 50  # codes are in [MIN_CODE, MAX_CODE): a code plus an addend stays < MAX_NUMBER
+
+
+def _sample_fact(rng: random.Random) -> dict:
+    return {"name": rng.choice(FACT_NAMES)}
+
+
+def _sample_fact_add(rng: random.Random) -> dict:
+    return {"name": rng.choice(FACT_NAMES), "b": rng.randrange(1, MAX_ADDEND)}
+
+
+def _sample_fact_compare(rng: random.Random) -> dict:
+    name = rng.choice(FACT_NAMES)
+    # c uniform over [0, MAX_NUMBER) minus the code, so there is never a tie.
+    c = rng.randrange(MAX_NUMBER - 1)
+    if c >= FACT_CODES[name]:
+        c += 1
+    return {"name": name, "c": c}
+
+
+def _other_codes(name: str) -> list[str]:
+    """Codes of the two names after `name` in `FACT_NAMES` (a wrong fact; may equal the code)."""
+    i = FACT_NAMES.index(name)
+    return [str(FACT_CODES[FACT_NAMES[(i + k) % len(FACT_NAMES)]]) for k in (1, 2)]
+
+
+_KNOWLEDGE_SPEC_LIST: tuple[CategorySpec, ...] = (
+    CategorySpec(
+        name="fact",
+        description="recall the code of a name (a fact only data teaches)",
+        prerequisites=(),
+        templates=(
+            Template("What is the code of '{name}'?"),
+            Template("Give the code of '{name}'."),
+            Template("Which number is the code of '{name}'?"),
+        ),
+        sample=_sample_fact,
+        answer=lambda a: str(FACT_CODES[a["name"]]),
+        mistakes=lambda a: [*_other_codes(a["name"]), *_near_misses(FACT_CODES[a["name"]], (-1, 1))],
+        recall=True,
+    ),
+    CategorySpec(
+        name="fact_add",
+        description="add a number to the code of a name (fact, then add)",
+        prerequisites=("fact", "add"),
+        templates=(
+            Template("What is the code of '{name}' plus {b}?"),
+            Template("Add {b} to the code of '{name}'."),
+            Template("Give the sum of the code of '{name}' and {b}."),
+        ),
+        sample=_sample_fact_add,
+        answer=lambda a: str(add_numbers(FACT_CODES[a["name"]], a["b"])),
+        mistakes=lambda a: [
+            str(FACT_CODES[a["name"]]),  # forgot the add step
+            *(str(int(code) + a["b"]) for code in _other_codes(a["name"])),  # wrong fact
+            *_near_misses(add_numbers(FACT_CODES[a["name"]], a["b"]), (-1, 1)),
+        ],
+    ),
+    CategorySpec(
+        name="fact_compare",
+        description="give the larger of the code of a name and a number (fact, then compare)",
+        prerequisites=("fact", "compare"),
+        templates=(
+            Template("Which is larger: the code of '{name}' or {c}?"),
+            Template("Give the bigger of {c} and the code of '{name}'."),
+            Template("Return the maximum of the code of '{name}' and {c}."),
+        ),
+        sample=_sample_fact_compare,
+        answer=lambda a: str(larger_number(FACT_CODES[a["name"]], a["c"])),
+        mistakes=lambda a: [
+            str(min(FACT_CODES[a["name"]], a["c"])),  # picked the smaller one
+            *_near_misses(larger_number(FACT_CODES[a["name"]], a["c"]), (-1, 1)),
+        ],
+    ),
+)
+
+CATEGORY_SPECS: Mapping[str, CategorySpec] = MappingProxyType(
+    {s.name: s for s in _SPEC_LIST + _KNOWLEDGE_SPEC_LIST}
+)
+# The default categories (every testbed without an explicit `categories`); the tokenizer's word
+# tokens and the alphabet come from these alone, so opting into the knowledge categories changes
+# no default testbed, tokenizer or model.
+CATEGORIES: tuple[str, ...] = tuple(s.name for s in _SPEC_LIST)
+KNOWLEDGE_CATEGORIES: tuple[str, ...] = tuple(s.name for s in _KNOWLEDGE_SPEC_LIST)
+ALL_CATEGORIES: tuple[str, ...] = CATEGORIES + KNOWLEDGE_CATEGORIES
+RECALL_CATEGORIES: frozenset[str] = frozenset(s.name for s in _KNOWLEDGE_SPEC_LIST if s.recall)
 # The composition graph: category -> categories it composes (in application order); () for base
 # categories. Every category is a key, so the mapping lists all nodes of the DAG.
 CATEGORY_PREREQUISITES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {s.name: s.prerequisites for s in _SPEC_LIST}
+    {s.name: s.prerequisites for s in _SPEC_LIST + _KNOWLEDGE_SPEC_LIST}
 )
 CASE_SENSITIVE_CATEGORIES: frozenset[str] = frozenset(
     s.name for s in _SPEC_LIST if s.case_sensitive
@@ -582,6 +688,22 @@ TEMPLATE_WORDS: tuple[str, ...] = _template_words()
 _TEMPLATE_ANAGRAMS = frozenset("".join(sorted(w.lower())) for w in TEMPLATE_WORDS)
 
 
+def _fact_table() -> dict[str, int]:
+    """`N_FACTS` made-up consonant-vowel names (never an anagram of a template word, so each is
+    spelled letter by letter) with codes in [MIN_CODE, MAX_CODE), from a fixed stream."""
+    rng = random.Random("jraise-testbed-facts")
+    table: dict[str, int] = {}
+    while len(table) < N_FACTS:
+        name = "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(2))
+        if name not in table and "".join(sorted(name)) not in _TEMPLATE_ANAGRAMS:
+            table[name] = rng.randrange(MIN_CODE, MAX_CODE)
+    return table
+
+
+FACT_CODES: Mapping[str, int] = MappingProxyType(_fact_table())
+FACT_NAMES: tuple[str, ...] = tuple(FACT_CODES)
+
+
 def plausible_wrong_answer(category: str, args: Args, rng: random.Random) -> str:
     """A wrong but plausible answer of the same category (never empty, never the correct one)."""
     spec = CATEGORY_SPECS[category]
@@ -647,7 +769,7 @@ class TestbedConfig:
             raise ValueError("categories must not be empty")
         unknown = [c for c in names if c not in CATEGORY_SPECS]
         if unknown:
-            raise ValueError(f"unknown categories {unknown}; known: {list(CATEGORIES)}")
+            raise ValueError(f"unknown categories {unknown}; known: {list(ALL_CATEGORIES)}")
         if len(set(names)) != len(names):
             raise ValueError(f"categories repeat: {list(names)}")
         if self.category_weights is not None:
@@ -808,20 +930,23 @@ def _corrupt(
 
 
 def _held_out_draws(config: TestbedConfig) -> tuple[dict, dict, set]:
-    """Per category test and val draws, and the set of their instance keys."""
+    """Per category test and val draws, and the set of their instance keys.
+
+    A recall category's held-out records ask about the facts the pool teaches: drawn with
+    repeats and left out of the exclusion set (its instance space is the `N_FACTS` names)."""
     held_out: set = set()
     test, val = {}, {}
+
+    def draw(category: str, rng: random.Random, n: int) -> list[tuple[dict, int]]:
+        if CATEGORY_SPECS[category].recall:
+            return _draw_instances(category, rng, n, set(), distinct=False)
+        return _draw_instances(category, rng, n, held_out, distinct=True)
+
     # Test first, from its own stream, so the test set depends only on seed and its size.
     for category in config.category_names:
-        rng = _rng(config.seed, "test", category)
-        test[category] = _draw_instances(
-            category, rng, config.n_test_per_category, held_out, distinct=True
-        )
+        test[category] = draw(category, _rng(config.seed, "test", category), config.n_test_per_category)
     for category in config.category_names:
-        rng = _rng(config.seed, "val", category)
-        val[category] = _draw_instances(
-            category, rng, config.n_val_per_category, held_out, distinct=True
-        )
+        val[category] = draw(category, _rng(config.seed, "val", category), config.n_val_per_category)
     return test, val, held_out
 
 
@@ -875,7 +1000,7 @@ def generate_testbed(config: TestbedConfig) -> dict[str, list[dict]]:
         pool[index]["meta"]["noisy"] = True
         pool[index]["meta"]["noise_kind"] = kind
 
-    _check_disjoint(pool, val + test)
+    _check_disjoint(pool, [r for r in val + test if r["category"] not in RECALL_CATEGORIES])
     return {"pool": pool, "val": val, "val_pref": val_pref, "test": test}
 
 
