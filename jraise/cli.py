@@ -65,7 +65,9 @@ def testbed_cmd(
     seed: int = typer.Option(0, help="Generator seed."),
     n_val: int = typer.Option(8, help="Few-shot validation records per category."),
     n_test: int = typer.Option(50, help="Test records per category."),
-    categories: Optional[str] = typer.Option(None, help="Comma-separated subset of categories."),
+    categories: Optional[str] = typer.Option(
+        None, help="Comma-separated categories (default: the 14 built-in ones; the knowledge categories "
+                   "fact, fact_add, fact_compare are opt-in)."),
 ):
     """Write the built-in synthetic testbed (known categories, planted noise)."""
     from jraise.data.testbed import write_testbed

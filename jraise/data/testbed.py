@@ -534,8 +534,10 @@ def _sample_fact_add(rng: random.Random) -> dict:
 
 def _sample_fact_compare(rng: random.Random) -> dict:
     name = rng.choice(FACT_NAMES)
-    # c uniform over [0, MAX_NUMBER) minus the code, so there is never a tie.
-    c = rng.randrange(MAX_NUMBER - 1)
+    # c uniform over the codes' range [MIN_CODE, MAX_CODE) minus the code (never a tie), so every
+    # instance needs the fact: with c from [0, MAX_NUMBER), every c >= MAX_CODE is the answer
+    # whatever the code, and half the instances did not depend on the fact (BUILD_NOTES, session 9).
+    c = rng.randrange(MIN_CODE, MAX_CODE - 1)
     if c >= FACT_CODES[name]:
         c += 1
     return {"name": name, "c": c}

@@ -41,6 +41,7 @@ def expected_answer(record: dict) -> str:
     if record["category"] == "fact_add":
         return str(code + other)
     assert record["category"] == "fact_compare" and other != code
+    assert tb.MIN_CODE <= other < tb.MAX_CODE  # in the codes' range: the answer always needs the fact
     return str(code if code > other else other)
 
 
