@@ -306,7 +306,7 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     from jraise.model import load_tokenizer
     from jraise.select.curriculum import adjacency_edges, dependency_taxonomy, dt_csft_schedule, example_tiers
     from jraise.select.intervention import pool_categories
-    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset
+    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset, usable_extra
 
     t_seed = time.perf_counter()
     seed_dir = work / f"seed{seed}"
@@ -336,12 +336,14 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     # c. The arms' training sets and orders.
     rest = np.setdiff1d(np.arange(len(pool)), d0)
     n0 = np.array(category_counts(cats, d0, names), np.int64)
-    extra = np.array(category_counts(cats, rest, names), np.int64)
+    keys = [(r["instruction"], r["input"], r["output"]) for r in pool.records]
+    # Additions are deduplicated by content, so what can be added is the distinct new texts
+    # (a recall category such as `fact` repeats its 120 texts throughout the pool).
+    extra = usable_extra(names, [keys[i] for i in d0], [cats[i] for i in rest], [keys[i] for i in rest])
     cap = (None if config.max_change_fraction is None
            else math.ceil(config.max_change_fraction * edit_budget(config.budget, config.edit_fraction)))
     plan = ee_cpo_plan(gamma, n0, budget=config.budget, edit_fraction=config.edit_fraction,
                        min_per_category=config.min_per_category, available_extra=extra, max_change=cap)
-    keys = [(r["instruction"], r["input"], r["output"]) for r in pool.records]
     keep, add = realise_subset([cats[i] for i in d0], plan.counts_after, [cats[i] for i in rest], None, seed,
                                names=names, current_keys=[keys[i] for i in d0],
                                candidate_keys=[keys[i] for i in rest])

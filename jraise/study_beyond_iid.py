@@ -86,7 +86,7 @@ def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path)
 
 def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys: list) -> tuple[np.ndarray, dict]:
     """(pool indices of the re-mixed D0, the plan's counts) by EE-CPO with target importance."""
-    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset
+    from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset, usable_extra
 
     names = measured["names"]
     gamma = np.asarray(measured["gamma"], np.float64)
@@ -94,7 +94,7 @@ def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys
     rest = np.setdiff1d(np.arange(len(categories)), d0)
     index = {n: k for k, n in enumerate(names)}
     n0 = np.bincount([index[categories[i]] for i in d0], minlength=len(names))
-    extra = np.bincount([index[categories[i]] for i in rest], minlength=len(names))
+    extra = usable_extra(names, [keys[i] for i in d0], [categories[i] for i in rest], [keys[i] for i in rest])
     importance = np.array([1.0 if n in config.targets else 0.0 for n in names])
     if not importance.any():
         raise ValueError(f"none of the targets {list(config.targets)} is a category of the pool")

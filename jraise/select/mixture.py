@@ -380,6 +380,25 @@ def _norm_label(x) -> Hashable:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def usable_extra(names: Sequence[str | int], current_keys: Sequence[Hashable],
+                 candidate_categories: Sequence[str | int], candidate_keys: Sequence[Hashable]) -> np.ndarray:
+    """(C,) int64: how many records of each category of ``names`` `realise_subset` can add from
+    the candidates when it deduplicates by content key: distinct keys not already in the current
+    set. This, not the raw candidate count, is the ``available_extra`` to give `ee_cpo_plan`
+    when a pool repeats texts (else the plan can ask for additions that do not exist)."""
+    if len(candidate_keys) != len(candidate_categories):
+        raise ValueError("candidate_categories and candidate_keys must have the same length")
+    index = {_norm_label(n): k for k, n in enumerate(names)}
+    seen = set(current_keys)
+    counts = np.zeros(len(index), np.int64)
+    for label, key in zip(candidate_categories, candidate_keys):
+        k = index.get(_norm_label(label))
+        if k is not None and key not in seen:
+            seen.add(key)
+            counts[k] += 1
+    return counts
+
+
 def realise_subset(
     categories_of_current: Sequence[str | int],
     counts_target: Mapping[Hashable, int] | np.ndarray | Sequence[int],

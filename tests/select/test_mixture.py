@@ -484,3 +484,23 @@ def test_infeasible_cap_names_max_change():
     with pytest.raises(ValueError) as err:
         ee_cpo_plan(np.eye(3), n0, budget=620, available_extra=np.array([1, 1, 1]))
     assert "max_change" not in str(err.value)
+
+
+def test_usable_extra_counts_what_realise_subset_can_add():
+    from jraise.select.mixture import usable_extra
+
+    current_cats, current_keys = ["a", "a", "b"], ["a1", "a2", "b1"]
+    # Candidates: a repeats a current text and itself; b has two distinct new texts; c is not a name.
+    cand_cats = ["a", "a", "a", "a", "b", "b", "b", "c"]
+    cand_keys = ["a1", "a3", "a3", "a4", "b2", "b3", "b1", "c1"]
+    usable = usable_extra(["a", "b"], current_keys, cand_cats, cand_keys)
+    assert usable.tolist() == [2, 2]  # a: a3, a4; b: b2, b3
+    # Exactly that many additions are realisable, one more is not.
+    keep, add = realise_subset(current_cats, {"a": 2 + 2, "b": 1 + 2}, cand_cats, None, 0,
+                               current_keys=current_keys, candidate_keys=cand_keys)
+    assert sorted(cand_keys[i] for i in add) == ["a3", "a4", "b2", "b3"]
+    with pytest.raises(ValueError, match="lacks records of category 'a'"):
+        realise_subset(current_cats, {"a": 2 + 3, "b": 1}, cand_cats, None, 0,
+                       current_keys=current_keys, candidate_keys=cand_keys)
+    with pytest.raises(ValueError, match="same length"):
+        usable_extra(["a"], current_keys, cand_cats, cand_keys[:-1])
