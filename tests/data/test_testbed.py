@@ -366,7 +366,7 @@ def test_restricted_noise_kinds():
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32), category=st.sampled_from(CATEGORIES))
+@given(seed=st.integers(0, 2**32), category=st.sampled_from(ALL_CATEGORIES))  # knowledge ones too
 def test_plausible_wrong_answer_is_wrong_and_non_empty(seed, category):
     rng = random.Random(seed)
     args = CATEGORY_SPECS[category].sample(rng)
