@@ -57,8 +57,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The knowledge set: `fact` is a prerequisite that only its own records teach (a composite's record
 # does not state the fact), the dependency the intervention design can see. The skill sets' Gammas
 # do not show their composition graphs on this model (letters: interference, 1/4 pairs; arithmetic:
-# transfer both ways, 1/4); they stay reachable with --categories, e.g. the letter set of sessions
-# 5-8: reverse,upper,sort,reverse_upper,sort_reverse,first,last (BUILD_NOTES, session 9).
+# transfer both ways, 1/4); they stay reachable with --categories, e.g. the earlier default letter
+# set: reverse,upper,sort,reverse_upper,sort_reverse,first,last (BUILD_NOTES, session 9).
 DEFAULT_CATEGORIES = ("fact", "add", "compare", "fact_add", "fact_compare", "first", "last")
 ARMS = ("baseline", "ee_cpo", "dt_csft", "dt_csft_true_tiers")
 ARM_LABELS = {"baseline": "baseline (D0 mix, shuffled)", "ee_cpo": "EE-CPO mix (shuffled)",
