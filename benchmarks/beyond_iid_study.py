@@ -86,6 +86,10 @@ class BeyondIIDStudyConfig:
     delta_fraction: float = 1.0  # Delta_k = +100% of n0_k: twice the signal of +50% for the same noise
     gamma_metric: str = "loss"
     gamma_mode: str = "auto"  # vmap, sequential, auto = sequential on CPU (faster there), vmap elsewhere
+    # "steps": every intervention run takes the arms' step budget (the library default); "epochs":
+    # every run takes `epochs` passes over its own set, so added records do not dilute the others
+    # (sequential runs only; `InterventionConfig.budget`).
+    gamma_budget: str = "steps"
     self_effect_floor: float | None = None
     # Own effects floored at this fraction of their median (a nearly learned category's tiny own
     # effect otherwise magnifies its row's noise); None: off.
@@ -122,6 +126,10 @@ class BeyondIIDStudyConfig:
             problems.append(f"epochs must be 3 (DT-CSFT shows every record exactly 3 times), got {self.epochs}")
         if self.gamma_mode not in ("auto", "vmap", "sequential"):
             problems.append(f"gamma_mode must be auto, vmap or sequential, got {self.gamma_mode!r}")
+        if self.gamma_budget not in ("steps", "epochs"):
+            problems.append(f"gamma_budget must be steps or epochs, got {self.gamma_budget!r}")
+        elif self.gamma_budget == "epochs" and self.gamma_mode == "vmap":
+            problems.append("gamma_budget epochs gives the runs different lengths: use gamma_mode sequential or auto")
         if self.tier_method not in ("depth", "net_asymmetry"):
             problems.append(f"tier_method must be depth or net_asymmetry, got {self.tier_method!r}")
         if self.relative_self_effect_floor is not None and not 0 < self.relative_self_effect_floor <= 1:
@@ -251,6 +259,8 @@ def _floats(x) -> list:
 def _gamma_mode(config: BeyondIIDStudyConfig) -> str:
     if config.gamma_mode != "auto":
         return config.gamma_mode
+    if config.gamma_budget == "epochs":
+        return "sequential"  # runs of different lengths
     import jax
 
     return "sequential" if jax.default_backend() == "cpu" else "vmap"
@@ -292,6 +302,7 @@ def _measure_gamma(base_dir: Path, pool, val_pool, tok, config: BeyondIIDStudyCo
                                       steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                       schedule=config.schedule, warmup_ratio=config.warmup_ratio, seed=seed,
                                       metric=config.gamma_metric, max_grad_norm=1.0, eval_batch_size=64,
+                                      budget=config.gamma_budget, epochs=config.epochs,
                                       self_effect_floor=config.self_effect_floor,
                                       relative_self_effect_floor=config.relative_self_effect_floor)
     model, _ = load_model(base_dir)
@@ -522,6 +533,8 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
     """The study's markdown report: setup, Gamma entries, tiers, the EE-CPO and DT-CSFT tables."""
     rows, names = result["rows"], result["names"]
     n_seeds = len(rows)
+    run_budget = (f"every run {config.epochs} epochs of its own set" if config.gamma_budget == "epochs"
+                  else "every run the arms' step budget")
     parts = [
         "# Beyond IID on the built-in testbed",
         "",
@@ -539,7 +552,8 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
         f"(the pool's balanced mix); every run and arm: {config.epochs} x {config.budget} examples = "
         f"{config.steps} steps of {config.batch_size}, lr {config.lr:g} {config.schedule} "
         f"(warmup {config.warmup_ratio:.0%}), from the base model.  ",
-        f"Gamma: {len(names) + 1} intervention runs (Delta_k = +{config.delta_fraction:.0%} of n0_k, mode "
+        f"Gamma: {len(names) + 1} intervention runs (Delta_k = +{config.delta_fraction:.0%} of n0_k, "
+        f"{run_budget}, mode "
         f"{rows[0]['gamma_mode']}), per-category response {rows[0]['gamma_metric']} on {config.n_val} val records "
         f"per category, own effects floored at {config.relative_self_effect_floor} x their median (None: no "
         f"floor). Tiers: `dependency_taxonomy` method `{config.tier_method}`, threshold "
@@ -737,6 +751,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=d.schedule)
     p.add_argument("--gamma-metric", default=d.gamma_metric, choices=("loss", "exact_match"))
     p.add_argument("--gamma-mode", default=d.gamma_mode, choices=("auto", "vmap", "sequential"))
+    p.add_argument("--gamma-budget", default=d.gamma_budget, choices=("steps", "epochs"),
+                   help="intervention runs: the arms' step budget, or each run `epochs` passes over its own set")
     p.add_argument("--tier-method", default=d.tier_method, choices=("depth", "net_asymmetry"))
     p.add_argument("--quick", action="store_true", help="a tiny configuration (minutes of nothing: a smoke "
                    "test of the pipeline, not a measurement)")
@@ -754,7 +770,7 @@ def config_from_args(args: argparse.Namespace) -> BeyondIIDStudyConfig:
                                              "lr", "warmup_ratio", "noise", "delta_fraction", "edit_fraction",
                                              "tier_threshold", "base_lr", "self_effect_floor",
                                              "relative_self_effect_floor", "max_change_fraction", "schedule",
-                                             "gamma_metric", "gamma_mode", "tier_method")}
+                                             "gamma_metric", "gamma_mode", "gamma_budget", "tier_method")}
     values["categories"] = tuple(c.strip() for c in args.categories.split(",") if c.strip())
     values["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     if args.quick:

@@ -170,3 +170,8 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="epochs must be 3"):
         bis.BeyondIIDStudyConfig(epochs=2)
     assert bis.BeyondIIDStudyConfig(budget=1200, batch_size=16).steps == 225
+    with pytest.raises(ValueError, match="gamma_budget must be"):
+        bis.BeyondIIDStudyConfig(gamma_budget="tokens")
+    with pytest.raises(ValueError, match="different lengths"):
+        bis.BeyondIIDStudyConfig(gamma_budget="epochs", gamma_mode="vmap")
+    assert bis._gamma_mode(bis.BeyondIIDStudyConfig(gamma_budget="epochs")) == "sequential"

@@ -26,6 +26,10 @@ Design choices (each also written where it is implemented):
   learning-rate schedule); equal steps keeps the runs' optimisation identical except for the data,
   and is what lets R runs share one program step for step. The effect measured is therefore "the
   same compute spent on a mix with Delta_k more (fewer) category-k examples".
+  The price: added records of one category dilute the others (each gets fewer passes), which
+  biases every row toward negative entries, most for categories learnt by memorisation.
+  ``budget="epochs"`` is the alternative: each run takes ``epochs`` passes over its own set
+  (`run_steps`) with its own lr schedule, sequential mode only.
 * Common random numbers. An epoch's order comes from one random key per (seed, epoch, pool
   index), shared by all runs: each run visits its own examples sorted by that key, so run k's
   order is run 0's with its Delta examples interleaved (or taken out). Runs then differ as little
@@ -121,6 +125,7 @@ __all__ = [
 
 METRICS = ("loss", "exact_match")
 MODES = ("vmap", "sequential")
+BUDGETS = ("steps", "epochs")
 RUN_AXIS = "runs"
 RESULT_FILE = "interactions.json"
 FORMAT_VERSION = 1
@@ -150,9 +155,12 @@ class InterventionConfig:
     examples of k not in D0; when fewer than that are left, the run removes that many from D0
     instead (the delta is recorded as negative).
 
-    Training: ``steps`` AdamW updates of ``batch_size`` examples for every run (the fixed step
-    budget, see the module docstring), learning rate ``lr`` with a linear warmup of
-    ``ceil(warmup_ratio * steps)`` steps then ``schedule`` ("linear", "cosine", "constant");
+    Training: ``budget="steps"`` (default): ``steps`` AdamW updates of ``batch_size`` examples for
+    every run (the fixed step budget, see the module docstring); ``budget="epochs"``: ``epochs``
+    passes over each run's own set, ``ceil(epochs * |set| / batch_size)`` updates (the run's own
+    length; ``steps`` is unused), sequential mode only (see `run_steps`). Learning rate ``lr`` with
+    a linear warmup of ``ceil(warmup_ratio * T)`` steps then ``schedule`` ("linear", "cosine",
+    "constant") over the run's length T;
     ``accum`` micro-batches per update, ``max_grad_norm`` None/0 disables clipping, ``n_buckets``
     length buckets. ``seed`` drives D0, the deltas' examples, data orders and dropout.
 
@@ -168,6 +176,8 @@ class InterventionConfig:
     base_fraction: float = 1.0
     base_size: int | None = None
     steps: int = 100
+    budget: str = "steps"
+    epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-4
     schedule: str = "cosine"
@@ -195,7 +205,9 @@ class InterventionConfig:
             if self.base_fraction != 1.0:
                 problems.append("give base_fraction or base_size, not both (leave base_fraction at 1.0 "
                                 "when setting base_size)")
-        for name in ("steps", "batch_size", "accum", "n_buckets", "eval_batch_size"):
+        if self.budget not in BUDGETS:
+            problems.append(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        for name in ("steps", "epochs", "batch_size", "accum", "n_buckets", "eval_batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 problems.append(f"{name} must be an int >= 1, got {value!r}")
@@ -225,10 +237,12 @@ class InterventionConfig:
         if problems:
             raise ValueError("invalid InterventionConfig: " + "; ".join(problems))
 
-    def optimizer_args(self) -> dict:
-        """`jraise.train.step.make_optimizer` keyword arguments (the same for every run)."""
-        return {"lr": float(self.lr), "total_steps": int(self.steps),
-                "warmup_steps": math.ceil(self.warmup_ratio * self.steps), "schedule": self.schedule,
+    def optimizer_args(self, total_steps: int | None = None) -> dict:
+        """`jraise.train.step.make_optimizer` keyword arguments for a run of ``total_steps`` updates
+        (default ``steps``: every run of the fixed step budget)."""
+        total = int(self.steps if total_steps is None else total_steps)
+        return {"lr": float(self.lr), "total_steps": total,
+                "warmup_steps": math.ceil(self.warmup_ratio * total), "schedule": self.schedule,
                 "weight_decay": float(self.weight_decay), "max_grad_norm": self.max_grad_norm}
 
     def to_dict(self) -> dict:
@@ -322,6 +336,16 @@ def intervention_sets(categories: Sequence[str], config: InterventionConfig
             raise ValueError(f"category {name!r}: removing {size} examples leaves an empty training set")
         sets.append(np.sort(changed).astype(np.int64))
     return base, sets, np.array(deltas, np.int64), names
+
+
+def run_steps(sets: Sequence[Sequence[int]], config: InterventionConfig) -> list[int]:
+    """Optimizer updates of each run: ``config.steps`` for every run under the fixed step budget;
+    ``ceil(epochs * |set| / batch_size)`` under ``budget="epochs"``, so a run with Delta_k more
+    examples trains longer and no category is diluted by another's additions (the fixed step
+    budget spends the same updates on a larger set, so every other category gets fewer passes)."""
+    if config.budget == "steps":
+        return [int(config.steps)] * len(sets)
+    return [math.ceil(config.epochs * len(s) / config.batch_size) for s in sets]
 
 
 def run_orders(sets: Sequence[Sequence[int]], steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -530,11 +554,18 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if config.budget == "epochs" and mode == "vmap":
+        raise ValueError("budget='epochs' gives the runs different numbers of steps, which one vmapped "
+                         "program cannot take; use mode='sequential'")
     if sets is None:
         _, sets, _, _ = intervention_sets(pool_categories(pool), config)
     sets = _check_sets(pool, sets)
     n_runs = len(sets)
-    orders = run_orders(sets, config.steps, config.batch_size, config.seed)
+    lengths = run_steps(sets, config)
+    longest = max(lengths)
+    # Orders for the longest run; a shorter run trains on the first steps of its own row (its
+    # epochs, then a partial one), and every run pads a step to the same bucket.
+    orders = run_orders(sets, longest, config.batch_size, config.seed)
     _, step_buckets = _step_buckets(pool, orders, config.n_buckets)
     opt_args = config.optimizer_args()
 
@@ -543,7 +574,7 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     tx, jitted = _step_function(mode, graphdef, opt_args, dtypes)
     base_key = jax.random.key(config.seed)
     rows = config.batch_size
-    bar = tqdm(total=config.steps * (1 if mode == "vmap" else n_runs), disable=None if progress else True,
+    bar = tqdm(total=config.steps if mode == "vmap" else sum(lengths), disable=None if progress else True,
                desc=f"interventions ({mode}, {n_runs} runs)", unit="step", dynamic_ncols=True)
     compile_s = 0.0
     try:
@@ -579,39 +610,44 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
             train_s = time.perf_counter() - start
             train_loss = np.stack(jax.device_get(losses), axis=1)
         else:
-            keys = [jax.random.fold_in(base_key, s) for s in range(config.steps)]
+            keys = [jax.random.fold_in(base_key, s) for s in range(longest)]
             device = jax.devices()[0]
             fresh_state = jax.device_put(trainable, device)
             opt_state0 = jax.jit(tx.init)(fresh_state)
-            programs = {}
-            for length in sorted(set(step_buckets)):
-                args = (fresh_state, opt_state0, frozen, _batch_spec((), config.accum, rows, length, None), keys[0])
-                programs[length], spent = _compiled(mode, graphdef, opt_args, dtypes, jitted, args)
-                compile_s += spent
-            finals, losses = [], []
+            programs = {}  # (run length, bucket) -> compiled step: the lr schedule depends on the length
+            for n_steps in sorted(set(lengths)):
+                run_args = config.optimizer_args(n_steps)
+                _, run_jitted = _step_function(mode, graphdef, run_args, dtypes)
+                for length in sorted(set(step_buckets[:n_steps])):
+                    args = (fresh_state, opt_state0, frozen, _batch_spec((), config.accum, rows, length, None),
+                            keys[0])
+                    programs[n_steps, length], spent = _compiled(mode, graphdef, run_args, dtypes, run_jitted, args)
+                    compile_s += spent
+            finals = []
+            train_loss = np.full((n_runs, longest), np.nan)  # NaN after a shorter run's last step
             start = time.perf_counter()
-            for r in range(n_runs):
+            for r, n_steps in enumerate(lengths):
                 state = jax.tree.map(jnp.copy, fresh_state)  # every run starts from the same weights
                 opt_state = jax.jit(tx.init)(state)
                 run_losses = []
                 upcoming = _run_batch(pool, orders[r, 0], step_buckets[0], config.accum)
-                for s in range(config.steps):
+                for s in range(n_steps):
                     batch = upcoming
-                    state, opt_state, metrics = programs[step_buckets[s]](state, opt_state, frozen, batch, keys[s])
+                    program = programs[n_steps, step_buckets[s]]
+                    state, opt_state, metrics = program(state, opt_state, frozen, batch, keys[s])
                     run_losses.append(metrics["loss"])
-                    if s + 1 < config.steps:
+                    if s + 1 < n_steps:
                         upcoming = _run_batch(pool, orders[r, s + 1], step_buckets[s + 1], config.accum)
                     bar.update(1)
                 finals.append(state)
-                losses.append(run_losses)
+                train_loss[r, :n_steps] = np.asarray(jax.device_get(run_losses), np.float64)
             state = jax.tree.map(lambda *xs: jnp.stack(xs), *finals)
             jax.block_until_ready(state)
             train_s = time.perf_counter() - start
-            train_loss = np.asarray(jax.device_get(losses), np.float64).reshape(n_runs, config.steps)
     finally:
         bar.close()
     if stats is not None:
-        stats.update({"mode": mode, "runs": n_runs, "steps": config.steps, "compile_s": compile_s,
+        stats.update({"mode": mode, "runs": n_runs, "steps": longest, "run_steps": lengths, "compile_s": compile_s,
                       "train_s": train_s, "bucket_lengths": sorted(set(step_buckets)),
                       "devices": jax.device_count(), "train_loss": np.asarray(train_loss, np.float64)})
     return state

@@ -3,6 +3,7 @@ sequential parity (full and LoRA), the stacked step, per-category evaluation, th
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -360,3 +361,30 @@ def test_relative_self_effect_floor_config_and_pass_through():
     np.fill_diagonal(want, 1.0)
     np.testing.assert_allclose(gamma, want, rtol=1e-9)
     assert gamma[2, 0] == pytest.approx(effect[0, 2] / floor)
+
+
+def test_epoch_budget_gives_each_run_its_own_length_and_schedule(testbed):
+    """budget="epochs": run r takes ceil(epochs * |set_r| / batch) updates with its own lr schedule;
+    each run equals a fixed-step run of that length on its own set (same orders and keys)."""
+    from jraise.select.intervention import intervention_sets, run_steps
+
+    _, pool, _, model_config = testbed
+    model = init_model(model_config, seed=0)
+    config = dataclasses.replace(CONFIG, budget="epochs", epochs=1)
+    _, sets, _, _ = intervention_sets(pool_categories(pool), config)
+    lengths = run_steps(sets, config)
+    assert lengths == [math.ceil(len(s) / 4) for s in sets] and lengths[0] == 6 and set(lengths[1:]) == {7}
+    assert run_steps(sets, CONFIG) == [3] * 4  # the fixed step budget
+    stats = {}
+    stacked = train_interventions(model, pool, config, "sequential", progress=False, sets=sets, stats=stats)
+    assert stats["run_steps"] == lengths and stats["steps"] == 7
+    assert np.isnan(stats["train_loss"][0, 6]) and np.isfinite(stats["train_loss"][:, :6]).all()
+    # Run 0 (D0, 6 steps) equals a fixed-step run of 6 steps on D0 alone.
+    alone = train_interventions(model, pool, dataclasses.replace(CONFIG, steps=6), "sequential", progress=False,
+                                sets=[sets[0]])
+    run0 = jax.tree.map(lambda x: x[0], stacked)
+    assert _max_rel_err(run0, jax.tree.map(lambda x: x[0], alone)) < 1e-5
+    with pytest.raises(ValueError, match="mode='sequential'"):
+        train_interventions(model, pool, config, "vmap", progress=False, sets=sets)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        InterventionConfig(budget="tokens")
