@@ -342,7 +342,8 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     gamma_s = time.perf_counter() - t0
     names, gamma = list(measured["names"]), np.asarray(measured["gamma"], np.float64)
     d0 = np.asarray(measured["base_indices"], np.int64)
-    echo(f"seed {seed}: Gamma from {len(names) + 1} runs x {config.steps} steps ({gamma_s:.0f} s)")
+    run_length = f"{config.epochs} epochs" if config.gamma_budget == "epochs" else f"{config.steps} steps"
+    echo(f"seed {seed}: Gamma from {len(names) + 1} runs x {run_length} ({gamma_s:.0f} s)")
 
     # b. Tiers.
     taxonomy = dependency_taxonomy(gamma, names, threshold=config.tier_threshold, method=config.tier_method)
