@@ -54,12 +54,10 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The knowledge set: `fact` is a prerequisite that only its own records teach (a composite's record
-# does not state the fact), the dependency the intervention design can see. The skill sets' Gammas
-# do not show their composition graphs on this model (letters: interference, 1/4 pairs; arithmetic:
-# transfer both ways, 1/4); they stay reachable with --categories, e.g. the earlier default letter
-# set: reverse,upper,sort,reverse_upper,sort_reverse,first,last (BUILD_NOTES, session 9).
-DEFAULT_CATEGORIES = ("fact", "add", "compare", "fact_add", "fact_compare", "first", "last")
+# The letter set. Other sets via --categories, e.g. the knowledge set
+# fact,add,compare,fact_add,fact_compare,first,last (BUILD_NOTES, session 9: its fact -> composite
+# asymmetries under the fixed step budget come from dilution and vanish with --gamma-budget epochs).
+DEFAULT_CATEGORIES = ("reverse", "upper", "sort", "reverse_upper", "sort_reverse", "first", "last")
 ARMS = ("baseline", "ee_cpo", "dt_csft", "dt_csft_true_tiers")
 ARM_LABELS = {"baseline": "baseline (D0 mix, shuffled)", "ee_cpo": "EE-CPO mix (shuffled)",
               "dt_csft": "DT-CSFT order (derived tiers)", "dt_csft_true_tiers": "DT-CSFT order (true tiers)"}
@@ -68,11 +66,11 @@ TIER_NAMES = {0: "base", 1: "middle", 2: "dependent"}
 
 @dataclass(frozen=True)
 class BeyondIIDStudyConfig:
-    """Sizes and budgets of the study (defaults: the benchmark's, about 7 minutes on 2 quiet CPU
+    """Sizes and budgets of the study (defaults: the benchmark's, about 6 minutes on 2 quiet CPU
     cores with the 2-layer `small` preset; see the module docstring for what each part does)."""
 
     categories: tuple[str, ...] = DEFAULT_CATEGORIES
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # 5: one Gamma's asymmetries are as noisy as they are large
+    seeds: tuple[int, ...] = (0, 1, 2)
     n_pool: int = 3000  # per seed; D0 = budget of it, the rest is the EE-CPO candidate pool
     budget: int = 1200  # N: records every arm trains on
     epochs: int = 3  # every record of an arm's set is seen this many times (DT-CSFT: exactly 3)
@@ -83,7 +81,7 @@ class BeyondIIDStudyConfig:
     noise: float = 0.0
     n_val: int = 100  # per category: Gamma's performance measurement
     n_test: int = 100  # per category: the arms' evaluation
-    delta_fraction: float = 1.0  # Delta_k = +100% of n0_k: twice the signal of +50% for the same noise
+    delta_fraction: float = 0.5
     gamma_metric: str = "loss"
     gamma_mode: str = "auto"  # vmap, sequential, auto = sequential on CPU (faster there), vmap elsewhere
     # "steps": every intervention run takes the arms' step budget (the library default); "epochs":

@@ -518,8 +518,8 @@ _SPEC_LIST: tuple[CategorySpec, ...] = (
 # seed, like world knowledge: a model can only learn them from records that state them. The two
 # composites use a fact inside a skill. Unlike a skill, a fact is not exercised by the composite's
 # records in recoverable form ("code of 'bafo' plus 7" = 31 does not say the code is 24), so the
-# prerequisite is one that only its own data teaches: the dependency the Beyond-IID measurement is
-# meant to find (BUILD_NOTES, session 9).
+# prerequisite is one that only its own data teaches. Measured with the Beyond-IID interventions
+# it still does not show as a prerequisite once dilution is removed (BUILD_NOTES, session 9).
 N_FACTS = 40
 MIN_CODE, MAX_CODE = 10, 50  # codes are in [MIN_CODE, MAX_CODE): a code plus an addend stays < MAX_NUMBER
 
