@@ -550,7 +550,9 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     ``stats``, when given, is filled with ``mode``, ``runs``, ``steps``, ``compile_s`` (ahead-of-
     time compilation of every step shape used; 0 when already compiled in this process),
     ``train_s`` (the training loop, batch building included), ``bucket_lengths`` and
-    ``train_loss`` (float64 [R, steps], each step's mean response NLL per run).
+    ``train_loss`` (float64 [R, steps], each step's mean response NLL per run; under
+    ``budget="epochs"`` ``steps`` is the longest run's length, ``run_steps`` lists every run's, and a
+    shorter run's row is NaN after its last step).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -838,7 +840,9 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
             "changed_ids": {name: [pool.ids[i] for i in changed[k]] for k, name in enumerate(names)},
             "perf_rows": ["D0"] + [f"{'+' if d > 0 else ''}{int(d)} {name}" for d, name in zip(deltas, names)],
             "perf": [[_json_float(v) for v in row] for row in perf],
-            "final_train_loss": [_json_float(v) for v in stats["train_loss"][:, -1]],
+            # Each run's last step (under budget="epochs" a shorter run's row ends in NaN padding).
+            "final_train_loss": [_json_float(row[np.isfinite(row)][-1]) for row in stats["train_loss"]],
+            "run_steps": [int(n) for n in stats["run_steps"]],
             "timings": {**timings, "total_s": time.perf_counter() - total_start},
             "bucket_lengths": stats["bucket_lengths"],
             "config": config.to_dict(),

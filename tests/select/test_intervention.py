@@ -386,5 +386,14 @@ def test_epoch_budget_gives_each_run_its_own_length_and_schedule(testbed):
     assert _max_rel_err(run0, jax.tree.map(lambda x: x[0], alone)) < 1e-5
     with pytest.raises(ValueError, match="mode='sequential'"):
         train_interventions(model, pool, config, "vmap", progress=False, sets=sets)
+    # The written design reports each run's own last training loss, not the NaN padding.
+    _, _, eval_pool, _ = testbed
+    out = testbed[0] / "epoch_budget"
+    measure_interactions(model, pool, eval_pool, dataclasses.replace(config, self_effect_floor=1e-6), out,
+                         mode="sequential", progress=False)
+    written = json.loads((out / "interactions.json").read_text())
+    final = [row[np.isfinite(row)][-1] for row in stats["train_loss"]]
+    np.testing.assert_allclose(written["final_train_loss"], final, rtol=1e-5)
+    assert written["run_steps"] == lengths and written["config"]["budget"] == "epochs"
     with pytest.raises(ValueError, match="budget must be one of"):
         InterventionConfig(budget="tokens")
