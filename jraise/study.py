@@ -58,7 +58,7 @@ ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", 
 # which the selection methods' ``steps`` are a fraction of the full-data steps. "oracle" reads the testbed's
 # ground truth (``meta``, which no selector sees): ``fraction`` of the pool drawn uniformly from the clean
 # records of the target categories, the best a selector at this budget can hope to pick, so the
-# table shows how much room selection has (measured: random 0.16, oracle 0.25 target EM; BUILD_NOTES).
+# table shows how much room selection has (measured: random 0.16, oracle 0.28 target EM, 3 seeds; BUILD_NOTES).
 REFERENCE_METHODS = ("full_run", "oracle")
 
 
