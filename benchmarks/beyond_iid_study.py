@@ -99,6 +99,11 @@ class BeyondIIDStudyConfig:
     min_per_category: int = 5
     tier_method: str = "depth"
     tier_threshold: float = 0.1
+    # "all": the base model is trained on all 14 default categories, the study's included (a pretrained
+    # LLM that already has the skills); "others": only on the default categories outside the study's,
+    # so the study's parts and composites are learnt during the runs (the held-out regime of the
+    # selection study).
+    base_categories: str = "all"
     base_pool: int = 12000
     base_steps: int = 2500
     base_lr: float = 1e-3
@@ -128,6 +133,8 @@ class BeyondIIDStudyConfig:
             problems.append(f"gamma_budget must be steps or epochs, got {self.gamma_budget!r}")
         elif self.gamma_budget == "epochs" and self.gamma_mode == "vmap":
             problems.append("gamma_budget epochs gives the runs different lengths: use gamma_mode sequential or auto")
+        if self.base_categories not in ("all", "others"):
+            problems.append(f"base_categories must be all or others, got {self.base_categories!r}")
         if self.tier_method not in ("depth", "net_asymmetry"):
             problems.append(f"tier_method must be depth or net_asymmetry, got {self.tier_method!r}")
         if self.relative_self_effect_floor is not None and not 0 < self.relative_self_effect_floor <= 1:
@@ -428,7 +435,8 @@ def run(config: BeyondIIDStudyConfig, work: Path, out_dir: Path, echo: Callable[
 
     work.mkdir(parents=True, exist_ok=True)
     gamma_root = out_dir / "beyond_iid_gamma"
-    base_config = StudyConfig(targets=(), base_pool=config.base_pool, base_steps=config.base_steps,
+    held_out = tuple(config.categories) if config.base_categories == "others" else ()
+    base_config = StudyConfig(targets=held_out, base_pool=config.base_pool, base_steps=config.base_steps,
                               base_lr=config.base_lr, base_seed=config.base_seed, batch_size=config.batch_size,
                               max_len=config.max_len)
     t0 = time.perf_counter()
@@ -546,7 +554,10 @@ def markdown_report(result: dict, summary: dict, config: BeyondIIDStudyConfig, c
         f"Categories: {', '.join(names)}; composition pairs (prerequisite -> composite): "
         + ", ".join(f"{p} -> {c}" for p, c in composition_pairs(config.categories)) + ".  ",
         f"Base model: `small` preset, {config.base_steps} steps from scratch (lr {config.base_lr:g}, constant) on "
-        f"{config.base_pool} clean records of all 14 testbed categories, shared by every seed.  ",
+        f"{config.base_pool} clean records of "
+        + ("all 14 default testbed categories" if config.base_categories == "all"
+           else "the default testbed categories outside this study's (it has never seen one of them)")
+        + ", shared by every seed.  ",
         f"Per seed: testbed pool {config.n_pool} records ({config.noise:.0%} noise), D0 = {config.budget} records "
         f"(the pool's balanced mix); every run and arm: {config.epochs} x {config.budget} examples = "
         f"{config.steps} steps of {config.batch_size}, lr {config.lr:g} {config.schedule} "
@@ -753,6 +764,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-budget", default=d.gamma_budget, choices=("steps", "epochs"),
                    help="intervention runs: the arms' step budget, or each run `epochs` passes over its own set")
     p.add_argument("--tier-method", default=d.tier_method, choices=("depth", "net_asymmetry"))
+    p.add_argument("--base-categories", default=d.base_categories, choices=("all", "others"),
+                   help="train the base model on all 14 default categories, or only on those outside --categories "
+                        "(the study's categories are then learnt during the runs)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (minutes of nothing: a smoke "
                    "test of the pipeline, not a measurement)")
     return p
@@ -769,7 +783,8 @@ def config_from_args(args: argparse.Namespace) -> BeyondIIDStudyConfig:
                                              "lr", "warmup_ratio", "noise", "delta_fraction", "edit_fraction",
                                              "tier_threshold", "base_lr", "self_effect_floor",
                                              "relative_self_effect_floor", "max_change_fraction", "schedule",
-                                             "gamma_metric", "gamma_mode", "gamma_budget", "tier_method")}
+                                             "gamma_metric", "gamma_mode", "gamma_budget", "tier_method",
+                                             "base_categories")}
     values["categories"] = tuple(c.strip() for c in args.categories.split(",") if c.strip())
     values["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     if args.quick:
