@@ -42,6 +42,9 @@ def main(argv=None) -> dict:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("noise", "fraction", "lr"):
         parser.add_argument("--" + name, type=float, default=getattr(defaults, name))
+    parser.add_argument("--rose-pairs", default=defaults.rose_pairs, choices=("model", "testbed"),
+                        help="ROSE's validation pairs: rejected = the base model's own answer, or the testbed's "
+                             "near miss")
     parser.add_argument("--out", default=str(RESULTS / "selection_study"), help="prefix of the .md/.json/.png")
     args = parser.parse_args(argv)
 
@@ -49,7 +52,8 @@ def main(argv=None) -> dict:
                          targets=tuple(args.targets.split(",")), n_pool=args.n_pool, steps=args.steps,
                          batch_size=args.batch_size, n_test=args.n_test, base_pool=args.base_pool,
                          base_steps=args.base_steps, raise_episodes=args.raise_episodes, raise_steps=args.raise_steps,
-                         raise_clusters=args.raise_clusters, noise=args.noise, fraction=args.fraction, lr=args.lr)
+                         raise_clusters=args.raise_clusters, noise=args.noise, fraction=args.fraction, lr=args.lr,
+                         rose_pairs=args.rose_pairs)
     start = time.perf_counter()
     result = run_study(args.work, config)
     summary = summarise(result["rows"])

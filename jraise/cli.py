@@ -270,6 +270,34 @@ select_app.command("less")(_influence_command("less"))
 select_app.command("rose")(_influence_command("rose"))
 
 
+@app.command("pairs")
+def pairs_cmd(
+    model: Path = typer.Option(..., help="The base model directory (the model the selection is for)."),
+    val: Path = typer.Option(..., help="Few-shot validation SFT records with right answers (JSONL etc.)."),
+    out: Path = typer.Option(..., help="Preference pairs (JSONL) for `jraise select rose --val`; "
+                                       ".meta.json beside it."),
+    max_new_tokens: int = typer.Option(32), batch_size: int = typer.Option(16),
+    normaliser: str = typer.Option("testbed", help="What counts as a right answer (skipped): testbed, gsm8k, exact."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+):
+    """ROSE validation pairs from SFT records: chosen = the reference answer, rejected = the model's own
+    greedy answer; records the model already answers right are skipped."""
+    from jraise.select.preference_pairs import write_model_answer_pairs
+
+    try:
+        report = write_model_answer_pairs(model, val, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                          normaliser=normaliser, tokenizer_dir=tokenizer)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo(f"wrote {report['n_pairs']} pairs from {report['n_records']} records to {out} "
+               f"(skipped: {len(report['skipped']['correct'])} answered right, "
+               f"{len(report['skipped']['empty'])} answered with nothing)")
+    for category, counts in report["per_category"].items():
+        if counts["pairs"] == 0:
+            typer.echo(f"warning: category {category!r} has no pair ({counts['records']} records, "
+                       f"{counts['correct']} answered right)", err=True)
+
+
 @select_app.command("raise")
 def raise_cmd(
     model: Path = typer.Option(..., help="Base HF model directory (with its tokenizer files): M_0 and the auxiliary model."),

@@ -96,6 +96,11 @@ class StudyConfig:
     influence_proj_dim: int = 1024
     influence_warmup_epochs: int = 2
     influence_adam_first_moment: bool = False
+    # ROSE's validation pairs: "model" (chosen = the right answer, rejected = the base model's own greedy
+    # answer; `jraise.select.preference_pairs`) or "testbed" (the testbed's near misses: the right answer
+    # with one letter or digit changed). Near-miss pairs' DPO gradients share almost no task direction
+    # within a subtask, and ROSE on them was below random (0.14 vs 0.16 target EM, 3 seeds; BUILD_NOTES).
+    rose_pairs: str = "model"
     # RAISE: `raise_episodes` policy episodes of `raise_steps` fused steps; an episode is as long as the
     # deployed run (`steps`), as in the paper, where an episode is the whole fine-tuning run. K = 8, not
     # the paper's 20, for CPU time (8 x 120 steps: about 2 minutes per seed).
@@ -130,6 +135,8 @@ class StudyConfig:
             raise ValueError(f"unknown base_preset {self.base_preset!r}; presets: {', '.join(PRESETS)}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.rose_pairs not in ("model", "testbed"):
+            raise ValueError(f"rose_pairs must be model or testbed, got {self.rose_pairs!r}")
         if self.dt_csft_tier_method not in ("depth", "net_asymmetry"):
             raise ValueError(f"dt_csft_tier_method must be depth or net_asymmetry, got {self.dt_csft_tier_method!r}")
         if self.batch_size % self.raise_clusters and {"raise", "raise_sampled"} & set(self.methods):
@@ -216,6 +223,30 @@ def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
 # Selection and fine-tuning
 
 
+def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
+    """ROSE's validation pairs for ``rose_pairs="model"``: `write_model_answer_pairs` on the target
+    validation records (rejected = the base model's greedy answer); a record the base answers right
+    or with nothing keeps the testbed's near-miss pair (``val_pref_target`` mirrors ``val_target``
+    record by record). The meta file counts both kinds."""
+    from jraise.model import load_model, load_tokenizer
+    from jraise.select.preference_pairs import model_answer_pairs
+
+    records, near_miss = _read_jsonl(paths["val_target"]), _read_jsonl(paths["val_pref_target"])
+    if [p["chosen"] for p in near_miss] != [r["output"] for r in records]:
+        raise ValueError(f"{paths['val_pref_target']} does not mirror {paths['val_target']} record by record")
+    pairs, report = model_answer_pairs(load_model(base_dir)[0], load_tokenizer(base_dir), records,
+                                       max_new_tokens=12, batch_size=64, source=str(paths["val_target"]),
+                                       require_pairs=False)
+    skipped = sorted(i for indices in report["skipped"].values() for i in indices)
+    by_id = {p["id"]: p for p in pairs}
+    merged = [near_miss[i] if i in skipped else by_id[r["id"]] for i, r in enumerate(records)]
+    atomic_write_jsonl(out, merged)
+    atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(
+        {"model_answer_pairs": len(pairs), "near_miss_fallbacks": len(skipped), "fallback_indices": skipped,
+         "skipped": report["skipped"], "base_model": str(base_dir)}, indent=2) + "\n")
+    return out
+
+
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
                       out: Path) -> np.ndarray:
     if method in ("less", "rose"):
@@ -230,7 +261,10 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
                                        lora_alpha=2.0 * config.influence_lora_rank, max_len=config.max_len,
                                        proj_dim=config.influence_proj_dim, seed=seed,
                                        adam_first_moment=config.influence_adam_first_moment)
-        val = paths["val_pref_target"] if method == "rose" else paths["val_target"]
+        val = paths["val_target"]
+        if method == "rose":
+            val = (_model_answer_pairs(base_dir, paths, out.with_name("val_pref_model.jsonl"))
+                   if config.rose_pairs == "model" else paths["val_pref_target"])
         selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, echo=lambda *_: None)
     else:
         from jraise.select.baselines import run_baseline
@@ -408,7 +442,7 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
 
 # Option groups only some methods read: a row's key leaves out the groups its method does not read,
 # so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
-METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_",), "ee_cpo": ("gamma_", "ee_cpo_"),
+METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_", "rose_"), "ee_cpo": ("gamma_", "ee_cpo_"),
                           "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
                           "raise_sampled": ("raise_",), "full_run": ("full_run_",)}
 _ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))

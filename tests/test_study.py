@@ -28,6 +28,8 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 
 def test_study_config_rejects_unknown_methods_and_bad_fraction():
+    with pytest.raises(ValueError, match="rose_pairs must be model or testbed"):
+        StudyConfig(rose_pairs="human")
     with pytest.raises(ValueError, match="unknown methods"):
         StudyConfig(methods=("random", "psychic"))
     with pytest.raises(ValueError, match="fraction"):
@@ -59,6 +61,8 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
     assert settings_key(a, "raise_sampled") != settings_key(b, "raise_sampled")
     c = StudyConfig(influence_proj_dim=512)
     assert settings_key(a, "rose") != settings_key(c, "rose") and settings_key(a, "raise") == settings_key(c, "raise")
+    g = StudyConfig(rose_pairs="testbed")  # ROSE's own group: LESS's rows are kept
+    assert settings_key(a, "rose") != settings_key(g, "rose") and settings_key(a, "less") == settings_key(g, "less")
     d = StudyConfig(gamma_steps=40)  # shared by EE-CPO and DT-CSFT
     assert settings_key(a, "ee_cpo") != settings_key(d, "ee_cpo") and settings_key(a, "dt_csft") != settings_key(d, "dt_csft")
     e = StudyConfig(lr=3e-4)  # common options change every row
@@ -195,3 +199,43 @@ def test_raise_rows_share_one_policy_and_differ_only_in_deployment(tmp_path):
     for picks in (top["indices"], drawn["indices"]):
         for batch in picks:
             assert len(set(batch)) == len(batch)  # no record twice in one batch
+
+
+def test_rose_row_builds_its_pairs_from_the_base_models_answers(tmp_path):
+    config = StudyConfig(methods=("rose",), influence_lora_rank=2, influence_proj_dim=16, **TINY)
+    result = run_study(tmp_path, config, echo=lambda *_: None)
+    assert [r["method"] for r in result["rows"]] == ["rose"]
+    pairs = [json.loads(line) for line in open(tmp_path / "seed0" / "rose" / "val_pref_model.jsonl")]
+    val = [json.loads(line) for line in open(tmp_path / "seed0" / "testbed" / "val_target.jsonl")]
+    near_miss = [json.loads(line) for line in open(tmp_path / "seed0" / "testbed" / "val_pref_target.jsonl")]
+    meta = json.loads((tmp_path / "seed0" / "rose" / "val_pref_model.jsonl.meta.json").read_text())
+    assert len(pairs) == len(val) == meta["model_answer_pairs"] + meta["near_miss_fallbacks"]
+    # Pair i is about val record i, chosen = its right answer; rejected = the base model's own answer,
+    # or the testbed's near miss where the base answered right or with nothing (this 6-step base
+    # stops at once: every record falls back).
+    for i, (pair, record) in enumerate(zip(pairs, val)):
+        assert pair["chosen"] == record["output"] and pair["category"] == record["category"] in config.targets
+        assert (pair == near_miss[i]) == (i in meta["fallback_indices"])
+    assert meta["near_miss_fallbacks"] == len(meta["skipped"]["empty"]) + len(meta["skipped"]["correct"])
+    selection = json.loads((tmp_path / "seed0" / "rose" / "selection.jsonl.meta.json").read_text())
+    assert selection["method"] == "rose" and len(selection["indices"]) == round(0.1 * 280)
+
+
+def test_model_answer_pairs_of_a_model_that_answers_take_its_answers(tmp_path):
+    from jraise.model import init_model, load_tokenizer, preset_config, save_model
+    from jraise.study import _model_answer_pairs, seed_data
+
+    config = StudyConfig(**TINY)
+    paths = seed_data(tmp_path, config, 0)
+    tok = load_tokenizer(paths["tokenizer"])
+    model_config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+    save_model(init_model(model_config, seed=0), model_config, tmp_path / "m")  # random: answers, all wrong
+    tok.save_pretrained(str(tmp_path / "m"))
+    out = _model_answer_pairs(tmp_path / "m", paths, tmp_path / "pairs.jsonl")
+    pairs = [json.loads(line) for line in open(out)]
+    near_miss = [json.loads(line) for line in open(paths["val_pref_target"])]
+    meta = json.loads((tmp_path / "pairs.jsonl.meta.json").read_text())
+    assert meta == {**meta, "model_answer_pairs": len(pairs), "near_miss_fallbacks": 0, "fallback_indices": []}
+    assert [p["chosen"] for p in pairs] == [p["chosen"] for p in near_miss]
+    assert all(p["rejected"] != q["rejected"] for p, q in zip(pairs, near_miss))

@@ -1,0 +1,122 @@
+"""Few-shot preference pairs from right answers and a model's own mistakes.
+
+ROSE scores the pool against the gradient of a preference loss on a few validation pairs
+(prompt, chosen, rejected). Where a user has few-shot examples with right answers but no ranked
+pairs, this module makes the pairs: chosen = the record's reference answer, rejected = what the
+model (the base model that will be fine-tuned) answers by greedy decoding. A record the model
+already answers right (under the exact-match normaliser) gives no preference and is skipped, as is
+one the model answers with nothing.
+
+Why the model's own answers (BUILD_NOTES, "ROSE validation pairs"): the contrast
+``grad log pi(y_l|x) - grad log pi(y_w|x)`` of a pair then points from the model's habit on the
+task to the task's answer, a direction every pair of the subtask shares; with a hand-made near miss
+(a right answer with one letter changed) each pair's contrast is specific to its two letters, and
+the subtask's mean has almost no task direction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from jraise.eval import metrics
+from jraise.eval.report import (
+    _normaliser_name,
+    _prompt_token_ids,
+    _where,
+    greedy_completions,
+    load_eval_records,
+    prompt_messages,
+    reference_answer,
+)
+
+SKIP_REASONS = ("correct", "empty")
+
+
+def _pair_prompt(messages: list[dict]) -> str | list[dict]:
+    """One user turn as a plain string (the usual preference-file shape), else the message list."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 32, batch_size: int = 16,
+                       normaliser: metrics.Normaliser = "testbed", source: str = "records",
+                       require_pairs: bool = True) -> tuple[list[dict], dict]:
+    """Preference pairs ``{"id"?, "prompt", "chosen", "rejected", "category"?}`` from SFT ``records``:
+    chosen = the reference answer, rejected = ``model``'s greedy answer (outer whitespace stripped).
+
+    Returns ``(pairs, report)``; the report counts records, pairs and skipped records per category
+    and lists the skipped records' indices by reason (`SKIP_REASONS`). Pairs keep the records' order,
+    ``id`` and ``category``. A record without a prompt or with a blank reference is an error naming
+    ``source``, the record and the field; so is a set that yields no pair at all, unless
+    ``require_pairs`` is False.
+    """
+    if not records:
+        raise ValueError(f"{source}: no records to make preference pairs from")
+    prompts, references = [], []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: record index {i}: expected a dict, got {type(record).__name__}")
+        prompts.append(prompt_messages(record, _where(source, i, record)))
+        reference = reference_answer(record, _where(source, i, record))
+        if not reference.strip():
+            raise ValueError(f"{_where(source, i, record, 'output')}: the reference answer is blank")
+        references.append(reference)
+    answers = greedy_completions(model, tokenizer, _prompt_token_ids(tokenizer, prompts), max_new_tokens, batch_size,
+                                 desc="model answers")
+    norm = metrics.resolve_normaliser(normaliser)
+    pairs, skipped = [], {reason: [] for reason in SKIP_REASONS}
+    per_category: dict[str, Counter] = {}
+    for i, (record, messages, reference, answer) in enumerate(zip(records, prompts, references, answers)):
+        category = record.get("category") if isinstance(record.get("category"), str) and record["category"] else None
+        counts = per_category.setdefault(metrics.category_key(category), Counter())
+        counts["records"] += 1
+        rejected = answer.strip()
+        reason = ("empty" if not rejected
+                  else "correct" if metrics.answers_match(rejected, reference, category, norm) else None)
+        if reason is not None:
+            skipped[reason].append(i)
+            counts[reason] += 1
+            continue
+        pair = {"prompt": _pair_prompt(messages), "chosen": reference, "rejected": rejected}
+        if record.get("id") not in (None, ""):
+            pair = {"id": record["id"], **pair}
+        if category is not None:
+            pair["category"] = category
+        pairs.append(pair)
+        counts["pairs"] += 1
+    if not pairs and require_pairs:
+        raise ValueError(f"{source}: no preference pair: the model answers all {len(records)} records right "
+                         f"({len(skipped['correct'])}) or with nothing ({len(skipped['empty'])})")
+    report = {"source": source, "n_records": len(records), "n_pairs": len(pairs), "skipped": skipped,
+              "per_category": {c: {k: n[k] for k in ("records", "pairs", *SKIP_REASONS)}
+                               for c, n in sorted(per_category.items())},
+              "max_new_tokens": max_new_tokens, "normaliser": _normaliser_name(normaliser)}
+    return pairs, report
+
+
+def write_model_answer_pairs(model_dir: str | os.PathLike, val_file: str | os.PathLike, out: str | os.PathLike, *,
+                             max_new_tokens: int = 32, batch_size: int = 16,
+                             normaliser: metrics.Normaliser = "testbed", tokenizer_dir: str | os.PathLike | None = None
+                             ) -> dict:
+    """`model_answer_pairs` for the records of ``val_file`` (any format `jraise.data.formats` reads)
+    with the model of ``model_dir``: the pairs go to ``out`` (JSONL) and the report, with the model
+    directory, to ``out + ".meta.json"``, both written atomically (pairs first)."""
+    import json
+
+    from jraise.atomic import atomic_write_jsonl, atomic_write_text
+    from jraise.model import load_model, load_tokenizer
+
+    model, _ = load_model(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else model_dir)
+    pairs, report = model_answer_pairs(model, tokenizer, load_eval_records(val_file), max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, normaliser=normaliser, source=str(val_file))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out, pairs)
+    report = {"kind": "model_answer_pairs", "model": str(model_dir), **report}
+    atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(report, indent=2) + "\n")
+    return report
