@@ -5,7 +5,8 @@ ROSE scores the pool against the gradient of a preference loss on a few validati
 pairs, this module makes the pairs: chosen = the record's reference answer, rejected = what the
 model (the base model that will be fine-tuned) answers by greedy decoding. A record the model
 already answers right (under the exact-match normaliser) gives no preference and is skipped, as is
-one the model answers with nothing.
+one the model answers with nothing. An answer is cut at ``max_new_tokens``: set it to cover a whole
+answer of the task, or the rejected side also differs by being cut short.
 
 Why the model's own answers (BUILD_NOTES, "ROSE validation pairs"): the contrast
 ``grad log pi(y_l|x) - grad log pi(y_w|x)`` of a pair then points from the model's habit on the
