@@ -840,8 +840,8 @@ def measure_interactions(model: nnx.Module, pool: InstructionPool, eval_pool: In
             "changed_ids": {name: [pool.ids[i] for i in changed[k]] for k, name in enumerate(names)},
             "perf_rows": ["D0"] + [f"{'+' if d > 0 else ''}{int(d)} {name}" for d, name in zip(deltas, names)],
             "perf": [[_json_float(v) for v in row] for row in perf],
-            # Each run's last step (under budget="epochs" a shorter run's row ends in NaN padding).
-            "final_train_loss": [_json_float(row[np.isfinite(row)][-1]) for row in stats["train_loss"]],
+            # Each run's own last step (under budget="epochs" a shorter run's row ends in NaN padding).
+            "final_train_loss": [_json_float(row[n - 1]) for row, n in zip(stats["train_loss"], stats["run_steps"])],
             "run_steps": [int(n) for n in stats["run_steps"]],
             "timings": {**timings, "total_s": time.perf_counter() - total_start},
             "bucket_lengths": stats["bucket_lengths"],
