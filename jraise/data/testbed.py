@@ -608,14 +608,14 @@ CATEGORY_SPECS: Mapping[str, CategorySpec] = MappingProxyType(
 CATEGORIES: tuple[str, ...] = tuple(s.name for s in _SPEC_LIST)
 KNOWLEDGE_CATEGORIES: tuple[str, ...] = tuple(s.name for s in _KNOWLEDGE_SPEC_LIST)
 ALL_CATEGORIES: tuple[str, ...] = CATEGORIES + KNOWLEDGE_CATEGORIES
-RECALL_CATEGORIES: frozenset[str] = frozenset(s.name for s in _KNOWLEDGE_SPEC_LIST if s.recall)
+RECALL_CATEGORIES: frozenset[str] = frozenset(s.name for s in CATEGORY_SPECS.values() if s.recall)
 # The composition graph: category -> categories it composes (in application order); () for base
 # categories. Every category is a key, so the mapping lists all nodes of the DAG.
 CATEGORY_PREREQUISITES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {s.name: s.prerequisites for s in _SPEC_LIST + _KNOWLEDGE_SPEC_LIST}
 )
 CASE_SENSITIVE_CATEGORIES: frozenset[str] = frozenset(
-    s.name for s in _SPEC_LIST if s.case_sensitive
+    s.name for s in CATEGORY_SPECS.values() if s.case_sensitive
 )
 
 
