@@ -24,6 +24,7 @@ from pathlib import Path
 
 from jraise.eval import metrics
 from jraise.eval.report import (
+    _category,
     _normaliser_name,
     _prompt_token_ids,
     _where,
@@ -72,7 +73,7 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
     pairs, skipped = [], {reason: [] for reason in SKIP_REASONS}
     per_category: dict[str, Counter] = {}
     for i, (record, messages, reference, answer) in enumerate(zip(records, prompts, references, answers)):
-        category = record.get("category") if isinstance(record.get("category"), str) and record["category"] else None
+        category = _category(record)
         counts = per_category.setdefault(metrics.category_key(category), Counter())
         counts["records"] += 1
         rejected = answer.strip()
