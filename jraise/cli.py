@@ -67,7 +67,7 @@ def testbed_cmd(
     n_test: int = typer.Option(50, help="Test records per category."),
     categories: Optional[str] = typer.Option(
         None, help="Comma-separated categories (default: the 14 built-in ones; the knowledge categories "
-                   "fact, fact_add, fact_compare are opt-in)."),
+                   "fact, fact_add, fact_compare, tag, fact_tag, fact_pair are opt-in)."),
 ):
     """Write the built-in synthetic testbed (known categories, planted noise)."""
     from jraise.data.testbed import write_testbed

@@ -15,8 +15,14 @@ and `fact_add` / `fact_compare` use that code inside a skill. A fact is learnabl
 that state it, and a composite's record does not state it, so `fact` is a prerequisite that only
 its own data teaches. `fact` is a *recall* category (`RECALL_CATEGORIES`): its held-out records
 ask about the facts the pool teaches, so they may repeat each other and pool texts (the one
-exception to the held-out guarantees below). They add no word token and no character to the
-tokenizer: every default testbed, tokenizer and model is unchanged by their existence.
+exception to the held-out guarantees below). `tag` is a second fact table of the same names
+(`FACT_TAGS`). The *split-name* composites `fact_tag` (code and tag of a name) and `fact_pair`
+(the codes of two names) mention only the first half of the names in their pool records and only
+the second half in their held-out ones (`COMPOSITE_POOL_NAMES`, `COMPOSITE_HELD_OUT_NAMES`), so
+their held-out answers rest on facts that only `fact` and `tag` records state: their own records
+teach the answer's form, never the facts it is tested on (`SPLIT_NAME_COMPOSITES`). The
+knowledge categories add no word token and no character to the tokenizer: every default
+testbed, tokenizer and model is unchanged by their existence.
 
 Record formats (one JSON object per line in the written files):
 
@@ -205,6 +211,10 @@ class CategorySpec:
     # Knowledge (recall) categories: the answer rests on a fact only data teaches (`FACT_CODES`),
     # so held-out records ask about the facts the pool teaches (see `KNOWLEDGE_CATEGORIES`).
     recall: bool = False
+    # Arguments of held-out (val, test) records when they come from another space than the pool's
+    # (`sample`); None: the same. The split-name composites use it so that their held-out records
+    # ask about names their own pool records never mention (see `SPLIT_NAME_COMPOSITES`).
+    held_out_sample: Callable[[random.Random], dict] | None = None
 
 
 def _random_word(rng: random.Random, letters: str = string.ascii_lowercase) -> str:
@@ -543,6 +553,26 @@ def _sample_fact_compare(rng: random.Random) -> dict:
     return {"name": name, "c": c}
 
 
+def _sample_pool_name(rng: random.Random) -> dict:
+    return {"name": rng.choice(COMPOSITE_POOL_NAMES)}
+
+
+def _sample_held_out_name(rng: random.Random) -> dict:
+    return {"name": rng.choice(COMPOSITE_HELD_OUT_NAMES)}
+
+
+def _name_pair_sampler(names_of: Callable[[], Sequence[str]]) -> Callable[[random.Random], dict]:
+    def sample(rng: random.Random) -> dict:
+        first, second = rng.sample(names_of(), 2)
+        return {"name": first, "other": second}
+
+    return sample
+
+
+def _code_and_tag(name: str) -> str:
+    return f"{FACT_CODES[name]} {FACT_TAGS[name]}"
+
+
 def _other_codes(name: str) -> list[str]:
     """Codes of the two names after `name` in `FACT_NAMES` (a wrong fact; may equal the code)."""
     i = FACT_NAMES.index(name)
@@ -597,6 +627,60 @@ _KNOWLEDGE_SPEC_LIST: tuple[CategorySpec, ...] = (
             *_near_misses(larger_number(FACT_CODES[a["name"]], a["c"]), (-1, 1)),
         ],
     ),
+    CategorySpec(
+        name="tag",
+        description="recall the tag of a name (a second fact only data teaches)",
+        prerequisites=(),
+        templates=(
+            Template("What is the tag of '{name}'?"),
+            Template("Give the tag of '{name}'."),
+            Template("Which word is the tag of '{name}'?"),
+        ),
+        sample=_sample_fact,
+        answer=lambda a: FACT_TAGS[a["name"]],
+        mistakes=lambda a: _other_tags(a["name"]),
+        recall=True,
+    ),
+    # The split-name composites: their pool records mention only `COMPOSITE_POOL_NAMES` and their
+    # held-out records only `COMPOSITE_HELD_OUT_NAMES`, so a held-out answer needs facts that only
+    # the prerequisite categories' records state (see `SPLIT_NAME_COMPOSITES`).
+    CategorySpec(
+        name="fact_tag",
+        description="give the code and the tag of a name (fact and tag; held-out names unseen in its pool)",
+        prerequisites=("fact", "tag"),
+        templates=(
+            Template("Tag too: what is the code of '{name}'?"),
+            Template("With its tag, give the code of '{name}'."),
+            Template("Then the tag: which number is the code of '{name}'?"),
+        ),
+        sample=_sample_pool_name,
+        held_out_sample=_sample_held_out_name,
+        answer=lambda a: _code_and_tag(a["name"]),
+        mistakes=lambda a: [
+            str(FACT_CODES[a["name"]]),  # only the code
+            FACT_TAGS[a["name"]],  # only the tag
+            f"{FACT_TAGS[a['name']]} {FACT_CODES[a['name']]}",  # the wrong order
+            *(f"{code} {FACT_TAGS[a['name']]}" for code in _other_codes(a["name"])),  # a wrong code
+        ],
+    ),
+    CategorySpec(
+        name="fact_pair",
+        description="give the codes of two names in order (fact twice; held-out names unseen in its pool)",
+        prerequisites=("fact",),
+        templates=(
+            Template("Then the code of '{other}': what is the code of '{name}'?"),
+            Template("With the code of '{other}' after it, give the code of '{name}'."),
+            Template("Then that of '{other}': which number is the code of '{name}'?"),
+        ),
+        sample=_name_pair_sampler(lambda: COMPOSITE_POOL_NAMES),
+        held_out_sample=_name_pair_sampler(lambda: COMPOSITE_HELD_OUT_NAMES),
+        answer=lambda a: f"{FACT_CODES[a['name']]} {FACT_CODES[a['other']]}",
+        mistakes=lambda a: [
+            str(FACT_CODES[a["name"]]),  # only the first code
+            f"{FACT_CODES[a['other']]} {FACT_CODES[a['name']]}",  # the wrong order
+            *(f"{code} {FACT_CODES[a['other']]}" for code in _other_codes(a["name"])),  # a wrong code
+        ],
+    ),
 )
 
 CATEGORY_SPECS: Mapping[str, CategorySpec] = MappingProxyType(
@@ -609,6 +693,10 @@ CATEGORIES: tuple[str, ...] = tuple(s.name for s in _SPEC_LIST)
 KNOWLEDGE_CATEGORIES: tuple[str, ...] = tuple(s.name for s in _KNOWLEDGE_SPEC_LIST)
 ALL_CATEGORIES: tuple[str, ...] = CATEGORIES + KNOWLEDGE_CATEGORIES
 RECALL_CATEGORIES: frozenset[str] = frozenset(s.name for s in CATEGORY_SPECS.values() if s.recall)
+# Composites whose held-out records ask about names their own pool records never mention.
+SPLIT_NAME_COMPOSITES: frozenset[str] = frozenset(
+    s.name for s in CATEGORY_SPECS.values() if s.held_out_sample is not None
+)
 # The composition graph: category -> categories it composes (in application order); () for base
 # categories. Every category is a key, so the mapping lists all nodes of the DAG.
 CATEGORY_PREREQUISITES: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -704,6 +792,33 @@ def _fact_table() -> dict[str, int]:
 
 FACT_CODES: Mapping[str, int] = MappingProxyType(_fact_table())
 FACT_NAMES: tuple[str, ...] = tuple(FACT_CODES)
+
+
+def _tag_table() -> dict[str, str]:
+    """One distinct three-letter consonant-vowel-consonant tag per name (never an anagram of a
+    template word), from its own fixed stream."""
+    rng = random.Random("jraise-testbed-tags")
+    consonants, vowels = "bcdfghjklmnpqrstvwxz", "aeiou"
+    tags: dict[str, str] = {}
+    for name in FACT_NAMES:
+        while True:
+            tag = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
+            if tag not in tags.values() and "".join(sorted(tag)) not in _TEMPLATE_ANAGRAMS:
+                tags[name] = tag
+                break
+    return tags
+
+
+FACT_TAGS: Mapping[str, str] = MappingProxyType(_tag_table())
+# The split of the names for the split-name composites: their pool records use the first half,
+# their held-out records the second half. `fact` and `tag` records (pool and held-out) use all.
+COMPOSITE_POOL_NAMES: tuple[str, ...] = FACT_NAMES[: N_FACTS // 2]
+COMPOSITE_HELD_OUT_NAMES: tuple[str, ...] = FACT_NAMES[N_FACTS // 2 :]
+
+
+def _other_tags(name: str) -> list[str]:
+    i = FACT_NAMES.index(name)
+    return [FACT_TAGS[FACT_NAMES[(i + k) % len(FACT_NAMES)]] for k in (1, 2)]
 
 
 def plausible_wrong_answer(category: str, args: Args, rng: random.Random) -> str:
@@ -811,18 +926,20 @@ def _max_draws(n: int) -> int:
 
 
 def _draw_instances(
-    category: str, rng: random.Random, n: int, exclude: set, distinct: bool
+    category: str, rng: random.Random, n: int, exclude: set, distinct: bool, held_out: bool = False
 ) -> list[tuple[dict, int]]:
     """`n` (args, template index) draws whose instances are not in `exclude`.
 
-    With `distinct`, drawn instances are also added to `exclude` (so they are unique).
+    With `distinct`, drawn instances are also added to `exclude` (so they are unique). With
+    `held_out`, arguments come from the category's `held_out_sample` when it has one.
     """
     spec = CATEGORY_SPECS[category]
+    sample = spec.held_out_sample if held_out and spec.held_out_sample is not None else spec.sample
     drawn: list[tuple[dict, int]] = []
     for _ in range(_max_draws(n)):
         if len(drawn) == n:
             break
-        args = spec.sample(rng)
+        args = sample(rng)
         template_index = rng.randrange(len(spec.templates))
         key = _instance_key(category, args)
         if key in exclude:
@@ -935,13 +1052,20 @@ def _held_out_draws(config: TestbedConfig) -> tuple[dict, dict, set]:
     """Per category test and val draws, and the set of their instance keys.
 
     A recall category's held-out records ask about the facts the pool teaches: drawn with
-    repeats and left out of the exclusion set (its instance space is the `N_FACTS` names)."""
+    repeats and left out of the exclusion set (its instance space is the `N_FACTS` names). A
+    split-name composite's are drawn with repeats from its held-out names."""
     held_out: set = set()
     test, val = {}, {}
 
     def draw(category: str, rng: random.Random, n: int) -> list[tuple[dict, int]]:
-        if CATEGORY_SPECS[category].recall:
+        spec = CATEGORY_SPECS[category]
+        if spec.recall:
             return _draw_instances(category, rng, n, set(), distinct=False)
+        if spec.held_out_sample is not None:
+            # Its held-out names are never in its pool (`held_out_sample`), so held-out records are
+            # disjoint from the pool by construction; the space is small (`N_FACTS // 2` names),
+            # so they are drawn with repeats, like a recall category's.
+            return _draw_instances(category, rng, n, set(), distinct=False, held_out=True)
         return _draw_instances(category, rng, n, held_out, distinct=True)
 
     # Test first, from its own stream, so the test set depends only on seed and its size.

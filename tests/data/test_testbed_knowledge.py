@@ -15,7 +15,9 @@ from jraise.data.testbed import (
     CATEGORIES,
     CATEGORY_PREREQUISITES,
     FACT_CODES,
+    FACT_TAGS,
     KNOWLEDGE_CATEGORIES,
+    SPLIT_NAME_COMPOSITES,
     TestbedConfig,
     generate_testbed,
     normalise_answer,
@@ -25,8 +27,24 @@ from jraise.data.testbed import (
 KNOWLEDGE_SET = ["fact", "add", "compare", "fact_add", "fact_compare", "first"]
 
 
+SPLIT_SET = ["fact", "tag", "fact_tag", "fact_pair", "first"]
+
+
+def quoted_names(record: dict) -> list[str]:
+    return re.findall(r"'([a-z]{4})'", record["instruction"])
+
+
 def expected_answer(record: dict) -> str:
-    (name,) = re.findall(r"'([a-z]{4})'", record["instruction"])
+    names = quoted_names(record)
+    if record["category"] == "fact_pair":
+        second, first = names  # the templates quote the second name first
+        assert first != second
+        return f"{FACT_CODES[first]} {FACT_CODES[second]}"
+    (name,) = names
+    if record["category"] == "tag":
+        return FACT_TAGS[name]
+    if record["category"] == "fact_tag":
+        return f"{FACT_CODES[name]} {FACT_TAGS[name]}"
     numbers = [int(n) for n in re.findall(r"\d+", record["instruction"])]
     code = FACT_CODES[name]
     if record["category"] == "fact":
@@ -40,8 +58,11 @@ def expected_answer(record: dict) -> str:
     return str(code if code > other else other)
 
 
-@pytest.fixture(scope="module")
-def splits():
+@pytest.fixture(scope="module", params=["skill_composites", "split_name_composites"])
+def splits(request):
+    if request.param == "split_name_composites":
+        return generate_testbed(TestbedConfig(n_train=1200, noise=0.3, seed=5, n_val_per_category=30,
+                                              n_test_per_category=60, categories=SPLIT_SET))
     config = TestbedConfig(n_train=1200, noise=0.3, seed=5, n_val_per_category=30, n_test_per_category=60,
                            categories=KNOWLEDGE_SET)
     return generate_testbed(config)
@@ -65,6 +86,10 @@ def test_registry_keeps_knowledge_categories_out_of_the_defaults():
     assert CATEGORY_PREREQUISITES["fact"] == ()
     assert CATEGORY_PREREQUISITES["fact_add"] == ("fact", "add")
     assert CATEGORY_PREREQUISITES["fact_compare"] == ("fact", "compare")
+    assert CATEGORY_PREREQUISITES["tag"] == ()
+    assert CATEGORY_PREREQUISITES["fact_tag"] == ("fact", "tag")
+    assert CATEGORY_PREREQUISITES["fact_pair"] == ("fact",)
+    assert SPLIT_NAME_COMPOSITES == {"fact_tag", "fact_pair"}
     with pytest.raises(ValueError, match="fact_compare"):  # the error lists every known category
         TestbedConfig(categories=["nope"])
 
@@ -93,15 +118,20 @@ def test_recall_held_out_asks_about_taught_facts_and_composites_stay_disjoint(sp
         return (r["instruction"], r["input"])
 
     pool = splits["pool"]
-    taught = {re.findall(r"'([a-z]{4})'", r["instruction"])[0] for r in pool if r["category"] == "fact"}
+    recall = tb.RECALL_CATEGORIES
     held = splits["val"] + splits["test"]
-    facts_asked = [re.findall(r"'([a-z]{4})'", r["instruction"])[0] for r in held if r["category"] == "fact"]
-    assert len(facts_asked) == 90 and set(facts_asked) <= taught  # the pool states every fact asked
+    for category in recall & {r["category"] for r in pool}:
+        taught = {quoted_names(r)[0] for r in pool if r["category"] == category}
+        asked = [quoted_names(r)[0] for r in held if r["category"] == category]
+        assert len(asked) == 90 and set(asked) <= taught  # the pool states every fact asked
     # Recall records may repeat a pool text; composites and skills never do.
     pool_texts = {text(r) for r in pool}
-    assert any(text(r) in pool_texts for r in held if r["category"] == "fact")
-    others = [text(r) for r in held if r["category"] != "fact"]
-    assert not pool_texts & set(others) and len(set(others)) == len(others)
+    assert any(text(r) in pool_texts for r in held if r["category"] in recall)
+    others = [text(r) for r in held if r["category"] not in recall]
+    assert not pool_texts & set(others)
+    # Distinct too, except the split-name composites' (few held-out names, drawn with repeats).
+    distinct = [text(r) for r in held if r["category"] not in recall | SPLIT_NAME_COMPOSITES]
+    assert len(set(distinct)) == len(distinct)
 
 
 def test_knowledge_testbed_uses_the_default_tokenizer(tmp_path):
@@ -115,3 +145,34 @@ def test_knowledge_testbed_uses_the_default_tokenizer(tmp_path):
         ids = tok(r["instruction"] + " " + r["output"])["input_ids"]
         assert tok.unk_token_id not in ids and tok.decode(ids) == r["instruction"] + " " + r["output"]
 
+
+
+def test_tag_table_is_fixed_and_well_formed():
+    assert list(FACT_TAGS) == list(FACT_CODES)  # one tag per name
+    assert all(re.fullmatch(r"[bcdfghjklmnpqrstvwxz][aeiou][bcdfghjklmnpqrstvwxz]", t) for t in FACT_TAGS.values())
+    assert len(set(FACT_TAGS.values())) == len(FACT_TAGS)  # distinct: a tag identifies its name
+    assert list(FACT_TAGS.items())[:3] == [("woza", "vuz"), ("tegu", "cef"), ("demi", "dof")]  # pinned
+    assert not {"".join(sorted(t)) for t in FACT_TAGS.values()} & {"".join(sorted(w.lower())) for w in tb.TEMPLATE_WORDS}
+
+
+def test_split_name_composites_hold_out_names_their_pool_never_mentions():
+    splits = generate_testbed(TestbedConfig(n_train=1500, noise=0.0, seed=3, n_val_per_category=40,
+                                            n_test_per_category=80, categories=SPLIT_SET))
+    pool_half, held_half = set(tb.COMPOSITE_POOL_NAMES), set(tb.COMPOSITE_HELD_OUT_NAMES)
+    assert not pool_half & held_half and pool_half | held_half == set(FACT_CODES)
+    assert len(pool_half) == len(held_half) == tb.N_FACTS // 2
+
+    def names_of(split: str, category: str) -> set:
+        return {n for r in splits[split] if r["category"] == category for n in quoted_names(r)}
+
+    for composite in SPLIT_NAME_COMPOSITES:
+        assert names_of("pool", composite) == pool_half  # every pool-half name, no held-out one
+        assert names_of("val", composite) | names_of("test", composite) == held_half
+        assert not names_of("val", composite) & pool_half
+    # The prerequisites' pool records state every fact a held-out composite record needs, so
+    # the composite's held-out answers are learnable only through `fact` and `tag`.
+    for prerequisite in ("fact", "tag"):
+        assert names_of("pool", prerequisite) == set(FACT_CODES)
+    pool_texts = {(r["instruction"], r["input"]) for r in splits["pool"]}
+    held = [r for r in splits["val"] + splits["test"] if r["category"] in SPLIT_NAME_COMPOSITES]
+    assert len(held) == 2 * (40 + 80) and not pool_texts & {(r["instruction"], r["input"]) for r in held}
