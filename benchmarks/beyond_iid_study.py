@@ -56,7 +56,10 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 # The letter set. Other sets via --categories, e.g. the knowledge set
 # fact,add,compare,fact_add,fact_compare,first,last (BUILD_NOTES, session 9: its fact -> composite
-# asymmetries under the fixed step budget come from dilution and vanish with --gamma-budget epochs).
+# asymmetries under the fixed step budget come from dilution and vanish with --gamma-budget epochs),
+# or the split-name knowledge set, whose Gamma shows every construction edge (BUILD_NOTES, session 11):
+# --categories fact,tag,fact_tag,fact_pair,first,last,add --seeds 0,1,2,3,4 --delta-fraction 1.0
+# --gamma-budget epochs.
 DEFAULT_CATEGORIES = ("reverse", "upper", "sort", "reverse_upper", "sort_reverse", "first", "last")
 ARMS = ("baseline", "ee_cpo", "dt_csft", "dt_csft_true_tiers")
 ARM_LABELS = {"baseline": "baseline (D0 mix, shuffled)", "ee_cpo": "EE-CPO mix (shuffled)",
