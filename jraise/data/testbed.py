@@ -573,10 +573,15 @@ def _code_and_tag(name: str) -> str:
     return f"{FACT_CODES[name]} {FACT_TAGS[name]}"
 
 
-def _other_codes(name: str) -> list[str]:
-    """Codes of the two names after `name` in `FACT_NAMES` (a wrong fact; may equal the code)."""
+def _next_names(name: str) -> list[str]:
+    """The two names after `name` in `FACT_NAMES` (whose facts make plausible wrong answers)."""
     i = FACT_NAMES.index(name)
-    return [str(FACT_CODES[FACT_NAMES[(i + k) % len(FACT_NAMES)]]) for k in (1, 2)]
+    return [FACT_NAMES[(i + k) % len(FACT_NAMES)] for k in (1, 2)]
+
+
+def _other_codes(name: str) -> list[str]:
+    """Codes of the two names after `name` (a wrong fact; may equal the code)."""
+    return [str(FACT_CODES[other]) for other in _next_names(name)]
 
 
 _KNOWLEDGE_SPEC_LIST: tuple[CategorySpec, ...] = (
@@ -817,8 +822,8 @@ COMPOSITE_HELD_OUT_NAMES: tuple[str, ...] = FACT_NAMES[N_FACTS // 2 :]
 
 
 def _other_tags(name: str) -> list[str]:
-    i = FACT_NAMES.index(name)
-    return [FACT_TAGS[FACT_NAMES[(i + k) % len(FACT_NAMES)]] for k in (1, 2)]
+    """Tags of the two names after `name` (a wrong fact; never the tag: tags are distinct)."""
+    return [FACT_TAGS[other] for other in _next_names(name)]
 
 
 def plausible_wrong_answer(category: str, args: Args, rng: random.Random) -> str:
