@@ -216,6 +216,12 @@ class CategorySpec:
     # ask about names their own pool records never mention (see `SPLIT_NAME_COMPOSITES`).
     held_out_sample: Callable[[random.Random], dict] | None = None
 
+    def __post_init__(self) -> None:
+        if self.recall and self.held_out_sample is not None:
+            # A recall category's held-out records ask about what its pool teaches; another space
+            # for them would contradict that (and `_held_out_draws` would ignore it).
+            raise ValueError(f"category {self.name!r}: a recall category cannot have a held_out_sample")
+
 
 def _random_word(rng: random.Random, letters: str = string.ascii_lowercase) -> str:
     # Redrawn when it is an anagram of a template word: no word the tasks make from it (reversed,
@@ -1174,7 +1180,16 @@ def describe_testbed(config: TestbedConfig, splits: Mapping[str, Sequence[dict]]
             "degenerate_output": DEGENERATE_OUTPUT,
         },
         "files": {split: f"{split}.jsonl" for split in SPLITS} | {"tokenizer": "tokenizer"},
-    }
+    } | _split_names_manifest(names)
+
+
+def _split_names_manifest(names: Sequence[str]) -> dict:
+    """For testbeds with split-name composites, which names their pool and held-out records use."""
+    split = [c for c in names if c in SPLIT_NAME_COMPOSITES]
+    if not split:
+        return {}
+    return {"split_names": {"categories": split, "pool": list(COMPOSITE_POOL_NAMES),
+                            "held_out": list(COMPOSITE_HELD_OUT_NAMES)}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,6 +134,21 @@ def test_recall_held_out_asks_about_taught_facts_and_composites_stay_disjoint(sp
     assert len(set(distinct)) == len(distinct)
 
 
+def test_manifest_records_the_name_split_and_specs_reject_a_split_recall_category(tmp_path):
+    import json
+
+    paths = write_testbed(tmp_path / "s", n_train=40, seed=0, categories=["fact", "fact_pair"], n_test_per_category=2)
+    manifest = json.loads(paths["testbed"].read_text())
+    assert manifest["split_names"] == {"categories": ["fact_pair"], "pool": list(tb.COMPOSITE_POOL_NAMES),
+                                       "held_out": list(tb.COMPOSITE_HELD_OUT_NAMES)}
+    plain = write_testbed(tmp_path / "p", n_train=40, seed=0, categories=["fact"], n_test_per_category=2)
+    assert "split_names" not in json.loads(plain["testbed"].read_text())
+    spec = tb.CATEGORY_SPECS["fact"]
+    with pytest.raises(ValueError, match="recall category cannot have a held_out_sample"):
+        tb.CategorySpec(name="bad", description="", prerequisites=(), templates=spec.templates, sample=spec.sample,
+                        answer=spec.answer, mistakes=spec.mistakes, recall=True, held_out_sample=spec.sample)
+
+
 def test_knowledge_testbed_uses_the_default_tokenizer(tmp_path):
     from jraise.model.tokenizer import load_tokenizer
 
