@@ -230,7 +230,7 @@ def _random_word(rng: random.Random, letters: str = string.ascii_lowercase) -> s
     while True:
         length = rng.randint(MIN_WORD_LENGTH, MAX_WORD_LENGTH)
         word = "".join(rng.choice(letters) for _ in range(length))
-        if "".join(sorted(word)) not in _TEMPLATE_ANAGRAMS:
+        if _spelled_by_letters(word):
             return word
 
 
@@ -540,8 +540,15 @@ N_FACTS = 40
 MIN_CODE, MAX_CODE = 10, 50  # codes are in [MIN_CODE, MAX_CODE): a code plus an addend stays < MAX_NUMBER
 
 
-def _sample_fact(rng: random.Random) -> dict:
-    return {"name": rng.choice(FACT_NAMES)}
+def _name_sampler(names_of: Callable[[], Sequence[str]]) -> Callable[[random.Random], dict]:
+    # `names_of` is called at draw time: the name tables are built further down the module.
+    def sample(rng: random.Random) -> dict:
+        return {"name": rng.choice(names_of())}
+
+    return sample
+
+
+_sample_fact = _name_sampler(lambda: FACT_NAMES)
 
 
 def _sample_fact_add(rng: random.Random) -> dict:
@@ -557,14 +564,6 @@ def _sample_fact_compare(rng: random.Random) -> dict:
     if c >= FACT_CODES[name]:
         c += 1
     return {"name": name, "c": c}
-
-
-def _sample_pool_name(rng: random.Random) -> dict:
-    return {"name": rng.choice(COMPOSITE_POOL_NAMES)}
-
-
-def _sample_held_out_name(rng: random.Random) -> dict:
-    return {"name": rng.choice(COMPOSITE_HELD_OUT_NAMES)}
 
 
 def _name_pair_sampler(names_of: Callable[[], Sequence[str]]) -> Callable[[random.Random], dict]:
@@ -664,8 +663,8 @@ _KNOWLEDGE_SPEC_LIST: tuple[CategorySpec, ...] = (
             Template("With its tag, give the code of '{name}'."),
             Template("Then the tag: which number is the code of '{name}'?"),
         ),
-        sample=_sample_pool_name,
-        held_out_sample=_sample_held_out_name,
+        sample=_name_sampler(lambda: COMPOSITE_POOL_NAMES),
+        held_out_sample=_name_sampler(lambda: COMPOSITE_HELD_OUT_NAMES),
         answer=lambda a: _code_and_tag(a["name"]),
         mistakes=lambda a: [
             str(FACT_CODES[a["name"]]),  # only the code
@@ -789,14 +788,23 @@ TEMPLATE_WORDS: tuple[str, ...] = _template_words()
 _TEMPLATE_ANAGRAMS = frozenset("".join(sorted(w.lower())) for w in TEMPLATE_WORDS)
 
 
+_CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiou"
+
+
+def _spelled_by_letters(word: str) -> bool:
+    """True when `word` is no anagram of a template word: then neither it nor any reordering of it
+    (reversed, sorted, ...) is a whole-word token, and the tokenizer spells it letter by letter."""
+    return "".join(sorted(word)) not in _TEMPLATE_ANAGRAMS
+
+
 def _fact_table() -> dict[str, int]:
-    """`N_FACTS` made-up consonant-vowel names (never an anagram of a template word, so each is
-    spelled letter by letter) with codes in [MIN_CODE, MAX_CODE), from a fixed stream."""
+    """`N_FACTS` made-up consonant-vowel names (each spelled letter by letter) with codes in
+    [MIN_CODE, MAX_CODE), from a fixed stream."""
     rng = random.Random("jraise-testbed-facts")
     table: dict[str, int] = {}
     while len(table) < N_FACTS:
-        name = "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(2))
-        if name not in table and "".join(sorted(name)) not in _TEMPLATE_ANAGRAMS:
+        name = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2))
+        if name not in table and _spelled_by_letters(name):
             table[name] = rng.randrange(MIN_CODE, MAX_CODE)
     return table
 
@@ -806,15 +814,14 @@ FACT_NAMES: tuple[str, ...] = tuple(FACT_CODES)
 
 
 def _tag_table() -> dict[str, str]:
-    """One distinct three-letter consonant-vowel-consonant tag per name (never an anagram of a
-    template word), from its own fixed stream."""
+    """One distinct three-letter consonant-vowel-consonant tag per name (each spelled letter by
+    letter), from its own fixed stream."""
     rng = random.Random("jraise-testbed-tags")
-    consonants, vowels = "bcdfghjklmnpqrstvwxz", "aeiou"
     tags: dict[str, str] = {}
     for name in FACT_NAMES:
         while True:
-            tag = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
-            if tag not in tags.values() and "".join(sorted(tag)) not in _TEMPLATE_ANAGRAMS:
+            tag = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
+            if tag not in tags.values() and _spelled_by_letters(tag):
                 tags[name] = tag
                 break
     return tags
@@ -1065,26 +1072,24 @@ def _held_out_draws(config: TestbedConfig) -> tuple[dict, dict, set]:
     A recall category's held-out records ask about the facts the pool teaches: drawn with
     repeats and left out of the exclusion set (its instance space is the `N_FACTS` names). A
     split-name composite's are drawn with repeats from its held-out names."""
-    held_out: set = set()
+    held_out_keys: set = set()
     test, val = {}, {}
 
     def draw(category: str, rng: random.Random, n: int) -> list[tuple[dict, int]]:
         spec = CATEGORY_SPECS[category]
-        if spec.recall:
-            return _draw_instances(category, rng, n, set(), distinct=False)
-        if spec.held_out_sample is not None:
-            # Its held-out names are never in its pool (`held_out_sample`), so held-out records are
-            # disjoint from the pool by construction; the space is small (`N_FACTS // 2` names),
-            # so they are drawn with repeats, like a recall category's.
+        if spec.recall or spec.held_out_sample is not None:
+            # Recall: the pool teaches what these ask. Split-name: their names are never in the
+            # pool, so they are disjoint from it by construction. Both spaces are small (`N_FACTS`
+            # or `N_FACTS // 2` names): drawn with repeats, outside the exclusion set.
             return _draw_instances(category, rng, n, set(), distinct=False, held_out=True)
-        return _draw_instances(category, rng, n, held_out, distinct=True)
+        return _draw_instances(category, rng, n, held_out_keys, distinct=True, held_out=True)
 
     # Test first, from its own stream, so the test set depends only on seed and its size.
     for category in config.category_names:
         test[category] = draw(category, _rng(config.seed, "test", category), config.n_test_per_category)
     for category in config.category_names:
         val[category] = draw(category, _rng(config.seed, "val", category), config.n_val_per_category)
-    return test, val, held_out
+    return test, val, held_out_keys
 
 
 def generate_testbed(config: TestbedConfig) -> dict[str, list[dict]]:
