@@ -559,8 +559,39 @@ def demo_cmd(
     run_demo(out, seed=seed, steps=steps, methods=tuple(methods.split(",")) if methods else None, echo=typer.echo)
 
 
-def main():  # console-script entry point
-    app()
+DEBUG_ENV = "JRAISE_DEBUG"
+
+
+def main(argv: list[str] | None = None) -> None:  # console-script entry point
+    """Runs the CLI with one error boundary: expected failures (`jraise.errors.is_expected`) print
+    a short ``error: ...`` on stderr and exit 2; anything else keeps its traceback and exits 1.
+    ``--debug`` (anywhere among the arguments) or ``JRAISE_DEBUG=1`` always shows the traceback."""
+    import os
+    import sys
+    import traceback
+
+    from jraise.errors import is_expected, short_message
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = app(args=args, prog_name="jraise", standalone_mode=False)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as err:  # usage errors (bad option values included): click's message, exit 2
+        err.show()
+        sys.exit(getattr(err, "exit_code", 2))
+    except Exception as err:
+        if debug or not is_expected(err):
+            traceback.print_exc()
+            sys.exit(2 if is_expected(err) else 1)
+        typer.echo(short_message(err), err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
