@@ -40,7 +40,7 @@ def init_model_cmd(
     preset: str = typer.Option("tiny", help="Model size preset: tiny, small or base."),
     tokenizer: Path = typer.Option(..., help="HF tokenizer directory; its vocabulary sizes the model."),
     seed: int = typer.Option(0, help="Initialisation seed."),
-    model_type: str = typer.Option("llama", help="llama, mistral or qwen2 (sets config.json's model_type)."),
+    model_type: str = typer.Option("llama", help="llama, mistral, qwen2 or qwen3 (sets config.json's model_type)."),
     tie_embeddings: bool = typer.Option(False, help="Tie input embeddings and LM head."),
 ):
     """Write a randomly initialised model directory: config.json, safetensors and tokenizer files."""
@@ -161,6 +161,9 @@ def train_cmd(
     eval_data: Optional[Path] = typer.Option(None, help="Data for the periodic evaluation loss."),
     lora_rank: int = typer.Option(0, help="LoRA rank; 0 fine-tunes all parameters."),
     lora_alpha: float = typer.Option(16.0, help="LoRA alpha (the branch is scaled by alpha / rank)."),
+    adapter: Optional[Path] = typer.Option(None, help="Start from this PEFT LoRA adapter directory "
+                                           "(adapter_config.json + adapter_model.safetensors) and train it further; "
+                                           "excludes --lora-rank."),
     epochs: int = typer.Option(1), lr: float = typer.Option(2e-5), batch_size: int = typer.Option(8),
     accum: int = typer.Option(1, help="Gradient-accumulation micro-batches per update."),
     schedule: str = typer.Option("linear", help="linear, cosine or constant (after warmup)."),
@@ -192,8 +195,11 @@ def train_cmd(
     from jraise.data.pool import load_pool
     from jraise.model import load_model, load_tokenizer
     from jraise.model.lora import LoRAConfig, add_lora
+    from jraise.model.peft import load_peft_adapter
     from jraise.train import TrainConfig, train
 
+    if adapter is not None and lora_rank:
+        raise typer.BadParameter("--adapter and --lora-rank exclude each other: the adapter fixes rank and alpha")
     tok_dir = _tokenizer_dir(model, tokenizer)
     tok = load_tokenizer(tok_dir)
     pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad)
@@ -201,22 +207,34 @@ def train_cmd(
         typer.echo(pool.report.summary(), err=True)
     eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad) if eval_data else None
     net, _ = load_model(model, dtype=dtype)
-    if lora_rank:
+    if adapter is not None:
+        load_peft_adapter(net, adapter, seed=seed)
+    elif lora_rank:
         add_lora(net, LoRAConfig(rank=lora_rank, alpha=lora_alpha), seed=seed)
     config = TrainConfig(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
                          epochs=epochs, batch_size=batch_size, accum=accum, seed=seed, eval_every=eval_every,
                          save_every=save_every, max_steps=max_steps)
     result = train(net, pool, config, out, eval_pool=eval_pool,
-                   order=_read_order(order, pool.ids) if order else None, resume=resume, tokenizer_dir=tok_dir)
+                   order=_read_order(order, pool.ids) if order else None, resume=resume, tokenizer_dir=tok_dir,
+                   base_model=model)
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
                            "final_model": str(result.final_dir) if result.final_dir else None,
+                           "adapter": str(result.adapter_dir) if result.adapter_dir else None,
                            "last_eval": result.last_eval}, indent=2, default=str))
 
 
-def _model_for_eval(path: Path, step: Optional[int], base: Optional[Path]):
-    """A model directory, or a run directory (its final/ model, or checkpoint --step over --base)."""
+def _model_for_eval(path: Path, step: Optional[int], base: Optional[Path], adapter: Optional[Path] = None):
+    """A model directory (with a PEFT --adapter on it), or a run directory (its final/ model, or
+    checkpoint --step over --base)."""
     from jraise.model import load_model
+    from jraise.model.peft import load_peft_adapter
     from jraise.train import restore_model
+
+    if adapter is not None:
+        if step is not None or not (path / "config.json").is_file():
+            raise typer.BadParameter("--adapter needs --model to be the base model directory (config.json), "
+                                     "without --step")
+        return load_peft_adapter(load_model(path)[0], adapter), path
 
     if step is not None:
         if base is None:
@@ -240,12 +258,13 @@ def eval_cmd(
     step: Optional[int] = typer.Option(None, help="Evaluate this checkpoint step of a run (needs --base)."),
     base: Optional[Path] = typer.Option(None, help="The base model directory of the run (with --step)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+    adapter: Optional[Path] = typer.Option(None, help="A PEFT LoRA adapter directory to apply to --model."),
 ):
     """Response loss, exact match and/or multiple-choice accuracy, overall and per category."""
     from jraise.eval import evaluate
     from jraise.model import load_tokenizer
 
-    net, model_dir = _model_for_eval(model, step, base)
+    net, model_dir = _model_for_eval(model, step, base, adapter)
     tok = load_tokenizer(_tokenizer_dir(model_dir, tokenizer))
     report = evaluate(net, tok, data, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
                       max_new_tokens=max_new_tokens, batch_size=batch_size, out_path=out, normaliser=normaliser,

@@ -5,6 +5,8 @@ with A [in, r] ~ N(0, 1/in)-scaled random and B [r, out] = 0, so a fresh adapter
 B are `nnx.LoRAParam`, so `nnx.state(model, nnx.LoRAParam)` / `nnx.DiffState(0, nnx.LoRAParam)`
 select exactly the trainable subset while base weights stay frozen. `merge_lora` folds the adapters
 into the base kernels for export (`save_model` also merges on the fly, without mutating).
+`attached_lora_config` reads the `LoRAConfig` back from a model; `jraise.model.peft` writes and
+reads the adapters in PEFT's format.
 """
 
 from __future__ import annotations
@@ -80,3 +82,24 @@ def merge_lora(model: CausalLM) -> CausalLM:
 
 def has_lora(model: nnx.Module) -> bool:
     return any(isinstance(n, Projection) and n.lora_a is not None for _, n in nnx.iter_graph(model))
+
+
+def attached_lora_config(model: nnx.Module) -> LoRAConfig | None:
+    """The `LoRAConfig` of the adapters attached to ``model`` (None without adapters), read back
+    from its projections: rank from ``lora_a``'s shape, alpha = lora_scale * rank, dropout rate,
+    and the adapted projection names in canonical order. Errors when the adapters differ in rank
+    or scale, which one config cannot describe."""
+    adapted = [(str(path[-1]), node) for path, node in nnx.iter_graph(model)
+               if isinstance(node, Projection) and node.lora_a is not None]
+    if not adapted:
+        return None
+    ranks = {int(node.lora_a.shape[1]) for _, node in adapted}
+    scales = {float(node.lora_scale) for _, node in adapted}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"the model's adapters differ in rank {sorted(ranks)} or scale {sorted(scales)}; "
+                         "one LoRAConfig cannot describe them")
+    rank, scale = ranks.pop(), scales.pop()
+    names = {name for name, _ in adapted}
+    dropout = next((float(node.lora_dropout.rate) for _, node in adapted if node.lora_dropout is not None), 0.0)
+    return LoRAConfig(rank=rank, alpha=scale * rank, dropout=dropout,
+                      targets=tuple(t for t in ATTENTION_TARGETS + MLP_TARGETS if t in names))

@@ -8,7 +8,9 @@ they are attached) on ``pool`` and writes into ``run_dir``:
   grad norm, and ``eval`` on evaluation steps), each appended with a single write;
 * ``checkpoints/<step>/``: Orbax checkpoints (see `jraise.train.checkpoint`) at every epoch end,
   every ``save_every`` steps and at the last step;
-* ``final/``: the trained model as a Hugging Face directory (LoRA merged), plus the tokenizer.
+* ``final/``: the trained model as a Hugging Face directory (LoRA merged), plus the tokenizer;
+* ``adapter/`` (LoRA runs): the trained adapters alone, in PEFT's format (`jraise.model.peft`), for
+  ``peft.PeftModel.from_pretrained(<base model>, run_dir / "adapter")``.
 
 Data order. Without ``order``, epoch e visits the pool in ``epoch_order(n, seed, e)``. With
 ``order`` (pool indices), training follows it exactly: a 1-D sequence is used for every epoch, a
@@ -46,6 +48,7 @@ from jraise.atomic import atomic_write_text
 from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length_buckets
 from jraise.data.pool import InstructionPool
+from jraise.model.peft import save_peft_adapter
 from jraise.train.checkpoint import (
     checkpoint_manager,
     export_model,
@@ -68,6 +71,7 @@ from jraise.train.step import (
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,9 @@ class StepInfo:
 @dataclass(frozen=True)
 class TrainResult:
     """The trained model (the one passed in, updated in place), the number of optimizer steps
-    done, where things were written, the lr used at each step, and the last evaluation."""
+    done, where things were written (``final_dir`` and, for a LoRA run, ``adapter_dir``: None
+    when the run stopped early or did not export), the lr used at each step, and the last
+    evaluation."""
 
     model: nnx.Module
     steps: int
@@ -158,6 +164,7 @@ class TrainResult:
     completed: bool
     lr_history: tuple[float, ...]
     last_eval: dict | None
+    adapter_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +362,12 @@ def _check_same_run(run_dir: Path, meta: dict, identity: dict) -> None:
 def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir: str | os.PathLike,
           eval_pool: InstructionPool | None = None, order=None, resume: bool = True,
           tokenizer_dir: str | os.PathLike | None = None,
-          callback: Callable[[StepInfo], bool | None] | None = None, export: bool = True) -> TrainResult:
+          callback: Callable[[StepInfo], bool | None] | None = None, export: bool = True,
+          base_model: str | os.PathLike | None = None) -> TrainResult:
     """Fine-tunes ``model`` in place on ``pool``; see the module docstring for files and order.
+
+    ``base_model``: the model directory the run started from, recorded as the PEFT adapter's
+    ``base_model_name_or_path`` (a LoRA run's ``adapter/``); None leaves that field null.
 
     ``callback(info)`` runs after every step; returning True stops the run cleanly (a checkpoint
     is written at that step, so ``resume=True`` continues it; no export). ``resume=False`` starts
@@ -462,8 +473,11 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
 
     assign_trainable(model, trainable)
     completed = not stopped and step >= total
-    final_dir = None
+    final_dir = adapter_dir = None
     if completed and export:
         final_dir = export_model(model, run_dir / FINAL_DIR, tokenizer_dir)
+        if lora is not None:
+            adapter_dir = save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model)
     return TrainResult(model=model, steps=step, metrics_path=metrics_path, run_dir=run_dir, final_dir=final_dir,
-                       completed=completed, lr_history=tuple(lr_history), last_eval=last_eval)
+                       completed=completed, lr_history=tuple(lr_history), last_eval=last_eval,
+                       adapter_dir=adapter_dir)
