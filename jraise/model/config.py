@@ -1,7 +1,8 @@
-"""Model configuration: one frozen dataclass for the Llama family (llama, mistral, qwen2).
+"""Model configuration: one frozen dataclass for the Llama family (llama, mistral, qwen2, qwen3).
 
 Maps to and from Hugging Face `config.json`. Every field read from a file is checked, and an error
-names the file and the field.
+names the file and the field. Dtypes are kept as canonical names ("float32", "bfloat16"): callers
+may pass a JAX or NumPy dtype, and `dtype_name` turns it into its name at the boundary.
 """
 
 from __future__ import annotations
@@ -12,12 +13,31 @@ import os
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_DTYPES = ("float32", "bfloat16")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
+
+
+def dtype_name(dtype: Any) -> str:
+    """The canonical name ("float32" or "bfloat16") of a dtype given as a name, a JAX dtype
+    (`jnp.bfloat16`) or a NumPy dtype (`np.dtype("float32")`). Anything else is a ValueError."""
+    if isinstance(dtype, str) and dtype in SUPPORTED_DTYPES:
+        return dtype
+    try:
+        name = None if dtype is None else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)} "
+                         "(as names, or the matching jnp / np dtypes)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +45,10 @@ class ModelConfig:
     """Shape and numerics of a decoder-only LM of the Llama family.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights ("float32" or
-    "bfloat16"). `rope_scaling` is None or a Llama-3 style dict (`rope_type: llama3`, `factor`,
-    `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`).
+    "bfloat16"; a jnp / np dtype is accepted and stored as its name). `rope_scaling` is None or a
+    Llama-3 style dict (`rope_type: llama3`, `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`). Qwen3 adds a per-head RMSNorm on queries and keys
+    (`qk_norm`).
     """
 
     vocab_size: int
@@ -42,7 +64,7 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # a dict frozen as sorted items
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q, k, v (Qwen2: always; Llama: optional, also on o)
+    attention_bias: bool = False  # bias on q, k, v (Qwen2: always; Llama, Qwen3: optional, also on o)
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
@@ -64,8 +86,10 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+            try:
+                object.__setattr__(self, name, dtype_name(getattr(self, name)))  # frozen: normalise once
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
 
@@ -75,8 +99,13 @@ class ModelConfig:
 
     @property
     def o_proj_bias(self) -> bool:
-        # Llama's `attention_bias` covers o_proj too; Qwen2 has biases on q, k, v only.
-        return self.attention_bias and self.model_type == "llama"
+        # Llama's and Qwen3's `attention_bias` cover o_proj too; Qwen2 has biases on q, k, v only.
+        return self.attention_bias and self.model_type in ("llama", "qwen3")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over head_dim on each query and key head, before RoPE."""
+        return self.model_type == "qwen3"
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -125,10 +154,12 @@ class ModelConfig:
             out["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
             out["sliding_window"] = None
             out["max_window_layers"] = self.num_hidden_layers
+        if self.model_type == "qwen3":
+            out["attention_bias"] = self.attention_bias
         return out
 
     @classmethod
@@ -183,6 +214,8 @@ class ModelConfig:
             sliding_window = d.get("sliding_window")
         if model_type == "qwen2" and d.get("use_sliding_window", False):
             raise ValueError(f"{source}: field 'use_sliding_window' is true; jraise supports Qwen2 without it")
+        if model_type == "qwen3":
+            _check_qwen3_full_attention(d, source)
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
@@ -216,6 +249,30 @@ class ModelConfig:
             return cls(**kwargs)
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
+
+
+def _check_qwen3_full_attention(d: dict, source: str) -> None:
+    """Refuses a Qwen3 config.json with any sliding-window layer: jraise attends over the full
+    context in every layer. Layer kinds are derived as transformers' `Qwen3Config` does: from
+    `layer_types` when given, else layers >= `max_window_layers` slide when `use_sliding_window`
+    is true and `sliding_window` is set."""
+    n_layers = d.get("num_hidden_layers")
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or isinstance(n_layers, int) and len(layer_types) != n_layers:
+            raise ValueError(f"{source}: field 'layer_types' must be a list of num_hidden_layers ({n_layers}) "
+                             f"entries, got {layer_types!r}")
+        other = sorted({str(t) for t in layer_types} - {"full_attention"})
+        if other:
+            raise ValueError(f"{source}: field 'layer_types' has {', '.join(map(repr, other))}; jraise "
+                             "supports Qwen3 with 'full_attention' in every layer")
+    sliding = d.get("use_sliding_window", False) and d.get("sliding_window") is not None
+    first_sliding = d.get("max_window_layers")
+    first_sliding = 28 if first_sliding is None else first_sliding  # transformers' default
+    if sliding and layer_types is None and isinstance(n_layers, int) and first_sliding < n_layers:
+        raise ValueError(f"{source}: field 'use_sliding_window' is true, so layers from max_window_layers "
+                         f"({first_sliding}) on use a sliding window; jraise supports Qwen3 with full "
+                         "attention in every layer")
 
 
 def read_config(model_dir: str | os.PathLike, **overrides) -> ModelConfig:

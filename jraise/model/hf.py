@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from jraise.atomic import atomic_write_bytes
-from jraise.model.config import ModelConfig, read_config
+from jraise.model.config import ModelConfig, dtype_name, read_config
 from jraise.model.transformer import CausalLM, Projection, dtype_of
 
 SINGLE_FILE = "model.safetensors"
@@ -95,11 +96,12 @@ def _read_sharded(stored, shape: tuple[int, ...], kernel: bool, dtype, mesh) -> 
     return jax.make_array_from_callback(shape, sharding, block)
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None, remat: bool = False,
+def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, remat: bool = False,
                **config_overrides) -> tuple[CausalLM, ModelConfig]:
     """Loads a local HF model directory (config.json + safetensors, single or sharded).
 
-    `dtype` ("float32" / "bfloat16") sets both parameter and compute dtype; default: float32.
+    `dtype` ("float32" / "bfloat16", or `jnp.float32` / `jnp.bfloat16` / the np dtypes) sets both
+    parameter and compute dtype; default: float32. An unsupported dtype is a ValueError.
     With an active `jraise.parallel` mesh every weight is read straight into its sharding.
     Returns (model, config). Errors name the file and the tensor or field at fault.
     """
@@ -107,11 +109,11 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, remat: bool = 
 
     from jraise import parallel
 
+    dtype = "float32" if dtype is None else dtype_name(dtype)
     mesh = parallel.active_mesh()
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
-    dtype = dtype or "float32"
     config = read_config(model_dir, dtype=dtype, param_dtype=dtype, remat=remat, **config_overrides)
     files = _checkpoint_files(model_dir)
 

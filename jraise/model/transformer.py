@@ -1,7 +1,9 @@
-"""The Llama-family decoder (llama, mistral, qwen2) in Flax NNX.
+"""The Llama-family decoder (llama, mistral, qwen2, qwen3) in Flax NNX.
 
 Data flow: token ids [B, T] -> embedding -> L x (RMSNorm -> GQA attention with RoPE -> residual ->
 RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head -> logits [B, T, V] (float32).
+Qwen3 (Qwen team 2025, arXiv 2505.09388) normalises each query and key head with its own RMSNorm
+over head_dim (`q_norm`, `k_norm`) between the projection and RoPE.
 
 Two paths share the same modules:
 - cache-free (`__call__`), for training and scoring: causal + padding mask, optional remat;
@@ -23,14 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jraise.model.config import ModelConfig
+from jraise.model.config import ModelConfig, dtype_name
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
 
 
-def dtype_of(name: str):
-    return _DTYPES[name]
+def dtype_of(dtype) -> type:
+    """The JAX scalar type of a dtype given by name ("float32", "bfloat16") or as a jnp / np dtype."""
+    return _DTYPES[dtype_name(dtype)]
 
 
 class Projection(nnx.Module):
@@ -65,7 +68,8 @@ class Projection(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32 (as transformers does), scaled by a learned weight."""
+    """RMSNorm over the last axis, `weight * x / sqrt(mean(x^2) + eps)`: the statistic in float32
+    (as transformers does), the result in the compute dtype."""
 
     def __init__(self, dim: int, config: ModelConfig):
         self.weight = nnx.Param(jnp.ones((dim,), dtype_of(config.param_dtype)))
@@ -134,6 +138,9 @@ class Attention(nnx.Module):
         self.k_proj = Projection(d, self.num_kv_heads * h, use_bias=qkv_bias, config=config, rngs=rngs)
         self.v_proj = Projection(d, self.num_kv_heads * h, use_bias=qkv_bias, config=config, rngs=rngs)
         self.o_proj = Projection(self.num_heads * h, d, use_bias=config.o_proj_bias, config=config, rngs=rngs)
+        # Qwen3: one RMSNorm [head_dim], shared by all heads, on queries and one on keys.
+        self.q_norm = RMSNorm(h, config) if config.qk_norm else nnx.data(None)
+        self.k_norm = RMSNorm(h, config) if config.qk_norm else nnx.data(None)
         # A static tuple, not a variable: RoPE frequencies are a function of the config, never trained.
         self._inv_freq = tuple(rope_inverse_frequencies(config).tolist())
 
@@ -144,6 +151,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_cache = None
         if cache is not None:

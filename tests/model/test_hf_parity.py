@@ -1,4 +1,5 @@
-"""Parity with transformers' PyTorch models: load HF checkpoints, and save ones HF loads back."""
+"""Parity with transformers' PyTorch models (llama, mistral, qwen2, qwen3): load HF checkpoints,
+save ones HF loads back, and decode greedily to the same tokens."""
 
 import json
 
@@ -10,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jraise.model import load_model, save_model  # noqa: E402
+from jraise.model.generate import generate, left_pad  # noqa: E402
 
 VOCAB = 101
 
@@ -40,11 +42,27 @@ def _qwen2():
     return transformers.Qwen2ForCausalLM(cfg)
 
 
-BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2}
+def _qwen3(tie_word_embeddings=False, attention_bias=False):
+    # head_dim * heads (64) != hidden (32): q_proj widens, o_proj narrows.
+    cfg = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rope_theta=1000000.0, tie_word_embeddings=tie_word_embeddings, attention_bias=attention_bias,
+        use_sliding_window=False)
+    return transformers.Qwen3ForCausalLM(cfg)
+
+
+def _qwen3_tied_with_bias():
+    return _qwen3(tie_word_embeddings=True, attention_bias=True)
+
+
+BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
+            "qwen3_tied_with_bias": _qwen3_tied_with_bias}
 
 
 def _randomise_biases(model):
-    # HF initialises biases to zero; random ones make the bias parity check meaningful.
+    # HF initialises biases to zero and norms to one; random ones make the bias and norm parity
+    # checks meaningful (Qwen3's per-head q_norm / k_norm included).
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -85,9 +103,9 @@ def _rel_err(a, b, mask):
 
 
 def test_load_model_matches_transformers_logits(hf_checkpoint):
-    name, hf_model, path = hf_checkpoint
+    _, hf_model, path = hf_checkpoint
     model, config = load_model(path)
-    assert config.model_type == name
+    assert config.model_type == hf_model.config.model_type
     ids, mask = _padded_batch()
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.shape == (3, 24, VOCAB)
@@ -107,7 +125,7 @@ def test_left_padding_gives_the_unpadded_logits(hf_checkpoint):
 
 
 def test_save_model_reloads_in_transformers(hf_checkpoint, tmp_path):
-    name, hf_model, path = hf_checkpoint
+    _, hf_model, path = hf_checkpoint
     model, config = load_model(path)
     save_model(model, config, tmp_path / "out")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -150,3 +168,30 @@ def test_bfloat16_load_is_close_to_float32(hf_checkpoint):
     b = np.asarray(m16(jnp.asarray(ids), jnp.asarray(mask)))
     assert b.dtype == np.float32 and np.isfinite(b).all()
     assert _rel_err(b, a, mask) < 5e-2
+
+
+def test_greedy_generation_matches_transformers(hf_checkpoint):
+    _, hf_model, path = hf_checkpoint
+    model, _ = load_model(path)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    ids, mask = left_pad(prompts, pad_id=0)
+    ours = np.asarray(generate(model, ids, mask, max_new_tokens=8, eos_token_ids=()).tokens)
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                   max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)
+    np.testing.assert_array_equal(ours, theirs[:, ids.shape[1]:].numpy())
+
+
+def test_qwen3_checkpoint_has_per_head_query_and_key_norms(tmp_path):
+    torch.manual_seed(1)
+    hf_model = _qwen3().eval()
+    _randomise_biases(hf_model)
+    hf_model.save_pretrained(tmp_path)
+    model, config = load_model(tmp_path)
+    assert config.head_dim * config.num_attention_heads != config.hidden_size
+    attn = model.layers[1].self_attn
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (config.head_dim,)
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+    np.testing.assert_array_equal(np.asarray(attn.k_norm.weight[...]),
+                                  hf_model.model.layers[1].self_attn.k_norm.weight.detach().numpy())
