@@ -137,6 +137,10 @@ def _read_order(path: Path, ids: tuple[str, ...]):
 
 
 SKIP_BAD_HELP = "Skip bad records of the input files (counted and reported) instead of stopping."
+RECORD_FORMAT_HELP = ("How records become tokens and loss masks: chat (the tokenizer's chat template) or less-tulu "
+                      "(LESS's own tulu rendering: training records with LESS's train-side rules, validation "
+                      "records with its validation-side rules; see jraise.data.less_tulu).")
+RecordFormat = Literal["chat", "less-tulu"]
 
 
 def _echo_err(line: str) -> None:
@@ -174,6 +178,7 @@ def train_cmd(
     order: Optional[Path] = typer.Option(None, help="Train on these pool indices/ids exactly in order."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     skip_bad: bool = typer.Option(False, help="Skip bad records (reported) instead of stopping."),
+    record_format: RecordFormat = typer.Option("chat", help=RECORD_FORMAT_HELP + " --eval-data is read like --data."),
     resume: bool = typer.Option(True, help="Continue from the run directory's latest checkpoint."),
     selector: Optional[str] = typer.Option(None, help="'raise': each step's batch chosen by a trained policy."),
     policy: Optional[Path] = typer.Option(None, help="With --selector raise: the `jraise select raise` directory."),
@@ -185,6 +190,8 @@ def train_cmd(
         if selector != "raise" or policy is None or eval_data is None or max_steps is None:
             raise typer.BadParameter("--selector raise needs --policy DIR, --eval-data (the target validation "
                                      "set, for the stage features) and --max-steps (the step budget)")
+        if record_format != "chat":
+            raise typer.BadParameter("--selector raise reads its records with the chat format only")
         from jraise.select.rl.run import finetune_with_policy
 
         final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
@@ -202,10 +209,11 @@ def train_cmd(
         raise typer.BadParameter("--adapter and --lora-rank exclude each other: the adapter fixes rank and alpha")
     tok_dir = _tokenizer_dir(model, tokenizer)
     tok = load_tokenizer(tok_dir)
-    pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad)
+    pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
     if pool.report.n_skipped:
         typer.echo(pool.report.summary(), err=True)
-    eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad) if eval_data else None
+    eval_pool = (load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
+                 if eval_data else None)
     net, _ = load_model(model, dtype=dtype)
     if adapter is not None:
         load_peft_adapter(net, adapter, seed=seed)
@@ -299,6 +307,9 @@ def _influence_command(method: str):
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
         work_dir: Optional[Path] = typer.Option(None, help="Warmup run and feature stores (default: OUT.work)."),
         skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+        record_format: RecordFormat = typer.Option(
+            "chat", help=RECORD_FORMAT_HELP + (" rose: the pool only (preference pairs have no less-tulu rendering)."
+                                               if method == "rose" else "")),
         adam_first_moment: bool = typer.Option(
             True, help="Keep the warmup checkpoint's first moment in the train-side Adam feature, as the LESS "
                        "code does; --no-adam-first-moment leaves it out (a vector shared by every example that "
@@ -310,7 +321,8 @@ def _influence_command(method: str):
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode, seed=seed,
-                                    skip_bad=skip_bad, adam_first_moment=adam_first_moment)
+                                    skip_bad=skip_bad, adam_first_moment=adam_first_moment,
+                                    record_format=record_format)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,
                                 echo=typer.echo)
 
@@ -426,6 +438,7 @@ def _baseline_command(method: str):
         keep_above_one: bool = typer.Option(False, "--keep-above-one", help="ifd: rank IFD >= 1 by value instead of last."),
         max_len: int = typer.Option(2048), batch_size: int = typer.Option(32, help="Rows per model batch."),
         skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+        record_format: RecordFormat = typer.Option("chat", help=RECORD_FORMAT_HELP),
     ):
         from jraise.select.baselines import NEEDS_MODEL, run_baseline
 
@@ -438,7 +451,8 @@ def _baseline_command(method: str):
         selection = run_baseline(method, pool, out, model_dir=model, val_file=val,
                                  tokenizer_dir=_tokenizer_dir(model, tokenizer) if model else tokenizer,
                                  fraction=fraction, seed=seed, which=which, max_len=max_len, batch_size=batch_size,
-                                 drop_above_one=not keep_above_one, skip_bad=skip_bad, echo=_echo_err)
+                                 drop_above_one=not keep_above_one, skip_bad=skip_bad, echo=_echo_err,
+                                 record_format=record_format)
         typer.echo(json.dumps({"method": selection.method, "selected": len(selection.indices), "out": str(out),
                                "config": selection.config}, indent=2, default=str))
 

@@ -70,6 +70,17 @@ def test_every_shipped_config_validates_and_plans(path, tmp_path):
     assert config["notes"] and config["paper"]["arxiv"]
 
 
+def test_the_less_setup_reads_its_records_as_less_does():
+    # every select and train step renders and masks with LESS's own tulu rules (jraise.data.less_tulu)
+    from jraise.data.formats import RECORD_FORMATS
+
+    config = _config("less_llama2_7b_tulu.json")
+    reading = [s["run"] for s in config["steps"] if s["run"][0] in ("select", "train")]
+    assert len(reading) == 8 and "less-tulu" in RECORD_FORMATS
+    for run in reading:
+        assert run[run.index("--record-format") + 1] == "less-tulu", run[:2]
+
+
 def test_dry_run_prints_every_plan_without_weights_or_data(tmp_path):
     work = tmp_path / "work"
     run = subprocess.run([sys.executable, str(SCRIPT), *map(str, CONFIGS), "--dry-run", "--models",

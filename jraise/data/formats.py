@@ -88,6 +88,13 @@ Truncation (``max_len``)
   of the conversation) alone does not fit. For a preference pair both sides lose the same number
   of prompt tokens, so the two prompts stay identical. Cut examples are counted in
   ``LoadReport.n_truncated``.
+
+Record formats
+--------------
+Everything above is ``record_format="chat"`` (the default). ``record_format="less-tulu"`` keeps
+the reading, validation and ids of this module but renders and masks as the LESS code does, with
+separate rules for training and validation records (``side``) and its own truncation modes: see
+`jraise.data.less_tulu`.
 """
 
 from __future__ import annotations
@@ -120,6 +127,9 @@ REASONS = (
 )
 TRUNCATION_MODES = ("error", "left_prompt")
 KINDS = ("instruction", "preference")
+# "chat": the chat template (this module); "less-tulu": LESS's own rendering (`jraise.data.less_tulu`).
+RECORD_FORMATS = ("chat", "less-tulu")
+SIDES = ("train", "validation")  # which rule set of a format that has two (less-tulu)
 MAX_REPORTED_PROBLEMS = 5  # how many problems a LoadReport keeps verbatim
 PROGRESS_THRESHOLD = 2000  # show a progress bar when tokenising more records than this
 _TOKENISE_CHUNK = 512  # records tokenised per batched tokenizer call
@@ -799,13 +809,38 @@ def load_encoded(
     kind: str = "instruction",
     max_len: int = 512,
     skip_bad: bool = False,
-    truncation: str = "error",
+    truncation: str | None = None,
+    record_format: str = "chat",
+    side: str = "train",
 ) -> tuple[list[EncodedRecord], LoadReport]:
-    """Reads, validates, de-duplicates and tokenises every record of a file, in file order."""
+    """Reads, validates, de-duplicates and tokenises every record of a file, in file order.
+
+    ``record_format``: "chat" (the chat template) or "less-tulu" (`jraise.data.less_tulu`, where
+    ``side`` "train" or "validation" picks LESS's rules; the chat format renders both alike).
+    ``truncation``: None is the format's default ("error" for chat, "right" for less-tulu)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if record_format not in RECORD_FORMATS:
+        raise ValueError(f"record_format must be one of {RECORD_FORMATS}, got {record_format!r}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if record_format == "chat":
+        encode_chunk = _encode_chunk
+        modes = TRUNCATION_MODES
+    else:
+        from functools import partial
+
+        from jraise.data import less_tulu
+
+        if kind != "instruction":
+            raise ValueError(f"record_format {record_format!r} renders instruction records only, not {kind}")
+        encode_chunk = partial(less_tulu.encode_chunk, side=side)
+        modes = less_tulu.TRUNCATION_MODES
+    if truncation is None:
+        truncation = modes[0]
+    if truncation not in modes:
+        raise ValueError(f"truncation must be one of {modes} with record_format {record_format!r}, "
+                         f"got {truncation!r}")
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
     if not getattr(tokenizer, "is_fast", False):
@@ -826,7 +861,7 @@ def load_encoded(
     disable = None if len(parsed) > PROGRESS_THRESHOLD else True  # None: shown on a terminal only
     with tqdm(total=len(parsed), desc=f"tokenising {Path(path).name}", unit="rec", disable=disable) as bar:
         for chunk in _chunks(parsed, _TOKENISE_CHUNK):
-            encoded.extend(_encode_chunk(tokenizer, chunk, max_len, truncation, problems))
+            encoded.extend(encode_chunk(tokenizer, chunk, max_len, truncation, problems))
             bar.update(len(chunk))
     n_truncated = sum(item.truncated for item in encoded)
     return encoded, problems.report(str(path), n_read, len(encoded), n_truncated)

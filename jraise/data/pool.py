@@ -159,16 +159,22 @@ def load_pool(
     tokenizer,
     max_len: int = 512,
     skip_bad: bool = False,
-    truncation: str = "error",
+    truncation: str | None = None,
+    record_format: str = "chat",
+    side: str = "train",
 ) -> InstructionPool:
     """Reads Alpaca, prompt/response and chat records into an `InstructionPool`.
 
     Raises `jraise.data.formats.RecordError` on the first bad record unless ``skip_bad``; the
-    `LoadReport` is ``pool.report``. ``truncation`` is 'error' (over-long records are bad) or
-    'left_prompt' (cut the first user turn from the left).
+    `LoadReport` is ``pool.report``. ``record_format``: 'chat' (the chat template, the default) or
+    'less-tulu' (LESS's own rendering, `jraise.data.less_tulu`; ``side`` 'train' or 'validation'
+    picks its rules for training or few-shot validation records). ``truncation``: None is the
+    format's default; chat: 'error' (over-long records are bad) or 'left_prompt' (cut the first
+    user turn from the left); less-tulu: 'right' (keep the first max_len tokens, as LESS) or 'error'.
     """
     encoded, report = load_encoded(
-        path, tokenizer, kind="instruction", max_len=max_len, skip_bad=skip_bad, truncation=truncation
+        path, tokenizer, kind="instruction", max_len=max_len, skip_bad=skip_bad, truncation=truncation,
+        record_format=record_format, side=side,
     )
     tokens = [item.sides[0].tokens for item in encoded]
     return InstructionPool(

@@ -167,7 +167,7 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
                  model_dir: str | os.PathLike | None = None, val_file: str | os.PathLike | None = None,
                  tokenizer_dir: str | os.PathLike | None = None, fraction: float = 0.05, seed: int = 0,
                  which: str = "low", max_len: int = 2048, batch_size: int = 32,
-                 drop_above_one: bool = True, skip_bad: bool = False,
+                 drop_above_one: bool = True, skip_bad: bool = False, record_format: str = "chat",
                  echo: Callable[[str], None] | None = print) -> Selection:
     """Loads the pool (tokenised by ``tokenizer_dir``, else the model's tokenizer), runs ``method``
     and writes ``out`` (selected records), ``out``.scores.npy and ``out``.meta.json.
@@ -195,8 +195,9 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
     if method == "perplexity" and which not in PERPLEXITY_SIDES:
         raise ValueError(f"which (--which) must be 'low' or 'high', got {which!r}")
     tok = load_tokenizer(Path(tokenizer_dir if tokenizer_dir is not None else model_dir))
-    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
-    val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad) if method == "rds" else None
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
+    val_pool = (load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format,
+                          side="validation") if method == "rds" else None)
     if echo is not None:
         for line in skip_lines(pool, val_pool, where=Path(str(out) + ".meta.json")):
             echo(line)
@@ -215,5 +216,7 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
         selection = rds(model, pool, val_pool, fraction, batch_size)
     if method in NEEDS_MODEL:
         selection = dataclasses.replace(selection, config={**selection.config, "model": str(model_dir)})
+    if record_format != "chat":
+        selection = dataclasses.replace(selection, config={**selection.config, "record_format": record_format})
     selection.write(pool, out, inputs=(val_pool,))
     return selection

@@ -46,6 +46,8 @@ class InfluenceRunConfig:
     without bad records reuses them whether or not it is set. ``adam_first_moment``: keep the
     checkpoint's first moment in the train-side Adam feature (the LESS code, the default) or leave
     it out (`jraise.grads.features.compute_features`; those features are stored apart).
+    ``record_format``: "chat" or "less-tulu" (`jraise.data.less_tulu`: the pool with LESS's
+    train-side rules, the validation records with its validation-side rules; LESS only).
     """
 
     method: str = "rose"
@@ -68,6 +70,7 @@ class InfluenceRunConfig:
     group: int = 64
     skip_bad: bool = False
     adam_first_moment: bool = True
+    record_format: str = "chat"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -80,6 +83,8 @@ class InfluenceRunConfig:
         for name in ("fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.method == "rose" and self.record_format != "chat":
+            raise ValueError(f"rose reads preference pairs, which have no {self.record_format} rendering")
         if self.projection_mode not in MODES:
             raise ValueError(f"projection_mode must be one of {', '.join(MODES)}, got {self.projection_mode!r}")
 
@@ -142,11 +147,13 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     model_dir, out = Path(model_dir), Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     tok = load_tokenizer(model_dir)
-    pool = load_pool(pool_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
+    pool = load_pool(pool_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
+                     record_format=config.record_format)
     if config.method == "rose":
         val = load_preference_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
     else:
-        val = load_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
+        val = load_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
+                        record_format=config.record_format, side="validation")
     for line in skip_lines(pool, val, where=out.with_name(out.name + ".meta.json")):
         echo(line)
     echo(f"{config.method}: pool {len(pool)} examples, validation {len(val)} "
