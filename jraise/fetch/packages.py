@@ -18,10 +18,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jraise.errors import JraiseError
+
 CACHE_ENV = "JRAISE_CACHE"
 
 
-class FetchError(RuntimeError):
+class FetchError(JraiseError, RuntimeError):
     """A download that failed, or a file whose checksum or contents are not what was expected."""
 
 
