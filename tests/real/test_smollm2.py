@@ -20,8 +20,8 @@ CONVERSATIONS = [
      {"role": "user", "content": "Now reverse: héllo wörld"}],
 ]
 # Measured float32 -> bfloat16 weight-and-compute error of SmolLM2's logits (BUILD_NOTES.md).
-BF16_MAX_REL_ERROR = 0.08
-BF16_MIN_ARGMAX_AGREEMENT = 0.9
+BF16_MAX_REL_ERROR = 0.05
+BF16_MIN_ARGMAX_AGREEMENT = 0.95
 
 
 def _prompts(tok):
@@ -110,7 +110,7 @@ def _records(eval_data_dir, name, n):
 def _response_loss(model, tok, records):
     from jraise.eval import evaluate
 
-    return evaluate(model, tok, records, kinds=["loss"], batch_size=8, max_len=256)["loss"]["overall"]["per_token"]
+    return evaluate(model, tok, records, kinds=["loss"], batch_size=4, max_len=256)["loss"]["overall"]["per_token"]
 
 
 def test_lora_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, smollm2_dir, eval_data_dir, tmp_path):
@@ -125,14 +125,14 @@ def test_lora_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, smollm
 
     _, tok = smollm2
     records = [{k: r[k] for k in ("id", "category", "instruction", "output")}  # SFT records: no options
-               for r in _records(eval_data_dir, "commonsenseqa", 32)]
+               for r in _records(eval_data_dir, "commonsenseqa", 16)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     model, _ = load_model(smollm2_dir)
     before = _response_loss(model, tok, records)
     add_lora(model, LoRAConfig(rank=8, alpha=16), seed=0)
     pool = load_pool(data, tok, max_len=256)
-    result = train(model, pool, TrainConfig(lr=2e-3, batch_size=8, epochs=5, max_steps=20, n_buckets=1),
+    result = train(model, pool, TrainConfig(lr=2e-3, batch_size=4, epochs=5, max_steps=20, n_buckets=1),
                    tmp_path / "run", base_model=smollm2_dir)
     assert result.steps == 20 and result.adapter_dir is not None
     after = _response_loss(model, tok, records)
