@@ -54,14 +54,23 @@ def _hf_prompt(tok, instruction: str) -> str:
                                    tokenize=False)
 
 
-def _hf_option_logprob(torch, model, prompt_ids: list[int], cont_ids: list[int]) -> float:
-    ids = torch.tensor([prompt_ids + cont_ids])
+def _hf_option_logprobs(torch, model, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
+    """log P(cont | prompt) for each continuation, as one right-padded batch (padding after a
+    sequence cannot change a causal model's logits on it)."""
+    seqs = [prompt_ids + c for c in conts]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
     with torch.no_grad():
-        logits = model(ids).logits[0].float()
-    logp = torch.log_softmax(logits[:-1], dim=-1)
-    targets = ids[0, 1:]
-    picked = logp[torch.arange(len(targets)), targets]
-    return float(picked[len(prompt_ids) - 1:].sum())
+        logp = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = []
+    for i, seq in enumerate(seqs):
+        positions = torch.arange(len(prompt_ids) - 1, len(seq) - 1)
+        scores.append(float(logp[i, positions, ids[i, positions + 1]].sum()))
+    return scores
 
 
 def _hf_predictions(torch, model, tok, records, kind, normaliser, max_new_tokens):
@@ -71,9 +80,9 @@ def _hf_predictions(torch, model, tok, records, kind, normaliser, max_new_tokens
     for rec in records:
         prompt_ids = tok(_hf_prompt(tok, rec["instruction"]), add_special_tokens=False).input_ids
         if kind == "multiple_choice":
-            scores = [_hf_option_logprob(torch, model, prompt_ids,
-                                         tok(opt + tok.eos_token, add_special_tokens=False).input_ids)
-                      for opt in rec["options"]]
+            scores = _hf_option_logprobs(torch, model, prompt_ids,
+                                         [tok(opt + tok.eos_token, add_special_tokens=False).input_ids
+                                          for opt in rec["options"]])
             pred = int(np.argmax(scores))
             predictions.append(pred)
             correct.append(pred == rec["answer"])
