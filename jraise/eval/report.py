@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -52,13 +53,15 @@ from jraise.atomic import atomic_write_text
 from jraise.data.batching import iterate_batches, length_buckets, pick_bucket
 from jraise.data.formats import (
     Conversation,
+    Location,
     RecordError,
+    SourceRecord,
     TemplateError,
     encode_rendered,
     read_records,
     render_conversation,
 )
-from jraise.data.pool import InstructionPool, load_pool
+from jraise.data.pool import InstructionPool, load_pool, skipped_summary
 from jraise.data.testbed import user_prompt
 from jraise.eval import metrics
 from jraise.model.generate import generate, left_pad
@@ -68,6 +71,7 @@ FORMAT_VERSION = 1  # of the JSON report
 PROGRESS_MIN_BATCHES = 4  # more batches than this get a progress bar (on a terminal)
 _TOKENISE_CHUNK = 512  # texts per batched tokenizer call
 BUCKET_QUANTUM = 16  # bucket lengths are multiples of this
+DEFAULT_MAX_LEN = 2048  # the file-level jobs' and the CLI's max_len, unless the model's context is shorter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,15 +95,22 @@ class LossOptions:
 class ExactMatchOptions:
     """Greedy decoding of at most ``max_new_tokens`` tokens, ``batch_size`` prompts at a time,
     answers compared after ``normaliser`` (a `metrics.NORMALISERS` name or a callable
-    ``(text, category) -> str | None``)."""
+    ``(text, category) -> str | None``). ``max_len``: the longest prompt plus ``max_new_tokens``
+    (None: the model's ``max_position_embeddings``); a longer prompt is never generated from: it
+    is an error naming the record and field (`check_prompt_lengths`), or with ``skip_bad`` the
+    record is left out and listed under ``"skipped"``."""
 
     max_new_tokens: int = 32
     batch_size: int = 16
     normaliser: metrics.Normaliser = "testbed"
     n_buckets: int = 4
+    max_len: int | None = None
+    skip_bad: bool = False
 
     def __post_init__(self):
         _check_positive(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_buckets=self.n_buckets)
+        if self.max_len is not None:
+            _check_positive(max_len=self.max_len)
         metrics.resolve_normaliser(self.normaliser)  # fail now, not after the generation
 
 
@@ -167,6 +178,17 @@ def prompt_messages(record: dict, where: str = "record") -> list[dict]:
     raise ValueError(f"{where}: no prompt: expected 'messages', 'instruction', 'prompt' or 'question'")
 
 
+def prompt_field(record: dict) -> str:
+    """The field `prompt_messages` takes the prompt from (for messages naming it)."""
+    if record.get("messages") is not None:
+        return "messages"
+    if _nonblank(record, "instruction"):
+        return "instruction"
+    if isinstance(record.get("prompt"), list) or _nonblank(record, "prompt"):
+        return "prompt"
+    return "question"
+
+
 def reference_answer(record: dict, where: str = "record") -> str:
     """The exact-match reference (see the module docstring for the field order)."""
     for field in ("reference", "output", "response", "answer"):
@@ -213,10 +235,15 @@ class _RaiseOnProblem:
         raise err
 
 
+def load_eval_sources(path: str | os.PathLike) -> list[SourceRecord]:
+    """Every record of a data file with its location (file, index, line), unchanged."""
+    sources, _ = read_records(path, _RaiseOnProblem())
+    return sources
+
+
 def load_eval_records(path: str | os.PathLike) -> list[dict]:
     """Every record of a data file, unchanged (any format `jraise.data.formats` reads)."""
-    sources, _ = read_records(path, _RaiseOnProblem())
-    return [source.record for source in sources]
+    return [source.record for source in load_eval_sources(path)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,18 +330,49 @@ def _write_jsonl(records: Sequence[dict], path: Path) -> None:
         fh.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
-def _pool_of(records: Sequence[dict], record_index: Sequence[int], tokenizer, max_len: int, source: str) -> InstructionPool:
-    """The records tokenised as for training, via a temporary JSON-lines file (the pool loader
-    reads files); a bad record's error names its index in the evaluated data, not the temp file."""
+def _user_locations(text: str, tmp: Path, where) -> str:
+    """``text`` with every ``<tmp>: line N`` (a line of the temporary copy) replaced by
+    ``where(N - 1)``, the user's record, and any other mention of ``tmp`` by ``where(None)``."""
+    text = re.sub(re.escape(str(tmp)) + r": line (\d+)", lambda m: where(int(m.group(1)) - 1), text)
+    return text.replace(str(tmp), where(None))
+
+
+def _pool_of(records: Sequence[dict], record_index: Sequence[int], tokenizer, max_len: int, source: str,
+             locations: Sequence[Location] | None = None, skip_bad: bool = False) -> InstructionPool:
+    """The records tokenised as for training, via a temporary JSON-lines copy (the pool loader
+    reads files). Errors and skip reports name the user's records, never the copy: with
+    ``locations`` (records read from a file) their file and line or index, else ``source`` and
+    the record index in the evaluated data."""
+
+    def where(copy_index: int | None) -> str:
+        if copy_index is None:
+            return source
+        i = record_index[copy_index]
+        return str(locations[i]) if locations is not None else _where(source, i, records[i])
+
     with tempfile.TemporaryDirectory(prefix="jraise-eval-") as tmp:
         path = Path(tmp) / "records.jsonl"
         _write_jsonl([records[i] for i in record_index], path)
         try:
-            return load_pool(path, tokenizer, max_len=max_len)
+            pool = load_pool(path, tokenizer, max_len=max_len, skip_bad=skip_bad)
         except RecordError as err:
-            i = record_index[err.location.index] if err.location.line is not None else None
-            where = _where(source, i, records[i], err.field) if i is not None else source
-            raise ValueError(f"{where}: {err.reason}: {err.detail}") from err
+            detail = _user_locations(err.detail, path, where)
+            if locations is not None:
+                i = record_index[err.location.index]
+                raise RecordError(locations[i], err.field, err.reason, detail) from None
+            raise ValueError(f"{where(err.location.index)}"
+                             + (f": field {err.field!r}" if err.field else "") + f": {err.reason}: {detail}") from None
+        except (ValueError, OSError) as err:
+            if str(path) not in str(err):
+                raise
+            raise ValueError(_user_locations(str(err), path, where)) from None
+    report = pool.report
+    if report is not None and report.n_skipped:
+        problems = tuple(replace(p, file=source, message=_user_locations(p.message, path, where),
+                                 line=locations[record_index[p.index]].line if locations is not None else None,
+                                 index=record_index[p.index]) for p in report.problems)
+        report = replace(report, source=source, problems=problems)
+    return replace(pool, source=source, report=report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,16 +398,22 @@ def _stop_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def greedy_completions(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
-                       n_buckets: int = 4, desc: str = "generating") -> list[str]:
+                       n_buckets: int = 4, desc: str = "generating", max_prompt_len: int | None = None) -> list[str]:
     """Greedy replies to token-id prompts, decoded with ``skip_special_tokens=True``, in order.
 
     Prompts are sorted by length and left-padded to a few length buckets; the last batch is
-    filled with one-token padding prompts whose outputs are dropped.
+    filled with one-token padding prompts whose outputs are dropped. A prompt longer than
+    ``max_prompt_len`` (None: the model's ``max_position_embeddings`` less ``max_new_tokens``) is
+    refused before anything is generated; callers check lengths first to name the record.
     """
     if not prompts:
         return []
     if min(len(p) for p in prompts) == 0:
         raise ValueError("an empty prompt cannot be decoded")
+    limit = prompt_token_limit(model, None, max_new_tokens) if max_prompt_len is None else max_prompt_len
+    longest = max(range(len(prompts)), key=lambda k: len(prompts[k]))
+    if len(prompts[longest]) > limit:
+        raise ValueError(f"prompt {longest} is {len(prompts[longest])} tokens, past the {limit} a prompt may have")
     pad_id, eos = _pad_id(tokenizer), _stop_ids(model, tokenizer)
     lengths = [len(p) for p in prompts]
     buckets = _buckets(lengths, n_buckets)
@@ -373,10 +437,44 @@ def _normaliser_name(normaliser: metrics.Normaliser) -> str:
     return normaliser if isinstance(normaliser, str) else getattr(normaliser, "__name__", "custom")
 
 
+def default_max_len(model) -> int:
+    """`DEFAULT_MAX_LEN`, or the model's ``max_position_embeddings`` when that is smaller: what the
+    CLI and the file-level jobs bound sequences by unless told otherwise (memory grows with it)."""
+    return min(DEFAULT_MAX_LEN, int(model.config.max_position_embeddings))
+
+
+def prompt_token_limit(model, max_len: int | None, max_new_tokens: int) -> int:
+    """The longest prompt that may be generated from: ``max_len`` (None: the model's
+    ``max_position_embeddings``) less ``max_new_tokens``; an error when nothing is left."""
+    total = model.config.max_position_embeddings if max_len is None else max_len
+    if total - max_new_tokens < 1:
+        raise ValueError(f"max_len {total} leaves no room for a prompt before max_new_tokens {max_new_tokens}")
+    return total - max_new_tokens
+
+
+def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], limit: int, records: Sequence[dict],
+                         record_index: Sequence[int], source: str, skip_bad: bool = False) -> list[int]:
+    """Positions (into ``prompt_ids``) of the prompts of at most ``limit`` tokens. A longer one is
+    an error naming ``source``, the record, its prompt field and the lengths, unless ``skip_bad``:
+    then it is only left out (the caller reports ``record_index`` of the others)."""
+    kept = []
+    for k, ids in enumerate(prompt_ids):
+        if len(ids) <= limit:
+            kept.append(k)
+        elif not skip_bad:
+            i = record_index[k]
+            raise ValueError(f"{_where(source, i, records[i], prompt_field(records[i]))}: over-long: the prompt is "
+                             f"{len(ids)} tokens, past the {limit} a prompt may have (max_len less max_new_tokens); "
+                             "raise --max-len, or leave such records out with --skip-bad")
+    return kept
+
+
 def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: ExactMatchOptions = ExactMatchOptions(),
                          keep_predictions: bool = False, record_index: Sequence[int] | None = None,
                          source: str = "records") -> dict:
-    """Greedy-generation exact match of ``records[i]`` for i in ``record_index`` (default: all)."""
+    """Greedy-generation exact match of ``records[i]`` for i in ``record_index`` (default: all).
+    Prompts past ``options.max_len`` are errors or, with ``options.skip_bad``, left out and
+    listed (record indices) under ``"skipped"`` ``{"over-long": [...]}``."""
     record_index = list(range(len(records))) if record_index is None else list(record_index)
     if not record_index:
         raise ValueError(f"{source}: no records to evaluate by exact match")
@@ -386,12 +484,23 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
         prompts.append(prompt_messages(record, _where(source, i, record)))
         references.append(reference_answer(record, _where(source, i, record)))
         categories.append(_category(record))
-    texts = greedy_completions(model, tokenizer, _prompt_token_ids(tokenizer, prompts), options.max_new_tokens,
-                               options.batch_size, options.n_buckets, desc="exact match")
+    prompt_ids = _prompt_token_ids(tokenizer, prompts)
+    limit = prompt_token_limit(model, options.max_len, options.max_new_tokens)
+    kept = check_prompt_lengths(prompt_ids, limit, records, record_index, source, options.skip_bad)
+    kept_set = set(kept)
+    skipped = [i for k, i in enumerate(record_index) if k not in kept_set]
+    if not kept:
+        raise ValueError(f"{source}: every prompt is past the {limit} tokens a prompt may have; raise --max-len")
+    record_index = [record_index[k] for k in kept]
+    references, categories = [references[k] for k in kept], [categories[k] for k in kept]
+    texts = greedy_completions(model, tokenizer, [prompt_ids[k] for k in kept], options.max_new_tokens,
+                               options.batch_size, options.n_buckets, desc="exact match", max_prompt_len=limit)
     norm = metrics.resolve_normaliser(options.normaliser)
     correct = [metrics.answers_match(t, r, c, norm) for t, r, c in zip(texts, references, categories)]
     result = metrics.accuracy_summary(correct, categories)
     result["normaliser"] = _normaliser_name(options.normaliser)
+    if skipped:
+        result["skipped"] = {"over-long": skipped}
     if keep_predictions:
         result["examples"] = [
             {"index": i, "id": _record_id(records[i]), "category": c, "prediction": t, "reference": r,
@@ -508,16 +617,31 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, text)
 
 
-def _as_records(data) -> tuple[list[dict], str, InstructionPool | None]:
+def _as_records(data) -> tuple[list[dict], str, InstructionPool | None, list[Location] | None]:
+    """(records, source name, the pool when given one, each record's location when read from a file)."""
     if isinstance(data, InstructionPool):
-        return list(data.records), data.source, data
+        return list(data.records), data.source, data, None
     if isinstance(data, (str, os.PathLike)):
-        return load_eval_records(data), str(data), None
+        sources = load_eval_sources(data)
+        return [s.record for s in sources], str(data), None, [s.location for s in sources]
     records = list(data)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"records: record index {bad}: expected a dict, got {type(records[bad]).__name__}")
-    return records, "records", None
+    return records, "records", None, None
+
+
+def _kept_indices(pool: InstructionPool, records: Sequence[dict], record_index: Sequence[int]) -> list[int]:
+    """The record indices of a pool's examples: ``record_index``, less the records that
+    ``skip_bad`` dropped (the pool keeps the others' order and their records unchanged)."""
+    if len(pool) == len(record_index):
+        return list(record_index)
+    kept, position = [], 0
+    for i in record_index:
+        if position < len(pool) and pool.records[position] == records[i]:
+            kept.append(i)
+            position += 1
+    return kept
 
 
 def evaluate(
@@ -534,6 +658,7 @@ def evaluate(
     length_normalise: bool = False,
     include_eos: bool = True,
     keep_predictions: bool = False,
+    skip_bad: bool = False,
 ) -> dict:
     """Runs the evaluations ``kinds`` (see `KINDS`) on a data file, a record list or a pool.
 
@@ -542,15 +667,20 @@ def evaluate(
     each kind when ``keep_predictions``. ``loss`` and ``exact_match`` use the records without
     ``options``; ``multiple_choice`` those with. A requested kind with no records to run on is
     an error. With ``out_path`` the dict is also written there atomically.
+
+    ``max_len`` (None: the model's ``max_position_embeddings``) bounds a loss record's tokens and
+    an exact-match prompt plus ``max_new_tokens``. A record past it, or otherwise bad, is an error
+    naming the user's file and record, unless ``skip_bad``: then it is left out of that kind and
+    listed under the kind's ``"skipped"``.
     """
     kinds = tuple(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown or no evaluation kinds {unknown or list(kinds)}; choose from {', '.join(KINDS)}")
     loss_options = LossOptions(batch_size, max_len if max_len is not None else model.config.max_position_embeddings)
-    em_options = ExactMatchOptions(max_new_tokens, batch_size, normaliser)
+    em_options = ExactMatchOptions(max_new_tokens, batch_size, normaliser, max_len=max_len, skip_bad=skip_bad)
     mc_options = MultipleChoiceOptions(batch_size, length_normalise, include_eos)
-    records, source, pool = _as_records(data)
+    records, source, pool, locations = _as_records(data)
     plain = [i for i, r in enumerate(records) if r.get("options") is None]
     choice = [i for i, r in enumerate(records) if r.get("options") is not None]
     config = {"loss": asdict(loss_options), "exact_match": asdict(em_options), "multiple_choice": asdict(mc_options)}
@@ -561,11 +691,14 @@ def evaluate(
         if pool is None:
             if not plain:
                 raise ValueError(f"{source}: no records without 'options' to compute the loss on")
-            pool = _pool_of(records, plain, tokenizer, loss_options.max_len, source)
-            loss_index = plain
+            pool = _pool_of(records, plain, tokenizer, loss_options.max_len, source, locations, skip_bad)
+            loss_index = _kept_indices(pool, records, plain)
         else:
             loss_index = list(range(len(pool)))
         result["loss"] = evaluate_loss(model, pool, loss_options, keep_predictions, loss_index)
+        skipped = skipped_summary(pool)
+        if skipped is not None:
+            result["loss"]["skipped"] = skipped
     if "exact_match" in kinds:
         result["exact_match"] = evaluate_exact_match(model, tokenizer, records, em_options, keep_predictions, plain, source)
     if "multiple_choice" in kinds:

@@ -28,13 +28,16 @@ from jraise.eval.report import (
     _normaliser_name,
     _prompt_token_ids,
     _where,
+    check_prompt_lengths,
+    default_max_len,
     greedy_completions,
     load_eval_records,
     prompt_messages,
+    prompt_token_limit,
     reference_answer,
 )
 
-SKIP_REASONS = ("correct", "empty")
+SKIP_REASONS = ("correct", "empty", "over-long")
 
 
 def _pair_prompt(messages: list[dict]) -> str | list[dict]:
@@ -46,7 +49,8 @@ def _pair_prompt(messages: list[dict]) -> str | list[dict]:
 
 def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 32, batch_size: int = 16,
                        normaliser: metrics.Normaliser = "testbed", source: str = "records",
-                       require_pairs: bool = True) -> tuple[list[dict], dict]:
+                       require_pairs: bool = True, max_len: int | None = None,
+                       skip_bad: bool = False) -> tuple[list[dict], dict]:
     """Preference pairs ``{"id"?, "prompt", "chosen", "rejected", "category"?}`` from SFT ``records``:
     chosen = the reference answer, rejected = ``model``'s greedy answer (outer whitespace stripped).
 
@@ -54,7 +58,9 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
     and lists the skipped records' indices by reason (`SKIP_REASONS`). Pairs keep the records' order,
     ``id`` and ``category``. A record without a prompt or with a blank reference is an error naming
     ``source``, the record and the field; so is a set that yields no pair at all, unless
-    ``require_pairs`` is False.
+    ``require_pairs`` is False. A prompt longer than ``max_len`` (None: the model's
+    ``max_position_embeddings``) less ``max_new_tokens`` is never generated from: an error naming
+    the record and its prompt field, or with ``skip_bad`` a record skipped as ``"over-long"``.
     """
     if not records:
         raise ValueError(f"{source}: no records to make preference pairs from")
@@ -67,8 +73,14 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
         if not reference.strip():
             raise ValueError(f"{_where(source, i, record, 'output')}: the reference answer is blank")
         references.append(reference)
-    answers = greedy_completions(model, tokenizer, _prompt_token_ids(tokenizer, prompts), max_new_tokens, batch_size,
-                                 desc="model answers")
+    prompt_ids = _prompt_token_ids(tokenizer, prompts)
+    limit = prompt_token_limit(model, max_len, max_new_tokens)
+    kept = check_prompt_lengths(prompt_ids, limit, records, range(len(records)), source, skip_bad)
+    generated = greedy_completions(model, tokenizer, [prompt_ids[k] for k in kept], max_new_tokens, batch_size,
+                                   desc="model answers", max_prompt_len=limit)
+    answers: list[str | None] = [None] * len(records)
+    for k, answer in zip(kept, generated):
+        answers[k] = answer
     norm = metrics.resolve_normaliser(normaliser)
     pairs, skipped = [], {reason: [] for reason in SKIP_REASONS}
     per_category: dict[str, Counter] = {}
@@ -76,8 +88,8 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
         category = _category(record)
         counts = per_category.setdefault(metrics.category_key(category), Counter())
         counts["records"] += 1
-        rejected = answer.strip()
-        reason = ("empty" if not rejected
+        rejected = answer.strip() if answer is not None else None
+        reason = ("over-long" if rejected is None else "empty" if not rejected
                   else "correct" if metrics.answers_match(rejected, reference, category, norm) else None)
         if reason is not None:
             skipped[reason].append(i)
@@ -92,33 +104,43 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
         counts["pairs"] += 1
     if not pairs and require_pairs:
         raise ValueError(f"{source}: no preference pair: the model answers all {len(records)} records right "
-                         f"({len(skipped['correct'])}) or with nothing ({len(skipped['empty'])})")
+                         f"({len(skipped['correct'])}) or with nothing ({len(skipped['empty'])})"
+                         + (f", or their prompts are too long ({len(skipped['over-long'])})"
+                            if skipped["over-long"] else ""))
+    shown = [r for r in SKIP_REASONS if r != "over-long" or skipped[r]]  # over-long only with skip_bad
     report = {"source": source, "n_records": len(records), "n_pairs": len(pairs), "skipped": skipped,
-              "per_category": {c: {k: n[k] for k in ("records", "pairs", *SKIP_REASONS)}
+              "per_category": {c: {k: n[k] for k in ("records", "pairs", *shown)}
                                for c, n in sorted(per_category.items())},
-              "max_new_tokens": max_new_tokens, "normaliser": _normaliser_name(normaliser)}
+              "max_new_tokens": max_new_tokens, "max_prompt_tokens": limit,
+              "normaliser": _normaliser_name(normaliser)}
     return pairs, report
 
 
 def write_model_answer_pairs(model_dir: str | os.PathLike, val_file: str | os.PathLike, out: str | os.PathLike, *,
                              max_new_tokens: int = 32, batch_size: int = 16,
-                             normaliser: metrics.Normaliser = "testbed", tokenizer_dir: str | os.PathLike | None = None
-                             ) -> dict:
+                             normaliser: metrics.Normaliser = "testbed", tokenizer_dir: str | os.PathLike | None = None,
+                             max_len: int | None = None, skip_bad: bool = False) -> dict:
     """`model_answer_pairs` for the records of ``val_file`` (any format `jraise.data.formats` reads)
     with the model of ``model_dir``: the pairs go to ``out`` (JSONL) and the report, with the model
-    directory, to ``out + ".meta.json"``, both written atomically (pairs first)."""
+    directory, to ``out + ".meta.json"``, as one commit (`jraise.atomic.atomic_write_group`: both
+    written before either is renamed into place, the meta file first). ``max_len`` None is
+    `jraise.eval.report.default_max_len` (2048, or the model's context when shorter)."""
     import json
 
-    from jraise.atomic import atomic_write_jsonl, atomic_write_text
+    from jraise.atomic import atomic_write_group
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_tokenizer_fits
 
     model, _ = load_model(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else model_dir)
+    check_tokenizer_fits(tokenizer, model.config, model_dir)
     pairs, report = model_answer_pairs(model, tokenizer, load_eval_records(val_file), max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, normaliser=normaliser, source=str(val_file))
+                                       batch_size=batch_size, normaliser=normaliser, source=str(val_file),
+                                       max_len=default_max_len(model) if max_len is None else max_len,
+                                       skip_bad=skip_bad)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_jsonl(out, pairs)
     report = {"kind": "model_answer_pairs", "model": str(model_dir), **report}
-    atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(report, indent=2) + "\n")
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    atomic_write_group([(out.with_name(out.name + ".meta.json"), (json.dumps(report, indent=2) + "\n").encode()),
+                        (out, text.encode("utf-8"))])
     return report

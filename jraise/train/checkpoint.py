@@ -170,29 +170,78 @@ def restore_model(run_dir: str | os.PathLike, base: str | os.PathLike | CausalLM
     return assign_trainable(model, trainable)
 
 
-def _is_model_file(name: str) -> bool:
-    return (name in ("config.json", "generation_config.json") or name.endswith(".safetensors")
-            or name.endswith(".safetensors.index.json"))
+# The files `export_model` copies from a tokenizer (or base model) directory: the tokenizer's own
+# files and the generation defaults. Nothing else is copied (no weights, no stray files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_PATTERNS = ("tokenizer*.json", "chat_template.*")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return name in TOKENIZER_FILES or any(fnmatchcase(name, p) for p in TOKENIZER_PATTERNS)
+
+
+def _allowed_link_roots(src: Path) -> tuple[Path, ...]:
+    """Where a symlink of ``src`` may point: inside ``src``, and, for a Hugging Face hub cache
+    snapshot (``.../snapshots/<revision>/``), the repository's ``blobs/`` directory."""
+    roots = [src.resolve()]
+    if src.parent.name == "snapshots":
+        roots.append((src.parent.parent / "blobs").resolve())
+    return tuple(roots)
+
+
+def tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
+    """The files `export_model` copies from ``tokenizer_dir``: regular files with a tokenizer
+    file name (`TOKENIZER_FILES`, `TOKENIZER_PATTERNS`), in name order.
+
+    A symlink is followed only when it resolves to a regular file inside the directory (or in
+    the ``blobs/`` of a Hugging Face cache snapshot); one pointing elsewhere is an error naming
+    it, as is a directory with no tokenizer file at all."""
+    from jraise.errors import JraiseError
+
+    src = Path(tokenizer_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: tokenizer directory does not exist")
+    roots = _allowed_link_roots(src)
+    chosen = []
+    for item in sorted(src.iterdir()):
+        if not _is_tokenizer_file(item.name):
+            continue
+        if item.is_symlink():
+            target = item.resolve()
+            if not any(target.is_relative_to(root) for root in roots):
+                raise JraiseError(f"{item}: a symlink to {target}, outside {src}; the export copies only the "
+                                  "directory's own tokenizer files (replace the link by the file)", path=item)
+        if item.is_file():
+            chosen.append(item)
+    if not chosen:
+        raise JraiseError(f"{src}: no tokenizer files (expected tokenizer.json or tokenizer_config.json)", path=src)
+    return chosen
 
 
 def export_model(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Writes ``model`` as a Hugging Face directory (`save_model`; LoRA merged) plus, when given,
-    the tokenizer's files, each copied under a temporary name and renamed into place.
+    the tokenizer's files (`tokenizer_files`), each copied under a temporary name and renamed
+    into place.
 
-    ``tokenizer_dir`` may be a model directory (a base model with its tokenizer): its own model
-    files (config, weights, weight index) are never copied over the ones just written."""
+    ``tokenizer_dir`` may be a model directory (a base model with its tokenizer): only its
+    tokenizer files and ``generation_config.json`` are copied (the latter only when the export
+    has none), never its weights, config or any other file, and no symlink out of it."""
     from jraise import parallel
     from jraise.model.hf import save_model
 
-    src = None if tokenizer_dir is None else Path(tokenizer_dir)
-    if src is not None and not src.is_dir():  # checked by every process, before any collective
-        raise FileNotFoundError(f"{src}: tokenizer directory does not exist")
+    # checked by every process, before any collective
+    sources = None if tokenizer_dir is None else tokenizer_files(tokenizer_dir)
     out = save_model(model, model.config, out_dir)  # collective in a multi-process run; process 0 writes
-    if src is not None and parallel.is_writer():
-        for item in sorted(src.iterdir()):
-            if item.is_file() and not _is_model_file(item.name):
-                tmp = out / f".{item.name}.tmp-{os.getpid()}"
-                shutil.copyfile(item, tmp)
-                os.replace(tmp, out / item.name)
+    if sources is not None and parallel.is_writer():
+        for item in sources:
+            if item.name == "generation_config.json" and (out / item.name).exists():
+                continue
+            tmp = out / f".{item.name}.tmp-{os.getpid()}"
+            shutil.copyfile(item, tmp)
+            os.replace(tmp, out / item.name)
     parallel.barrier(f"export_model:{out}")
     return out

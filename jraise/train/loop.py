@@ -22,11 +22,23 @@ Resuming. With ``resume=True`` a run restarts from its latest checkpoint: the we
 learning-rate history and data-order position come back, dropout keys are a function of (seed,
 step) and batches of (order, position), so the resumed run performs the very same updates as an
 uninterrupted one (bitwise on the same machine). Lines of ``metrics.jsonl`` written after that
-checkpoint (by the crashed attempt) are dropped first.
+checkpoint (by the crashed attempt) are dropped first. A run directory resumes only the same
+run: the same `TrainConfig` (``train_config.json``), training data, order, LoRA settings, dtype and
+starting weights (`weights_fingerprint`); any difference is an error naming it, so a finished run
+is never re-exported with another base model under adapters trained on the old one.
+
+One process at a time. ``run_dir`` is locked for the call (`jraise.lock.directory_lock`): a second
+process on the same directory stops with an error naming the holder.
+
+Divergence. A step whose loss or gradient norm is NaN or infinite, or a checkpoint whose weights
+are not finite, stops the run with `TrainingDiverged`: nothing of that step is written (not its
+``metrics.jsonl`` line, not a checkpoint), and the checkpoints already written, each of finite
+weights saved after a finite step, are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,13 +60,18 @@ from jraise.atomic import atomic_write_text
 from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length_buckets
 from jraise.data.pool import InstructionPool
+from jraise.errors import JraiseError
+from jraise.lock import directory_lock
 from jraise.model.peft import save_peft_adapter
 from jraise.train.checkpoint import (
+    CHECKPOINT_DIR,
     checkpoint_manager,
     export_model,
+    load_meta,
     lora_settings,
     restore_state,
     save_checkpoint,
+    tokenizer_files,
 )
 from jraise.train.step import (
     MODEL_KEYS,
@@ -352,11 +369,98 @@ def place_state(trainable, opt_state, frozen):
     return (*jax.device_put((trainable, opt_state), device), frozen)
 
 
-def _check_same_run(run_dir: Path, meta: dict, identity: dict) -> None:
-    diffs = [f"{k}: checkpoint {meta.get(k)!r}, now {v!r}" for k, v in identity.items() if meta.get(k) != v]
+FINGERPRINT_SAMPLES = 64  # values of each weight array that `weights_fingerprint` reads
+
+# What a resumed run must share with its checkpoint, as the message names it.
+IDENTITY_NAMES = {"pool_fingerprint": "the training data", "order_fingerprint": "the data order",
+                  "trainable": "full or LoRA", "lora": "the LoRA settings", "param_dtype": "the dtype",
+                  "total_steps": "the number of steps",
+                  "weights_fingerprint": "the starting weights: another model or adapter"}
+OPTIONAL_IDENTITY = ("weights_fingerprint",)  # absent from checkpoints of older versions: not compared
+
+
+def weights_fingerprint(model: nnx.Module) -> str:
+    """sha256 hex over every parameter's path, shape, dtype and `FINGERPRINT_SAMPLES` of its values
+    (evenly spaced over the flattened array, the first and last included), in path order.
+
+    A sample, not a hash of all the weights (which would read the whole model on every call):
+    another base model, another initialisation, another fine-tune of the same architecture, another
+    LoRA adapter or dtype changes it; an edit confined to unsampled positions would not."""
+    digest = hashlib.sha256()
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    samples = parallel.tree_to_host(_weight_samples(state))
+    leaves = dict((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state))
+    for key, sample in sorted((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(samples)):
+        leaf = leaves[key]
+        digest.update(f"{key}|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()
+
+
+@jax.jit
+def _weight_samples(state):
+    """`FINGERPRINT_SAMPLES` evenly spaced values of every array (one program for the whole tree)."""
+    def sample(x):
+        positions = np.unique(np.linspace(0, max(x.size - 1, 0), FINGERPRINT_SAMPLES).astype(np.int64))
+        return jnp.take(jnp.reshape(x, -1), positions[: x.size])
+
+    return jax.tree.map(sample, state)
+
+
+def _shown(value) -> str:
+    if isinstance(value, str) and len(value) == 64:  # a sha256 hex digest
+        return value[:12]
+    return repr(value)
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's identity and this call's, one phrase each."""
+    diffs = []
+    for key, value in current.items():
+        if key in OPTIONAL_IDENTITY and key not in saved:
+            continue
+        if saved.get(key) != value:
+            what = f"{key} ({IDENTITY_NAMES[key]})" if key in IDENTITY_NAMES else key
+            diffs.append(f"{what}: checkpoint {_shown(saved.get(key))}, now {_shown(value)}")
+    return diffs
+
+
+def _check_same_run(run_dir: Path, meta: dict, identity: dict, base_model=None) -> None:
+    diffs = identity_differences(meta, identity)
     if diffs:
-        raise ValueError(f"{run_dir}: cannot resume from the checkpoint at step {meta['step']}, the run "
-                         "differs in " + "; ".join(diffs) + ". Use a new run_dir, or resume=False there.")
+        started = meta.get("base_model")
+        hint = (f" (it started from {started}, this call from {base_model})"
+                if started and base_model is not None and str(base_model) != started else "")
+        raise ValueError(f"{run_dir}: holds another run (checkpoint at step {meta['step']}){hint}; it differs in "
+                         + "; ".join(diffs) + ". Use a new run directory, or the run's own settings.")
+
+
+class TrainingDiverged(JraiseError):
+    """The loss, gradient norm or weights of a run turned NaN or infinite; the run stopped."""
+
+    def __init__(self, run_dir: Path, step: int, what: str, checkpoint: int | None):
+        kept = (f"the last good checkpoint, step {checkpoint} ({run_dir / CHECKPOINT_DIR / str(checkpoint)}), is "
+                "kept" if checkpoint is not None
+                else "no checkpoint was saved before it (--save-every N saves more often)")
+        super().__init__(f"{run_dir}: training diverged at step {step}: {what}. Stopped: nothing of step {step} "
+                         f"was written; {kept}.\nStart a new run (another --out) with a lower learning rate, or "
+                         f"check the data of step {step}.", path=run_dir)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def non_finite_metrics(metrics: dict) -> str | None:
+    """'the loss is nan' (or the gradient norm's) when a step's metrics are not finite, else None."""
+    for key, name in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+        value = float(metrics[key])
+        if not math.isfinite(value):
+            return f"{name} is {value}"
+    return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir: str | os.PathLike,
@@ -371,10 +475,23 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
 
     ``callback(info)`` runs after every step; returning True stops the run cleanly (a checkpoint
     is written at that step, so ``resume=True`` continues it; no export). ``resume=False`` starts
-    from step 0 and refuses a run dir that already holds checkpoints.
+    from step 0 and refuses a run dir that already holds checkpoints (writing nothing there).
+
+    Raises `jraise.lock.DirectoryLocked` when another process works in ``run_dir``, ValueError when
+    ``run_dir`` holds another run (module docstring), `TrainingDiverged` on a non-finite step.
     """
     run_dir = Path(run_dir)
+    if export and tokenizer_dir is not None:
+        tokenizer_files(tokenizer_dir)  # refuse a bad tokenizer directory now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
+    with directory_lock(run_dir) if parallel.is_writer() else contextlib.nullcontext():
+        return _train_locked(model, pool, config, run_dir, eval_pool, order, resume, tokenizer_dir, callback,
+                             export, base_model)
+
+
+def _train_locked(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir: Path,
+                  eval_pool: InstructionPool | None, order, resume: bool, tokenizer_dir, callback, export: bool,
+                  base_model) -> TrainResult:
     orders = epoch_orders(len(pool), config, order)
     per_epoch = steps_per_epoch(orders, config.batch_size)
     epoch_starts = np.concatenate([[0], np.cumsum(per_epoch)]).tolist()
@@ -391,18 +508,19 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
     lora = lora_settings(model) if trainable_filter(model) is nnx.LoRAParam else None
     identity = {"pool_fingerprint": pool.fingerprint, "order_fingerprint": order_fingerprint(orders),
                 "trainable": "lora" if lora else "full", "lora": lora,
-                "param_dtype": model.config.param_dtype, "total_steps": total}
+                "param_dtype": model.config.param_dtype, "total_steps": total,
+                "weights_fingerprint": weights_fingerprint(model)}
 
-    _prepare_config(run_dir, config, resume)
     manager = checkpoint_manager(run_dir, config.max_to_keep)
     step, epoch, next_batch, lr_history, elapsed = 0, 0, 0, [], 0.0
     latest = manager.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{run_dir}: holds checkpoints (latest step {latest}); pass resume=True "
+                              "to continue that run, or use an empty run_dir")
+    _prepare_config(run_dir, config, resume)
     if latest is not None:
-        if not resume:
-            raise FileExistsError(f"{run_dir}: holds checkpoints (latest step {latest}); pass resume=True "
-                                  "to continue that run, or use an empty run_dir")
+        _check_same_run(run_dir, load_meta(run_dir, latest), identity, base_model)  # before reading any array
         trainable, opt_state, meta = restore_state(run_dir, latest, trainable, opt_state)
-        _check_same_run(run_dir, meta, identity)
         step, epoch, next_batch = meta["step"], meta["next_epoch"], meta["next_batch"]
         lr_history, elapsed = list(meta["lr_history"]), meta["elapsed"]
     metrics_path = run_dir / METRICS_FILE
@@ -418,7 +536,10 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
 
     def save(epoch_done: int, batch_done: int, epoch_end: bool) -> None:
         this_epoch = lr_history[epoch_starts[epoch_done]:step]
-        meta = {**identity, "step": step, "epoch": epoch_done, "epoch_end": epoch_end,
+        if not bool(_all_finite(trainable)):
+            raise TrainingDiverged(run_dir, step, "the weights are no longer finite", manager.latest_step())
+        meta = {**identity, "base_model": None if base_model is None else str(base_model),
+                "step": step, "epoch": epoch_done, "epoch_end": epoch_end,
                 "next_epoch": epoch_done + 1 if epoch_end else epoch_done,
                 "next_batch": 0 if epoch_end else batch_done + 1,
                 "lr_history": lr_history, "epoch_mean_lr": float(np.mean(this_epoch)) if this_epoch else None,
@@ -443,6 +564,9 @@ def train(model: nnx.Module, pool: InstructionPool, config: TrainConfig, run_dir
                 lr_history.append(float(lrs[step]))
                 step += 1
                 metrics = parallel.tree_to_host(metrics)
+                diverged = non_finite_metrics(metrics)
+                if diverged is not None:
+                    raise TrainingDiverged(run_dir, step, diverged, manager.latest_step())
                 record = {"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": lr_history[-1],
                           "tokens": int(metrics["tokens"]), "response_tokens": int(metrics["response_tokens"]),
                           "grad_norm": float(metrics["grad_norm"]),
