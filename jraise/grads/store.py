@@ -17,8 +17,9 @@ Layout
 Each shard is a standard ``.npy`` file (``numpy.lib.format``, C order, little-endian float16)
 of shape ``[rows, dim]``; ``np.load`` reads it. ``meta.json`` holds the `StoreMeta`: the
 ``format_version``, ``n``, ``dim``, ``shard_rows``, ``dtype`` and a free-form JSON ``identity``
-(pool fingerprint, model, checkpoint, projection kind/seed/dim, side "train"/"val", options...)
-that says which features these are.
+(pool fingerprint, model and checkpoint with their content fingerprints from
+`jraise.model.fingerprint`, projection kind/seed/dim, side "train"/"val", options...) that says
+which features these are.
 
 Atomicity and resume
 --------------------
@@ -49,7 +50,8 @@ Identity checks
 names like ``identity.projection.seed``) with the request, after a JSON round trip (so tuples
 equal lists). Values are compared by their JSON text, so 1 and 1.0 or 1 and true differ. Any
 difference raises ValueError listing every differing field with its saved and requested value,
-so features of another pool, model, checkpoint, seed or dim are never mixed in silently.
+so features of another pool, model, checkpoint, seed or dim are never mixed in silently (a
+model or checkpoint replaced at the same path differs in its fingerprint).
 An identity key added after some stores were written can be given a meaning for its absence
 (``absent_means``, e.g. ``{"features.projection.mode": "dense"}``): a saved identity without the
 key then compares as that value, so older stores stay usable where nothing changed for them.

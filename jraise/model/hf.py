@@ -9,6 +9,14 @@ rules of `jraise.parallel.param_spec`): `jax.make_array_from_callback` asks for 
 process's devices hold and only those are read from the file (safetensors slices), so on a
 multi-host run no host reads or holds the whole model.
 
+Loading refuses a degenerate model: a tensor holding NaN or an infinity is a `ModelError` naming
+the file and the tensor (one jitted isfinite reduction per tensor, dispatched as each tensor is
+placed and read back together at the end; compiled once per distinct shape and dtype).
+
+Where a tokenizer and a model meet, `check_tokenizer_fits` refuses a tokenizer whose token ids
+reach past the model's embedding table, and `fit_max_len` limits a sequence-length option to the
+model's ``max_position_embeddings`` (`check_model_inputs` does both from a model directory).
+
 Saving writes `config.json` and safetensors (sharded with `model.safetensors.index.json` above a
 size limit) that `transformers.AutoModelForCausalLM.from_pretrained` loads. LoRA adapters, when
 attached, are merged into the exported weights (the model itself is left unchanged).
@@ -28,6 +36,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jraise.atomic import atomic_write_bytes
+from jraise.errors import JraiseError
 from jraise.model.config import ModelConfig, dtype_name, read_config
 from jraise.model.transformer import CausalLM, Projection, dtype_of
 
@@ -35,6 +44,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that are derived, not learned: skipped on load.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class ModelError(JraiseError, ValueError):
+    """A model jraise refuses to use: degenerate weights, or a tokenizer it cannot embed."""
 
 
 def _hf_name(path: tuple) -> str:
@@ -62,7 +75,7 @@ def model_variables(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
     return out
 
 
-def _checkpoint_files(model_dir: Path) -> dict[str, list[str]]:
+def checkpoint_files(model_dir: Path) -> dict[str, list[str]]:
     """safetensors file -> tensor names it should hold (from the index, or the single file)."""
     index = model_dir / INDEX_FILE
     if index.is_file():
@@ -96,6 +109,66 @@ def _read_sharded(stored, shape: tuple[int, ...], kernel: bool, dtype, mesh) -> 
     return jax.make_array_from_callback(shape, sharding, block)
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
+def _check_finite(flags: list[tuple[Path, str, jax.Array]]) -> None:
+    """Raises ModelError naming the first (file, tensor) whose all-finite flag is false."""
+    values = jax.device_get([flag for _, _, flag in flags])
+    bad = [(fpath, name) for (fpath, name, _), ok in zip(flags, values) if not ok]
+    if bad:
+        fpath, name = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ModelError(f"{fpath}: tensor {name!r} holds NaN or infinite values{more}; the model's weights are "
+                         "degenerate (a diverged or corrupted checkpoint), refusing to load it", path=fpath, field=name)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """How many token ids the tokenizer can produce: one past its largest id, added tokens
+    included (``len(tokenizer)`` counts them too; the larger of the two)."""
+    ids = tokenizer.get_vocab().values()
+    return max(len(tokenizer), max(ids, default=-1) + 1)
+
+
+def check_tokenizer_fits(tokenizer, config: ModelConfig, model_dir: str | os.PathLike) -> None:
+    """Raises ModelError when the tokenizer has token ids past the model's embedding table
+    (``vocab_size`` rows), naming both directories and both sizes. A smaller tokenizer is fine
+    (models often pad their tables)."""
+    size = tokenizer_size(tokenizer)
+    if size > config.vocab_size:
+        raise ModelError(f"tokenizer {tokenizer.name_or_path} has {size} tokens (added tokens included), more than the "
+                         f"{config.vocab_size} rows of the embedding table of the model {model_dir} (config.json "
+                         "vocab_size): its larger token ids have no embedding. Use the model's own tokenizer",
+                         path=model_dir, field="vocab_size")
+
+
+def fit_max_len(max_len: int, config: ModelConfig, option: str = "--max-len") -> tuple[int, str | None]:
+    """(max_len limited to the model's ``max_position_embeddings``, a note saying so or None).
+
+    A longer option is clamped, not refused: it is an upper bound on sequence length, so records
+    the model can take are kept and longer ones are refused (or skipped) at the model's limit.
+    """
+    limit = config.max_position_embeddings
+    if max_len <= limit:
+        return max_len, None
+    return limit, (f"note: {option} {max_len} is more than the model's max_position_embeddings ({limit}); "
+                   f"sequences are limited to {limit} tokens")
+
+
+def check_model_inputs(model_dir: str | os.PathLike, tokenizer, max_len: int, option: str = "--max-len",
+                       echo=None) -> int:
+    """Where a tokenizer and a model directory meet: `check_tokenizer_fits` and `fit_max_len` on
+    its config.json. Returns the usable max_len; ``echo`` (if given) receives the clamp note."""
+    config = read_config(model_dir)
+    check_tokenizer_fits(tokenizer, config, model_dir)
+    usable, note = fit_max_len(max_len, config, option)
+    if note and echo is not None:
+        echo(note)
+    return usable
+
+
 def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, remat: bool = False,
                **config_overrides) -> tuple[CausalLM, ModelConfig]:
     """Loads a local HF model directory (config.json + safetensors, single or sharded).
@@ -103,7 +176,8 @@ def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, remat: b
     `dtype` ("float32" / "bfloat16", or `jnp.float32` / `jnp.bfloat16` / the np dtypes) sets both
     parameter and compute dtype; default: float32. An unsupported dtype is a ValueError.
     With an active `jraise.parallel` mesh every weight is read straight into its sharding.
-    Returns (model, config). Errors name the file and the tensor or field at fault.
+    Returns (model, config). Errors name the file and the tensor or field at fault; weights
+    holding NaN or infinities are a ModelError.
     """
     from safetensors import safe_open
 
@@ -115,11 +189,12 @@ def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, remat: b
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
     config = read_config(model_dir, dtype=dtype, param_dtype=dtype, remat=remat, **config_overrides)
-    files = _checkpoint_files(model_dir)
+    files = checkpoint_files(model_dir)
 
     model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     wanted = model_variables(model)
     loaded: set[str] = set()
+    finite_flags: list[tuple[Path, str, jax.Array]] = []
     target = dtype_of(config.param_dtype)
     for fname in sorted(files):
         fpath = model_dir / fname
@@ -146,12 +221,14 @@ def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, remat: b
                     var.value = jnp.asarray(tensor.T if kernel else tensor, dtype=target)
                 else:
                     var.value = _read_sharded(stored, tuple(var.shape), kernel, target, mesh)
+                finite_flags.append((fpath, name, _all_finite(var[...])))
                 loaded.add(name)
     missing = sorted(set(wanted) - loaded)
     if missing:
         where = ", ".join(sorted(files))
         raise ValueError(f"{model_dir}: missing tensor {missing[0]!r} (not found in {where})"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    _check_finite(finite_flags)
     return model, config
 
 
