@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,6 +35,87 @@ def devices(
     ctx.with_resource(parallel.use_mesh(active))
 
 
+# ----------------------------------------------------------------------------------------------
+# Outputs never overwrite inputs
+
+
+def output_overlap(output: Path, output_is_dir: bool, source: Path) -> str | None:
+    """How writing ``output`` would touch the existing input ``source``, or None when it would not:
+    'is' (the same file or directory, after resolving symlinks and relative parts), 'inside'
+    (``output`` lies inside the input directory) or 'contains' (an output directory holding the
+    input)."""
+    out, src = output.resolve(), source.resolve()
+    if out == src or (output.exists() and os.path.samefile(output, source)):
+        return "is"
+    if src.is_dir() and out.is_relative_to(src):
+        return "inside"
+    if output_is_dir and src.is_relative_to(out):
+        return "contains"
+    return None
+
+
+def refuse_overlapping_outputs(outputs: list[tuple[str, Optional[Path], bool]],
+                               inputs: list[tuple[str, Optional[Path]]]) -> None:
+    """Every command calls this before it writes anything: an output that is an input, lies
+    inside an input directory, or (an output directory) holds an input is an error naming both.
+    ``outputs``: (option, path, is a directory); ``inputs``: (option, path); None entries and
+    inputs that do not exist (their own error comes later) are skipped."""
+    from jraise.errors import JraiseError
+
+    for out_name, out, is_dir in outputs:
+        if out is None:
+            continue
+        for in_name, src in inputs:
+            if src is None or not src.exists():
+                continue
+            how = output_overlap(out, is_dir, src)
+            if how is None:
+                continue
+            what = "directory" if src.is_dir() else "file"
+            text = {"is": f"{out_name} {out} is the {in_name} {what} {src} (both are {src.resolve()})",
+                    "inside": f"{out_name} {out} lies inside the {in_name} directory {src}",
+                    "contains": f"the {in_name} {what} {src} lies inside the {out_name} directory {out}"}[how]
+            raise JraiseError(f"{text}; writing there would overwrite or mix with an input. Write the output "
+                              "elsewhere.", path=out, field=out_name)
+
+
+def lock_for_command(ctx: typer.Context, directory: Path) -> None:
+    """Holds ``directory``'s lock (`jraise.lock`) until the command ends, so a second process on
+    the same run or work directory stops at once, before loading anything, naming the holder.
+    The library takes the same lock again (re-entrant); in a multi-process run only the writer
+    process locks."""
+    from jraise import parallel
+    from jraise.lock import directory_lock
+
+    if parallel.is_writer():
+        ctx.with_resource(directory_lock(directory))
+
+
+def refuse_another_kind_of_run(out: Path, selector: Optional[str]) -> None:
+    """A run directory holds one kind of run: checkpointed training (train_config.json,
+    checkpoints/) or a policy-driven one (--selector raise: selections.json); writing the other
+    kind into it would leave a final/ model that its other files do not describe."""
+    from jraise.errors import JraiseError
+    from jraise.train.checkpoint import CHECKPOINT_DIR
+    from jraise.train.loop import CONFIG_FILE
+
+    if selector is not None:
+        found = [name for name in (CONFIG_FILE, CHECKPOINT_DIR) if (out / name).exists()]
+        kind = "a checkpointed training run"
+    else:
+        found = [name for name in ("selections.json",) if (out / name).exists()]
+        kind = "a --selector raise run"
+    if found:
+        raise JraiseError(f"--out {out} holds {kind} ({', '.join(found)}); use another --out", path=out,
+                          field="--out")
+
+
+def _beside(out: Path, *suffixes: str) -> list[tuple[str, Path, bool]]:
+    """An output file and the files written beside it (OUT.meta.json, ...)."""
+    return [("--out", out, False)] + [(f"--out's {suffix}", out.with_name(out.name + suffix), False)
+                                      for suffix in suffixes]
+
+
 @app.command("init-model")
 def init_model_cmd(
     out_dir: Path = typer.Argument(..., help="Directory to write the HF-format model into."),
@@ -46,6 +128,7 @@ def init_model_cmd(
     """Write a randomly initialised model directory: config.json, safetensors and tokenizer files."""
     from jraise.model import init_model, load_tokenizer, preset_config, save_model
 
+    refuse_overlapping_outputs([("OUT_DIR", out_dir, True)], [("--tokenizer", tokenizer)])
     tok = load_tokenizer(tokenizer)
     config = preset_config(preset, vocab_size=len(tok), model_type=model_type,
                            tie_word_embeddings=tie_embeddings, attention_bias=model_type == "qwen2",
@@ -81,7 +164,32 @@ def convert_gguf_cmd(
     """Convert a GGUF (llama.cpp) model into an HF directory: dequantised safetensors, config, tokenizer."""
     from jraise.model.gguf import convert_gguf
 
+    refuse_overlapping_outputs([("OUT_DIR", out_dir, True)], [("SRC", src)])
     typer.echo(str(convert_gguf(src, out_dir, dtype=dtype, overwrite=overwrite)))
+
+
+@app.command("real-pool")
+def real_pool_cmd(
+    out_dir: Path = typer.Argument(..., help="Directory for pool, val, val_pref, test, noise (JSONL) and real_pool.json."),
+    seed: int = typer.Option(0, help="Seed of every random choice; the same seed writes identical files."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated target categories (default: asdiv,boolq,piqa)."),
+    noise: float = typer.Option(0.2, help="Share of pool records given a wrong answer (truth in noise.jsonl)."),
+    n_val: int = typer.Option(8, help="Few-shot validation records (and preference pairs) per target."),
+    n_test: int = typer.Option(300, help="Test records per target."),
+    per_category: int = typer.Option(300, help="Most pool records per category (0: no cap)."),
+    max_tokens: int = typer.Option(384, help="Longest instruction + output kept, in SmolLM2 tokens."),
+    cache: Optional[Path] = typer.Option(None, help="Cache directory (default: $JRAISE_CACHE, else ~/.cache/jraise)."),
+):
+    """Write a real instruction pool with planted noise, from the evaluation sets in the cache."""
+    from jraise.fetch import fetch_eval_data, fetch_smollm2
+    from jraise.model import load_tokenizer
+    from jraise.real_pool import DEFAULT_TARGETS, write_real_pool
+
+    names = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else DEFAULT_TARGETS
+    paths = write_real_pool(out_dir, eval_data_dir=fetch_eval_data(cache), targets=names, noise=noise, seed=seed,
+                            n_val=n_val, n_test=n_test, per_category=per_category or None, max_tokens=max_tokens,
+                            tokenizer=load_tokenizer(fetch_smollm2(cache)))
+    typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 @app.command("testbed")
@@ -105,29 +213,9 @@ def testbed_cmd(
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
-def _read_order(path: Path, ids: tuple[str, ...]):
-    """An explicit data order: a JSON list, or one entry per line; entries are pool indices or ids."""
-    import numpy as np
-
-    text = path.read_text()
-    try:
-        entries = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
-    except json.JSONDecodeError as err:
-        raise typer.BadParameter(f"{path}: not a JSON list ({err})") from err
-    position = {pid: i for i, pid in enumerate(ids)}
-    order = []
-    for line, entry in enumerate(entries, 1):
-        key = str(entry)
-        if key in position:
-            order.append(position[key])
-        elif key.lstrip("-").isdigit() and 0 <= int(key) < len(ids):
-            order.append(int(key))
-        else:
-            raise typer.BadParameter(f"{path}: entry {line} ({key!r}) is neither a pool id nor an index < {len(ids)}")
-    return np.asarray(order, np.int64)
-
-
 SKIP_BAD_HELP = "Skip bad records of the input files (counted and reported) instead of stopping."
+DEDUPE_HELP = ("Keep only the first of exact copies of a record (same content and category); by default copies "
+               "are distinct examples with ids <id>~2, <id>~3, ...")
 RECORD_FORMAT_HELP = ("How records become tokens and loss masks: chat (the tokenizer's chat template) or less-tulu "
                       "(LESS's own tulu rendering: training records with LESS's train-side rules, validation "
                       "records with its validation-side rules; see jraise.data.less_tulu).")
@@ -149,6 +237,7 @@ def _tokenizer_dir(model_dir: Path, tokenizer: Optional[Path]) -> Path:
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     model: Path = typer.Option(..., help="HF model directory to start from."),
     data: Path = typer.Option(..., help="Training data (JSONL, JSON, parquet, CSV or a saved dataset dir)."),
     out: Path = typer.Option(..., help="Run directory: checkpoints, metrics.jsonl, final/ model."),
@@ -166,9 +255,11 @@ def train_cmd(
     max_len: int = typer.Option(512, help="Longest sequence in tokens; longer records are errors unless --skip-bad."),
     max_steps: Optional[int] = typer.Option(None), seed: int = typer.Option(0),
     eval_every: int = typer.Option(0), save_every: int = typer.Option(0),
-    order: Optional[Path] = typer.Option(None, help="Train on these pool indices/ids exactly in order."),
+    order: Optional[Path] = typer.Option(None, help="Train on the pool examples of this order file exactly in order "
+                                          "(`jraise curriculum` writes one; checked against the pool)."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     skip_bad: bool = typer.Option(False, help="Skip bad records (reported) instead of stopping."),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
     record_format: RecordFormat = typer.Option("chat", help=RECORD_FORMAT_HELP + " --eval-data is read like --data."),
     resume: bool = typer.Option(True, help="Continue from the run directory's latest checkpoint."),
     selector: Optional[str] = typer.Option(None, help="'raise': each step's batch chosen by a trained policy."),
@@ -176,7 +267,14 @@ def train_cmd(
     sample_policy: bool = typer.Option(False, help="With --selector raise: draw each batch from the policy (as in "
                                        "training, key --seed) instead of its deterministic top-b."),
 ):
-    """Fine-tune a model (full or LoRA); checkpoints hold weights, Adam moments and the lr history."""
+    """Fine-tune a model (full or LoRA); checkpoints hold weights, Adam moments and the lr history.
+    Re-running it continues the run in --out, which must be the same run (same model, data and
+    options); one process at a time per run directory."""
+    refuse_overlapping_outputs([("--out", out, True)], [
+        ("--model", model), ("--data", data), ("--tokenizer", tokenizer), ("--eval-data", eval_data),
+        ("--adapter", adapter), ("--order", order), ("--policy", policy)])
+    lock_for_command(ctx, out)
+    refuse_another_kind_of_run(out, selector)
     if selector is not None:
         if selector != "raise" or policy is None or eval_data is None or max_steps is None:
             raise typer.BadParameter("--selector raise needs --policy DIR, --eval-data (the target validation "
@@ -190,9 +288,11 @@ def train_cmd(
                                      skip_bad=skip_bad, echo=_echo_err)
         typer.echo(json.dumps({"run_dir": str(out), "steps": max_steps, "final_model": str(final)}, indent=2))
         return
+    from jraise.data.order import read_order
     from jraise.data.pool import load_pool
     from jraise.model import load_model, load_tokenizer
     from jraise.model.lora import LoRAConfig, add_lora
+    from jraise.model.hf import check_model_inputs
     from jraise.model.peft import load_peft_adapter
     from jraise.train import TrainConfig, train
 
@@ -200,11 +300,17 @@ def train_cmd(
         raise typer.BadParameter("--adapter and --lora-rank exclude each other: the adapter fixes rank and alpha")
     tok_dir = _tokenizer_dir(model, tokenizer)
     tok = load_tokenizer(tok_dir)
-    pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
+    max_len = check_model_inputs(model, tok, max_len, echo=_echo_err)
+    pool = load_pool(data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format, dedupe=dedupe)
     if pool.report.n_skipped:
         typer.echo(pool.report.summary(), err=True)
-    eval_pool = (load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
-                 if eval_data else None)
+    eval_pool = (load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format,
+                           dedupe=dedupe) if eval_data else None)
+    for loaded in (pool, eval_pool):
+        line = loaded.report.duplicates_line() if loaded is not None else None
+        if line:
+            typer.echo(line, err=True)
+    train_order = read_order(order, pool) if order else None
     net, _ = load_model(model, dtype=dtype)
     if adapter is not None:
         load_peft_adapter(net, adapter, seed=seed)
@@ -214,7 +320,7 @@ def train_cmd(
                          epochs=epochs, batch_size=batch_size, accum=accum, seed=seed, eval_every=eval_every,
                          save_every=save_every, max_steps=max_steps)
     result = train(net, pool, config, out, eval_pool=eval_pool,
-                   order=_read_order(order, pool.ids) if order else None, resume=resume, tokenizer_dir=tok_dir,
+                   order=train_order, resume=resume, tokenizer_dir=tok_dir,
                    base_model=model)
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
                            "final_model": str(result.final_dir) if result.final_dir else None,
@@ -258,16 +364,33 @@ def eval_cmd(
     base: Optional[Path] = typer.Option(None, help="The base model directory of the run (with --step)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
     adapter: Optional[Path] = typer.Option(None, help="A PEFT LoRA adapter directory to apply to --model."),
+    max_len: Optional[int] = typer.Option(
+        None, help="Longest sequence in tokens: a loss record, or an exact-match prompt plus --max-new-tokens "
+                   "(default: 2048, or the model's max_position_embeddings when smaller). Longer records are "
+                   "errors unless --skip-bad."),
+    skip_bad: bool = typer.Option(False, help="Leave bad or over-long records out (reported) instead of stopping."),
 ):
     """Response loss, exact match and/or multiple-choice accuracy, overall and per category."""
     from jraise.eval import evaluate
+    from jraise.model.hf import check_tokenizer_fits
+    from jraise.eval.report import default_max_len
     from jraise.model import load_tokenizer
 
+    refuse_overlapping_outputs([("--out", out, False)], [
+        ("--model", model), ("--data", data), ("--base", base), ("--tokenizer", tokenizer), ("--adapter", adapter)])
     net, model_dir = _model_for_eval(model, step, base, adapter)
     tok = load_tokenizer(_tokenizer_dir(model_dir, tokenizer))
+    check_tokenizer_fits(tok, net.config, model_dir)
     report = evaluate(net, tok, data, kinds=[k.strip() for k in kinds.split(",") if k.strip()],
                       max_new_tokens=max_new_tokens, batch_size=batch_size, out_path=out, normaliser=normaliser,
-                      length_normalise=length_normalise)
+                      length_normalise=length_normalise, skip_bad=skip_bad,
+                      max_len=default_max_len(net) if max_len is None else max_len)
+    for kind in report["kinds"]:
+        skipped = report[kind].get("skipped")
+        if skipped:
+            count = skipped["count"] if "count" in skipped else sum(len(v) for v in skipped.values())
+            _echo_err(f"{kind}: skipped {count} record{'s' if count != 1 else ''} of {data} (--skip-bad; "
+                      f"listed under {kind}.skipped{' in ' + str(out) if out else ''})")
     summary = {k: report[k]["overall"] for k in report["kinds"]}
     typer.echo(json.dumps(summary, indent=2))
 
@@ -279,6 +402,7 @@ app.add_typer(select_app, name="select")
 
 def _influence_command(method: str):
     def command(
+        ctx: typer.Context,
         model: Path = typer.Option(..., help="Base HF model directory (with its tokenizer files)."),
         pool: Path = typer.Option(..., help="Instruction pool to select from (JSONL, parquet, ...)."),
         val: Path = typer.Option(..., help=("Few-shot validation set: preference pairs (prompt/chosen/rejected)"
@@ -308,6 +432,12 @@ def _influence_command(method: str):
     ):
         from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
 
+        work = work_dir if work_dir is not None else out.with_name(out.name + ".work")
+        # The work directory is not checked for holding inputs: it may hold the --warmup-run it reads.
+        refuse_overlapping_outputs(_beside(out, ".scores.npy", ".meta.json") + [("--work-dir", work, False)],
+                                   [("--model", model), ("--pool", pool), ("--val", val),
+                                    ("--warmup-run", warmup_run)])
+        lock_for_command(ctx, work)
         config = InfluenceRunConfig(method=method, fraction=fraction, val_loss=val_loss,
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -337,19 +467,30 @@ def pairs_cmd(
     max_new_tokens: int = typer.Option(32), batch_size: int = typer.Option(16),
     normaliser: str = typer.Option("testbed", help="What counts as a right answer (skipped): testbed, gsm8k, exact."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
+    max_len: Optional[int] = typer.Option(
+        None, help="Longest prompt plus --max-new-tokens, in tokens (default: 2048, or the model's "
+                   "max_position_embeddings when smaller); a longer prompt is an error unless --skip-bad."),
+    skip_bad: bool = typer.Option(False, help="Skip records whose prompt is too long (reported) instead of stopping."),
 ):
     """ROSE validation pairs from SFT records: chosen = the reference answer, rejected = the model's own
     greedy answer; records the model already answers right are skipped."""
     from jraise.select.preference_pairs import write_model_answer_pairs
 
-    try:
-        report = write_model_answer_pairs(model, val, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                          normaliser=normaliser, tokenizer_dir=tokenizer)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+    refuse_overlapping_outputs(_beside(out, ".meta.json"),
+                               [("--model", model), ("--val", val), ("--tokenizer", tokenizer)])
+    report = write_model_answer_pairs(model, val, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      normaliser=normaliser, tokenizer_dir=tokenizer, max_len=max_len,
+                                      skip_bad=skip_bad)
+    over_long = report["skipped"]["over-long"]
     typer.echo(f"wrote {report['n_pairs']} pairs from {report['n_records']} records to {out} "
                f"(skipped: {len(report['skipped']['correct'])} answered right, "
-               f"{len(report['skipped']['empty'])} answered with nothing)")
+               f"{len(report['skipped']['empty'])} answered with nothing"
+               + (f", {len(over_long)} with a prompt past {report['max_prompt_tokens']} tokens" if over_long else "")
+               + ")")
+    if over_long:
+        _echo_err(f"skipped {len(over_long)} record{'s' if len(over_long) != 1 else ''} of {val} whose prompt is "
+                  f"too long (record index {', '.join(map(str, over_long[:5]))}{', ...' if len(over_long) > 5 else ''}"
+                  f"; see {out}.meta.json)")
     for category, counts in report["per_category"].items():
         if counts["pairs"] == 0:
             typer.echo(f"warning: category {category!r} has no pair ({counts['records']} records, "
@@ -358,6 +499,7 @@ def pairs_cmd(
 
 @select_app.command("raise")
 def raise_cmd(
+    ctx: typer.Context,
     model: Path = typer.Option(..., help="Base HF model directory (with its tokenizer files): M_0 and the auxiliary model."),
     pool: Path = typer.Option(..., help="Instruction pool to select from."),
     val: Path = typer.Option(..., help="Target validation records (SFT): the reward is the drop of their loss."),
@@ -374,6 +516,8 @@ def raise_cmd(
     from jraise.select.rl.run import train_raise_policy
     from jraise.select.rl.trainer import RaiseConfig
 
+    refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool), ("--val", val)])
+    lock_for_command(ctx, out)
     config = RaiseConfig(episodes=episodes, steps=steps, llm_lr=lr, policy_lr=policy_lr, seed=seed)
     train_raise_policy(model, pool, val, out, config, clusters=clusters, batch_size=batch_size, lora_rank=lora_rank,
                        max_len=max_len, echo=typer.echo, skip_bad=skip_bad)
@@ -392,13 +536,16 @@ def mixture_cmd(
     categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
     max_change: Optional[int] = typer.Option(
         None, help="Cap on any one category's change |n_k - n0_k| (default: none)"),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """EE-CPO: re-mix the categories by linear programming over Gamma (budget exact, no duplicates)."""
     from jraise.select.beyond_iid import mixture_job
 
+    refuse_overlapping_outputs(_beside(out, ".meta.json"), [
+        ("--pool", pool), ("--gamma", gamma), ("--candidates", candidates), ("--categories", categories)])
     meta = mixture_job(pool, gamma, out, budget=budget, edit_fraction=edit, candidates_file=candidates,
                        min_per_category=min_per_category, quality_field=quality_field, seed=seed,
-                       categories_file=categories, max_change=max_change)
+                       categories_file=categories, max_change=max_change, dedupe=dedupe)
     typer.echo(json.dumps({k: meta[k] for k in ("counts_before", "counts_after", "edits", "objective_before",
                                                  "objective_after")}, indent=2))
 
@@ -429,10 +576,13 @@ def _baseline_command(method: str):
         keep_above_one: bool = typer.Option(False, "--keep-above-one", help="ifd: rank IFD >= 1 by value instead of last."),
         max_len: int = typer.Option(2048), batch_size: int = typer.Option(32, help="Rows per model batch."),
         skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+        dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
         record_format: RecordFormat = typer.Option("chat", help=RECORD_FORMAT_HELP),
     ):
         from jraise.select.baselines import NEEDS_MODEL, run_baseline
 
+        refuse_overlapping_outputs(_beside(out, ".scores.npy", ".meta.json"), [
+            ("--pool", pool), ("--model", model), ("--val", val), ("--tokenizer", tokenizer)])
         if method in NEEDS_MODEL and model is None:
             raise typer.BadParameter(f"{method} needs --model DIR (the auxiliary model that scores the pool)")
         if method == "rds" and val is None:
@@ -443,7 +593,7 @@ def _baseline_command(method: str):
                                  tokenizer_dir=_tokenizer_dir(model, tokenizer) if model else tokenizer,
                                  fraction=fraction, seed=seed, which=which, max_len=max_len, batch_size=batch_size,
                                  drop_above_one=not keep_above_one, skip_bad=skip_bad, echo=_echo_err,
-                                 record_format=record_format)
+                                 record_format=record_format, dedupe=dedupe)
         typer.echo(json.dumps({"method": selection.method, "selected": len(selection.indices), "out": str(out),
                                "config": selection.config}, indent=2, default=str))
 
@@ -472,6 +622,8 @@ def sspl_cmd(
     """Self-paced learning (SSPL): fine-tune on easy-to-hard buckets of the current loss."""
     from jraise.select.self_paced import run_self_paced
 
+    refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool),
+                                                        ("--tokenizer", tokenizer)])
     final = run_self_paced(model, pool, out, steps=steps, batch_size=batch_size, lr=lr, refresh_every=refresh_every,
                            n_buckets=buckets, seed=seed, max_len=max_len,
                            tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo, skip_bad=skip_bad)
@@ -498,15 +650,19 @@ def interactions_cmd(
                    "nearly learned categories)"),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """Beyond IID: N+1 fine-tunes (baseline + one per category changed by Delta) -> Gamma[target, source]."""
     from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_model_inputs
     from jraise.select.intervention import RESULT_FILE, InterventionConfig, measure_interactions
 
+    refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool), ("--eval", eval_data)])
     tok = load_tokenizer(model)
-    train_pool = load_pool(pool, tok, max_len=max_len, skip_bad=skip_bad)
-    eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad)
+    max_len = check_model_inputs(model, tok, max_len, echo=_echo_err)
+    train_pool = load_pool(pool, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
+    eval_pool = load_pool(eval_data, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
     for line in skip_lines(train_pool, eval_pool, where=out / RESULT_FILE):
         _echo_err(line)
     net, _ = load_model(model)
@@ -526,7 +682,8 @@ def interactions_cmd(
 @app.command("curriculum")
 def curriculum_cmd(
     pool: Path = typer.Option(..., help="Instruction set (records with a 'category')."),
-    out: Path = typer.Option(..., help="Training order: one pool id per line (for `jraise train --order`)."),
+    out: Path = typer.Option(..., help="Training order file (JSON lines: pool index and id per entry, under a header "
+                                       "with the pool's fingerprint) for `jraise train --order`."),
     gamma: Optional[list[Path]] = typer.Option(
         None, help="Gamma: tiers derived from its asymmetry. Repeat for replicate Gammas (e.g. one per seed): "
         "edges then need the replicates' agreement (one-sided t-test at --alpha)."),
@@ -536,12 +693,15 @@ def curriculum_cmd(
     seed: int = typer.Option(0),
     categories: Optional[Path] = typer.Option(None, help="JSON {id: category} overriding/adding categories."),
     alpha: float = typer.Option(0.05, help="Test level for edges from replicate Gammas (2+ --gamma)."),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP + " Train with --dedupe too."),
 ):
     """DT-CSFT: a 3-stage order (every example 3 times, base skills early, dependent ones late)."""
     from jraise.select.beyond_iid import curriculum_job
 
+    refuse_overlapping_outputs(_beside(out, ".meta.json"), [
+        ("--pool", pool), *[("--gamma", g) for g in gamma or ()], ("--tiers", tiers), ("--categories", categories)])
     meta = curriculum_job(pool, out, gamma_file=gamma or None, tiers_file=tiers, threshold=threshold, method=method,
-                          seed=seed, categories_file=categories, alpha=alpha)
+                          seed=seed, categories_file=categories, alpha=alpha, dedupe=dedupe)
     typer.echo(json.dumps({k: meta[k] for k in ("tiers", "stage_lengths", "n")}, indent=2))
 
 
@@ -554,15 +714,20 @@ def categories_cmd(
     dims: int = typer.Option(32, help="PCA dimensions before K-means."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """Derive categories for data without a 'category' field: K-means over pooled model embeddings."""
     from collections import Counter
 
     from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_model_inputs
     from jraise.select.embeddings import derive_categories
 
-    data = load_pool(pool, load_tokenizer(model), max_len=max_len, skip_bad=skip_bad)
+    refuse_overlapping_outputs([("--out", out, False)], [("--model", model), ("--pool", pool)])
+    tok = load_tokenizer(model)
+    max_len = check_model_inputs(model, tok, max_len, echo=_echo_err)
+    data = load_pool(pool, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
     for line in skip_lines(data, where=out):
         _echo_err(line)
     net, _ = load_model(model)

@@ -69,7 +69,7 @@ def test_select_mixture_and_curriculum_commands(tmp_path):
     result = runner.invoke(app, ["curriculum", "--pool", str(tmp_path / "mix.jsonl"), "--tiers",
                                  str(tmp_path / "tiers.json"), "--out", str(tmp_path / "order.txt")])
     assert result.exit_code == 0, result.output
-    assert len((tmp_path / "order.txt").read_text().splitlines()) == 180
+    assert len((tmp_path / "order.txt").read_text().splitlines()) == 1 + 180  # header + entries
     # Replicate Gammas: first -> upper agreed by all three (an edge), upper -> reverse_upper only by two
     # of three with a large spread (no edge): tiers first base, upper dependent, reverse_upper middle.
     for k, (a, b) in enumerate(((0.6, 1.2), (0.5, -0.8), (0.7, 1.0))):

@@ -15,6 +15,11 @@ through ``datasets`` (``Dataset.from_parquet``, ``Dataset.from_csv``, ``datasets
 CSV cells are all read as strings with no NA guessing, so an ``id`` of ``007`` stays ``"007"`` and
 an answer ``NA`` stays ``"NA"``; an empty cell is an empty string.
 
+Text files must be UTF-8 (a leading byte-order mark is allowed). Invalid UTF-8 is reported with the
+file and where it is: in a JSON-lines file it makes that line an ``invalid-utf8`` record (skippable
+with ``skip_bad``, like a malformed line); in a JSON array or CSV file, whose records cannot be told
+apart without decoding, it is an error for the whole file naming the line and the byte offset.
+
 Where a problem is reported: ``<file>: line <n>`` (1-based line) for JSON lines and
 ``<file>: record index <i>`` (0-based row) for every other format, then the field, e.g.
 ``train.jsonl: line 7: field 'output': empty-response: ...``.
@@ -28,7 +33,9 @@ The shape is recognised per record from the fields that are present and not null
 * preference: ``prompt`` + ``chosen`` + ``rejected`` (only via ``kind="preference"``). ``prompt``
   is a string (one user turn) or a message list; ``chosen``/``rejected`` are strings (the assistant
   reply) or message lists ending in the assistant reply. A message list that repeats the prompt
-  messages first (the "full conversation" style) has that repetition dropped.
+  messages first (the "full conversation" style) has that repetition dropped. A pair whose two
+  replies are the same after that (a string and a one-message list with the same text count as the
+  same) is an ``identical-pair`` record, named by its ``rejected`` field: it has no preference.
 * Alpaca: ``instruction``, optional ``input``, ``output``. The user turn is the instruction, plus
   ``"\\n\\n" + input`` when the input is not empty (the usual Alpaca convention, where the input is a
   document or an example the instruction talks about).
@@ -40,19 +47,35 @@ counts as absent. Every other field is ignored here and kept untouched in the re
 
 Errors and ``skip_bad``
 -----------------------
-A bad record raises `RecordError` (a ``ValueError``) naming file, record and field, with a reason
-from `REASONS`. With ``skip_bad=True`` bad records are dropped instead and counted in a
-`LoadReport` (counts by reason plus the first few problems with their location). A file that
-cannot be read at all (an unreadable JSON array, a missing file) raises either way.
+A bad record raises `RecordError` (a ``ValueError`` and a `jraise.errors.JraiseError`) naming
+file, record and field, with a reason from `REASONS`. With ``skip_bad=True`` bad records are
+dropped instead and counted in a `LoadReport` (counts by reason plus the first few problems with
+their location). A file that cannot be read at all (an unreadable JSON array, invalid UTF-8 outside
+a JSON-lines file, a missing file) raises either way.
 
 Ids
 ---
-An example's id is its ``id`` field as a string when present, otherwise the first 16 hex digits of
-the sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of its content fields only:
+A record's base id is its ``id`` field as a string when present, otherwise the first 16 hex digits
+of the sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of its content fields only:
 ``{instruction, input ("" when absent), output}``, ``{prompt, response}``, ``{messages: [{role,
 content}]}`` or ``{prompt, chosen, rejected}``. So the hash does not depend on the file format,
-field order or passthrough fields. Two records with the same id are an error naming both (with
-``skip_bad`` the later one is dropped as ``duplicate-id``).
+field order or passthrough fields.
+
+Duplicates are data: real pools hold exact copies of records. A record is a *copy* of an earlier
+one when both have the same base id, the same content fields and the same category (passthrough
+fields are not compared). Every record keeps its base id the first time that id occurs; a later
+record with an id already used gets ``<base id>~<k>``, k = 2, 3, ... in file order (the next
+number that is no other record's id), so ids stay unique and stable, and the ids of records without
+copies are exactly their base ids. Copies are loaded as distinct examples by default and counted
+(`LoadReport.n_copies`, one line from `LoadReport.duplicates_line`); with ``dedupe=True`` only the
+first of each set of copies is loaded (`LoadReport.n_deduped` counts the rest). Records that share
+a base id without being copies are:
+
+* without ``id`` fields (same content, different category): distinct examples, numbered as above;
+* otherwise (an explicit ``id`` given to records of different content or category): an error
+  naming both records (reason ``duplicate-id``; with ``skip_bad`` the later one is dropped).
+
+An explicit ``id`` repeated on identical records is therefore a copy, like any other.
 
 Tokenisation and the loss mask
 ------------------------------
@@ -106,11 +129,13 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+
+from jraise.errors import JraiseError
 
 REASONS = (
     "malformed-json",  # a JSON line that does not parse
@@ -123,7 +148,9 @@ REASONS = (
     "wrong-shape",  # e.g. a preference pair given to the instruction loader
     "template-error",  # the chat template failed or rewrote earlier turns
     "over-long",  # longer than max_len tokens (after any allowed truncation)
-    "duplicate-id",  # a second record with an id already seen
+    "duplicate-id",  # an explicit id already used by a record of other content or category
+    "invalid-utf8",  # a JSON line that is not valid UTF-8
+    "identical-pair",  # a preference pair whose chosen and rejected replies are the same
 )
 TRUNCATION_MODES = ("error", "left_prompt")
 KINDS = ("instruction", "preference")
@@ -131,6 +158,8 @@ KINDS = ("instruction", "preference")
 RECORD_FORMATS = ("chat", "less-tulu")
 SIDES = ("train", "validation")  # which rule set of a format that has two (less-tulu)
 MAX_REPORTED_PROBLEMS = 5  # how many problems a LoadReport keeps verbatim
+COPY_MARK = "~"  # a copy's id is <base id>~<k>, k >= 2 (see "Ids" above)
+_UTF8_CHUNK = 1 << 20  # bytes per read when checking a CSV file's encoding
 PROGRESS_THRESHOLD = 2000  # show a progress bar when tokenising more records than this
 _TOKENISE_CHUNK = 512  # records tokenised per batched tokenizer call
 # Stands in for a message's content to locate where the template puts the content.
@@ -155,14 +184,15 @@ class Location:
         return f"{self.file}: record index {self.index}"
 
 
-class RecordError(ValueError):
+class RecordError(JraiseError, ValueError):
     """A record that cannot be used; the message names file, record, field and reason."""
 
     def __init__(self, location: Location, field: str | None, reason: str, detail: str):
         assert reason in REASONS, reason
-        self.location, self.field, self.reason, self.detail = location, field, reason, detail
         where = f"{location}: field {field!r}" if field else str(location)
-        super().__init__(f"{where}: {reason}: {detail}")
+        record = location.line if location.line is not None else location.index
+        super().__init__(f"{where}: {reason}: {detail}", path=location.file, record=record, field=field)
+        self.location, self.reason, self.detail = location, reason, detail
 
 
 @dataclass(frozen=True)
@@ -184,7 +214,10 @@ class Problem:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What loading did: records read and kept, examples truncated, skipped records by reason."""
+    """What loading did: records read and kept, examples truncated, skipped records by reason,
+    exact copies loaded as distinct examples (``n_copies``) or dropped by ``dedupe`` (``n_deduped``).
+
+    ``first_copy`` names the first copy and its original (``"line 7 copies line 2"``), or None."""
 
     source: str
     n_read: int
@@ -192,6 +225,9 @@ class LoadReport:
     n_truncated: int
     skipped: Mapping[str, int]  # reason -> count (read-only)
     problems: tuple[Problem, ...]  # the first MAX_REPORTED_PROBLEMS skipped records
+    n_copies: int = 0
+    n_deduped: int = 0
+    first_copy: str | None = None
 
     @property
     def n_skipped(self) -> int:
@@ -203,7 +239,25 @@ class LoadReport:
             text += f", {self.n_truncated} truncated"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
+        if self.n_copies:
+            text += f"; {_copies(self.n_copies)} kept as distinct examples"
+        if self.n_deduped:
+            text += f"; {_copies(self.n_deduped)} dropped (dedupe)"
         return text
+
+    def duplicates_line(self) -> str | None:
+        """One line saying how many exact copies were loaded or dropped, or None when there were none."""
+        if self.n_copies:
+            return (f"{self.source}: {_copies(self.n_copies)} of earlier records ({self.first_copy}) loaded as "
+                    f"distinct examples with ids <id>{COPY_MARK}2, {COPY_MARK}3, ...; --dedupe keeps the first "
+                    "copy only")
+        if self.n_deduped:
+            return f"{self.source}: dropped {_copies(self.n_deduped)} of earlier records ({self.first_copy}; --dedupe)"
+        return None
+
+
+def _copies(n: int) -> str:
+    return f"{n} exact {'copy' if n == 1 else 'copies'}"
 
 
 class _ProblemLog:
@@ -221,9 +275,13 @@ class _ProblemLog:
         if len(self.problems) < MAX_REPORTED_PROBLEMS:
             self.problems.append(Problem.from_error(err))
 
-    def report(self, source: str, n_read: int, n_kept: int, n_truncated: int) -> LoadReport:
+    def report(self, source: str, n_read: int, n_kept: int, n_truncated: int,
+               copies: Duplicates | None = None) -> LoadReport:
         skipped = MappingProxyType(dict(sorted(self.counts.items())))
-        return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems))
+        if copies is None:
+            return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems))
+        return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems),
+                          copies.n_copies, copies.n_dropped, copies.first_copy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,9 +304,9 @@ def file_format(path: Path) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
-        with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
-            head = fh.read(4096).lstrip()
-        return "json" if head.startswith("[") else "jsonl"
+        with open(path, "rb") as fh:  # bytes: invalid UTF-8 is reported by the reader, with its line
+            head = fh.read(4096).removeprefix(_BOM).lstrip()
+        return "json" if head.startswith(b"[") else "jsonl"
     if suffix in (".parquet", ".csv"):
         return suffix[1:]
     raise ValueError(
@@ -268,6 +326,8 @@ def read_records(path: str | os.PathLike, problems: _ProblemLog) -> tuple[list[S
     if fmt == "json":
         rows = _read_json_array(path)
     else:
+        if fmt == "csv":
+            _require_utf8(path)
         rows = _read_with_datasets(path, fmt)
     records = []
     for index, row in enumerate(rows):
@@ -279,11 +339,70 @@ def read_records(path: str | os.PathLike, problems: _ProblemLog) -> tuple[list[S
     return records, len(rows)
 
 
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark, tolerated at the start of a file
+
+
+def _utf8_detail(data: bytes, err: UnicodeDecodeError) -> str:
+    """What is wrong, e.g. ``byte 0xff (invalid start byte)``."""
+    bad = data[err.start : err.end]
+    what = "byte" if len(bad) == 1 else "bytes"
+    return f"{what} {' '.join(f'0x{b:02x}' for b in bad)} ({err.reason})"
+
+
+def _invalid_utf8(path: Path, data: bytes, err: UnicodeDecodeError, offset: int = 0, lines_before: int = 0
+                  ) -> ValueError:
+    """A whole-file error naming the line and byte offset of invalid UTF-8 in ``data``, which
+    starts at byte ``offset`` of the file, after ``lines_before`` line breaks."""
+    line = lines_before + data.count(b"\n", 0, err.start) + 1
+    return ValueError(
+        f"{path}: line {line}: invalid UTF-8 at byte offset {offset + err.start}: {_utf8_detail(data, err)}; "
+        "the file must be UTF-8 text"
+    )
+
+
+def _require_utf8(path: Path) -> None:
+    """Raises a `ValueError` naming the line and byte offset of the first invalid UTF-8 in the file.
+
+    Read in chunks, so a large file is never held whole; a character cut by a chunk boundary is
+    carried over to the next chunk."""
+    offset, lines, carry = 0, 0, b""
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_UTF8_CHUNK)
+            data, final = carry + chunk, not chunk
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as err:
+                if final or err.reason != "unexpected end of data":
+                    raise _invalid_utf8(path, data, err, offset, lines) from err
+                good = err.start
+            lines += data.count(b"\n", 0, good)
+            offset += good
+            carry = data[good:]
+            if final:
+                return
+
+
 def _read_jsonl(path: Path, problems: _ProblemLog) -> tuple[list[SourceRecord], int]:
-    """One record per non-blank line; a malformed line is reported with its 1-based number."""
-    records, n_read = [], 0
-    with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
-        for line_no, line in enumerate(fh, start=1):
+    """One record per non-blank line; a malformed line (bad JSON, invalid UTF-8) is reported with its
+    1-based number. Lines end at ``\\n`` bytes."""
+    records, n_read, offset = [], 0, 0
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            start, offset = offset, offset + len(raw)
+            if line_no == 1 and raw.startswith(_BOM):
+                raw, start = raw[len(_BOM) :], start + len(_BOM)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                location = Location(str(path), n_read, line_no)
+                n_read += 1
+                problems.reject(RecordError(
+                    location, None, "invalid-utf8",
+                    f"{_utf8_detail(raw, err)} at byte {err.start + 1} of the line (byte offset {start + err.start} "
+                    "of the file); the file must be UTF-8 text"))
+                continue
             if not line.strip():
                 continue
             location = Location(str(path), n_read, line_no)
@@ -303,9 +422,13 @@ def _read_jsonl(path: Path, problems: _ProblemLog) -> tuple[list[SourceRecord], 
 
 
 def _read_json_array(path: Path) -> list:
-    """A JSON array; a syntax error anywhere makes the whole file unreadable."""
-    with open(path, encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
-        text = fh.read()
+    """A JSON array; a syntax error or invalid UTF-8 anywhere makes the whole file unreadable."""
+    data = path.read_bytes()
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _invalid_utf8(path, data[start:], err, offset=start) from err
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
@@ -318,28 +441,41 @@ def _read_json_array(path: Path) -> list:
 
 
 def _read_with_datasets(path: Path, fmt: str) -> list[dict]:
-    """Rows of a parquet file, CSV file or saved dataset directory, read through ``datasets``."""
+    """Rows of a parquet file, CSV file or saved dataset directory, read through ``datasets``.
+
+    Parquet and CSV are converted in a fresh temporary ``datasets`` cache and held in memory, so
+    every call reads the file as it is now: the shared cache keys a file by its path and
+    modification time, and served the old rows after an edit that kept the mtime.
+    """
+    import tempfile
+
     import datasets
 
-    if fmt == "parquet":
-        table = datasets.Dataset.from_parquet(str(path))
-    elif fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), None)
-        if not header:
-            return []
-        # Every column a string column, no NA guessing: what the cell says is what we get.
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        table = datasets.Dataset.from_csv(str(path), features=features, keep_default_na=False)
-    else:
-        table = datasets.load_from_disk(str(path))
-        if isinstance(table, datasets.DatasetDict):
-            if len(table) != 1:
-                raise ValueError(
-                    f"{path}: a DatasetDict with splits {sorted(table)}; pass one split's directory"
-                )
-            table = next(iter(table.values()))
+    if fmt in ("parquet", "csv"):
+        with tempfile.TemporaryDirectory(prefix="jraise-datasets-") as cache_dir:
+            return _read_file_uncached(datasets, path, fmt, cache_dir)
+    table = datasets.load_from_disk(str(path))  # a saved dataset is read where it is: no cache
+    if isinstance(table, datasets.DatasetDict):
+        if len(table) != 1:
+            raise ValueError(
+                f"{path}: a DatasetDict with splits {sorted(table)}; pass one split's directory"
+            )
+        table = next(iter(table.values()))
     return table.to_list()
+
+
+def _read_file_uncached(datasets, path: Path, fmt: str, cache_dir: str) -> list[dict]:
+    """Rows of a parquet or CSV file, converted by ``datasets`` in ``cache_dir`` and kept in memory."""
+    if fmt == "parquet":
+        return datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, keep_in_memory=True).to_list()
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        return []
+    # Every column a string column, no NA guessing: what the cell says is what we get.
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.Dataset.from_csv(str(path), features=features, keep_default_na=False, cache_dir=cache_dir,
+                                     keep_in_memory=True).to_list()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,13 +500,22 @@ class Conversation:
 
 @dataclass(frozen=True)
 class ParsedRecord:
-    """A validated record: its id, category, shape and conversations (one, or chosen+rejected)."""
+    """A validated record: its id, category, shape and conversations (one, or chosen+rejected).
+
+    ``content_sha256`` is the hex sha256 of its canonical content fields (see "Ids"); ``id`` is the
+    base id until `resolve_duplicates` gives a later record with the same base id its copy id."""
 
     source: SourceRecord
     id: str
     shape: str
     category: str | None
     conversations: tuple[Conversation, ...]
+    content_sha256: str = ""
+
+    @property
+    def has_explicit_id(self) -> bool:
+        value = self.source.record.get("id")
+        return not (_is_absent(value) or value == "")
 
 
 def _type_name(value) -> str:
@@ -509,6 +654,12 @@ def _preference(rec: dict, loc: Location) -> tuple[dict, tuple[Conversation, Con
             content[side] = _text(rec, side, loc, "empty-response")
             reply = (("assistant", content[side]),)
         conversations.append(Conversation(prompt + reply, len(prompt), "prompt", side))
+    if conversations[0].messages == conversations[1].messages:
+        raise RecordError(
+            loc, "rejected", "identical-pair",
+            "the rejected reply is the same as the chosen one (compared as the loader reads them: after "
+            "dropping a repeated prompt); a preference pair needs two different replies",
+        )
     return content, (conversations[0], conversations[1])
 
 
@@ -516,10 +667,15 @@ def _preference(rec: dict, loc: Location) -> tuple[dict, tuple[Conversation, Con
 _INSTRUCTION_PARSERS = {"alpaca": _alpaca, "prompt_response": _prompt_response, "chat": _chat}
 
 
+def content_sha256(content: dict) -> str:
+    """Hex sha256 over the canonical JSON of ``content`` (sorted keys, no spaces, UTF-8)."""
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def content_hash_id(content: dict) -> str:
     """First 16 hex digits of sha256 over the canonical JSON of ``content``."""
-    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return content_sha256(content)[:16]
 
 
 def _record_id(rec: dict, content: dict, loc: Location) -> str:
@@ -550,7 +706,8 @@ def parse_record(source: SourceRecord, kind: str = "instruction") -> ParsedRecor
         content, conversation = _INSTRUCTION_PARSERS[shape](rec, loc)
         conversations = (conversation,)
     category = _optional_text(rec, "category", loc)
-    return ParsedRecord(source, _record_id(rec, content, loc), shape, category, tuple(conversations))
+    return ParsedRecord(source, _record_id(rec, content, loc), shape, category, tuple(conversations),
+                        content_sha256(content))
 
 
 def _require_present(rec: dict, field: str, loc: Location) -> None:
@@ -565,28 +722,71 @@ def _require_present(rec: dict, field: str, loc: Location) -> None:
         )
 
 
-def drop_duplicate_ids(parsed: list[ParsedRecord], problems: _ProblemLog) -> list[ParsedRecord]:
-    """Records with ids not seen before; a repeated id is an error naming both records."""
-    first_seen: dict[str, ParsedRecord] = {}
-    unique = []
+@dataclass(frozen=True)
+class Duplicates:
+    """Records with unique ids (`resolve_duplicates`), and how many were copies of earlier ones."""
+
+    records: list[ParsedRecord]
+    n_copies: int  # copies loaded as distinct examples, with copy ids
+    n_dropped: int  # copies left out (dedupe)
+    first_copy: str | None  # e.g. "line 7 copies line 2"
+
+
+def _where(location: Location) -> str:
+    return f"line {location.line}" if location.line is not None else f"record index {location.index}"
+
+
+def resolve_duplicates(
+    parsed: Sequence[ParsedRecord], problems: _ProblemLog, dedupe: bool = False
+) -> Duplicates:
+    """Unique ids for ``parsed`` (in file order) by the rules of "Ids" in the module docstring.
+
+    A copy (same base id, content and category as an earlier record) gets the id
+    ``<base id>~<k>`` or, with ``dedupe``, is left out; records without ``id`` fields that share a
+    content hash but not a category are numbered the same way; an explicit id on records that are
+    not copies is a ``duplicate-id`` `RecordError` naming both (passed to ``problems``)."""
+    taken = {item.id for item in parsed}
+    first_with: dict[str, ParsedRecord] = {}
+    loaded_keys: dict[str, set[tuple[str, str | None]]] = {}
+    next_number: dict[str, int] = {}
+    records: list[ParsedRecord] = []
+    n_copies = n_dropped = 0
+    first_copy = None
     for item in parsed:
-        earlier = first_seen.get(item.id)
-        if earlier is None:
-            first_seen[item.id] = item
-            unique.append(item)
+        base, key = item.id, (item.content_sha256, item.category)
+        first = first_with.get(base)
+        if first is None:
+            first_with[base], loaded_keys[base] = item, {key}
+            records.append(item)
             continue
-        how = (
-            "id field" if not _is_absent(item.source.record.get("id")) else "content hash: identical content"
-        )
-        problems.reject(
-            RecordError(
-                item.source.location,
-                "id",
-                "duplicate-id",
-                f"id {item.id!r} ({how}) already used by {earlier.source.location}",
-            )
-        )
-    return unique
+        is_copy = key in loaded_keys[base]
+        if not is_copy and (item.has_explicit_id or first.has_explicit_id):
+            what = "content" if item.content_sha256 != first.content_sha256 else "category"
+            problems.reject(RecordError(
+                item.source.location, "id", "duplicate-id",
+                f"id {base!r} is already the id of {first.source.location}, a record with other {what}; "
+                "records may share an id only when they are exact copies"))
+            continue
+        if is_copy and first_copy is None:
+            first_copy = f"{_where(item.source.location)} copies {_where(first.source.location)}"
+        if is_copy and dedupe:
+            n_dropped += 1
+            continue
+        number = next_number.get(base, 2)
+        while f"{base}{COPY_MARK}{number}" in taken:
+            number += 1
+        copy_id = f"{base}{COPY_MARK}{number}"
+        next_number[base] = number + 1
+        taken.add(copy_id)
+        loaded_keys[base].add(key)
+        records.append(replace(item, id=copy_id))
+        n_copies += is_copy
+    return Duplicates(records, n_copies, n_dropped, first_copy)
+
+
+def drop_duplicate_ids(parsed: list[ParsedRecord], problems: _ProblemLog) -> list[ParsedRecord]:
+    """The records of `resolve_duplicates` (copies loaded, with copy ids); kept for existing callers."""
+    return resolve_duplicates(parsed, problems).records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,12 +1012,15 @@ def load_encoded(
     truncation: str | None = None,
     record_format: str = "chat",
     side: str = "train",
+    dedupe: bool = False,
 ) -> tuple[list[EncodedRecord], LoadReport]:
-    """Reads, validates, de-duplicates and tokenises every record of a file, in file order.
+    """Reads, validates, gives unique ids to and tokenises every record of a file, in file order.
 
     ``record_format``: "chat" (the chat template) or "less-tulu" (`jraise.data.less_tulu`, where
     ``side`` "train" or "validation" picks LESS's rules; the chat format renders both alike).
-    ``truncation``: None is the format's default ("error" for chat, "right" for less-tulu)."""
+    ``truncation``: None is the format's default ("error" for chat, "right" for less-tulu).
+    ``dedupe``: leave out exact copies of earlier records instead of loading them as distinct
+    examples (see "Ids" in the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if record_format not in RECORD_FORMATS:
@@ -853,7 +1056,8 @@ def load_encoded(
             parsed.append(parse_record(source, kind))
         except RecordError as err:
             problems.reject(err)
-    parsed = drop_duplicate_ids(parsed, problems)
+    copies = resolve_duplicates(parsed, problems, dedupe)
+    parsed = copies.records
 
     from tqdm.auto import tqdm
 
@@ -864,4 +1068,4 @@ def load_encoded(
             encoded.extend(encode_chunk(tokenizer, chunk, max_len, truncation, problems))
             bar.update(len(chunk))
     n_truncated = sum(item.truncated for item in encoded)
-    return encoded, problems.report(str(path), n_read, len(encoded), n_truncated)
+    return encoded, problems.report(str(path), n_read, len(encoded), n_truncated, copies)

@@ -162,6 +162,7 @@ def load_pool(
     truncation: str | None = None,
     record_format: str = "chat",
     side: str = "train",
+    dedupe: bool = False,
 ) -> InstructionPool:
     """Reads Alpaca, prompt/response and chat records into an `InstructionPool`.
 
@@ -171,10 +172,12 @@ def load_pool(
     picks its rules for training or few-shot validation records). ``truncation``: None is the
     format's default; chat: 'error' (over-long records are bad) or 'left_prompt' (cut the first
     user turn from the left); less-tulu: 'right' (keep the first max_len tokens, as LESS) or 'error'.
+    Exact copies of earlier records are distinct examples with ids ``<id>~2``, ``<id>~3``, ...
+    (counted in the report); ``dedupe=True`` keeps the first copy only (`jraise.data.formats`, "Ids").
     """
     encoded, report = load_encoded(
         path, tokenizer, kind="instruction", max_len=max_len, skip_bad=skip_bad, truncation=truncation,
-        record_format=record_format, side=side,
+        record_format=record_format, side=side, dedupe=dedupe,
     )
     tokens = [item.sides[0].tokens for item in encoded]
     return InstructionPool(
@@ -198,10 +201,13 @@ def load_preference_pool(
     max_len: int = 512,
     skip_bad: bool = False,
     truncation: str = "error",
+    dedupe: bool = False,
 ) -> PreferencePool:
-    """Reads prompt/chosen/rejected records into a `PreferencePool` (report as ``pool.report``)."""
+    """Reads prompt/chosen/rejected records into a `PreferencePool` (report as ``pool.report``);
+    exact copies and ``dedupe`` as in `load_pool`."""
     encoded, report = load_encoded(
-        path, tokenizer, kind="preference", max_len=max_len, skip_bad=skip_bad, truncation=truncation
+        path, tokenizer, kind="preference", max_len=max_len, skip_bad=skip_bad, truncation=truncation,
+        dedupe=dedupe,
     )
     chosen = [item.sides[0] for item in encoded]
     rejected = [item.sides[1] for item in encoded]
@@ -236,14 +242,17 @@ def write_selection_jsonl(
     ``indices`` count the loaded examples (with ``skip_bad``, the kept records, not file lines);
     what is written is each record as read, so skipped records never shift it.
     """
-    path = Path(path)
+    return atomic_write_text(path, selection_jsonl_text(pool, indices))
+
+
+def selection_jsonl_text(pool: InstructionPool | PreferencePool, indices: Sequence[int]) -> str:
+    """``pool.records[i]`` for i in ``indices``, one JSON line each (what `write_selection_jsonl`
+    writes). Negative or too large indices are refused (no Python wrap-around)."""
     chosen = [int(i) for i in indices]
     bad = [i for i in chosen if not 0 <= i < len(pool)]
     if bad:
         raise IndexError(f"indices out of range for a pool of {len(pool)}: {bad[:5]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(pool.records[i], ensure_ascii=False) + "\n" for i in chosen)
-    return atomic_write_text(path, text)
+    return "".join(json.dumps(pool.records[i], ensure_ascii=False) + "\n" for i in chosen)
 
 
 def _skip_reports(pools) -> list[LoadReport]:
@@ -285,11 +294,15 @@ def with_skipped(record: dict, *pools: InstructionPool | PreferencePool | None) 
 def skip_lines(*pools: InstructionPool | PreferencePool | None, where: str | os.PathLike | None = None) -> list[str]:
     """One line per pool that had records skipped on loading, e.g. ``skipped 2 bad records of
     pool.jsonl (1 malformed-json, 1 missing-field; see "skipped" in out.meta.json)``; ``where``
-    names the file that records them (default: the first problem's message is quoted instead)."""
+    names the file that records them (default: the first problem's message is quoted instead).
+    Then one line per pool with exact copies of records, loaded or dropped
+    (`jraise.data.formats.LoadReport.duplicates_line`)."""
     lines = []
     for report in _skip_reports(pools):
         n = report.n_skipped
         reasons = ", ".join(f"{k} {r}" for r, k in report.skipped.items())
         see = f'see "skipped" in {where}' if where is not None else f"first: {report.problems[0].message}"
         lines.append(f"skipped {n} bad record{'s' if n != 1 else ''} of {report.source} ({reasons}; {see})")
+    reports = [getattr(pool, "report", None) for pool in pools if pool is not None]
+    lines += [line for r in reports if r is not None and (line := r.duplicates_line())]
     return lines

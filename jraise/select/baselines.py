@@ -168,7 +168,7 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
                  tokenizer_dir: str | os.PathLike | None = None, fraction: float = 0.05, seed: int = 0,
                  which: str = "low", max_len: int = 2048, batch_size: int = 32,
                  drop_above_one: bool = True, skip_bad: bool = False, record_format: str = "chat",
-                 echo: Callable[[str], None] | None = print) -> Selection:
+                 echo: Callable[[str], None] | None = print, dedupe: bool = False) -> Selection:
     """Loads the pool (tokenised by ``tokenizer_dir``, else the model's tokenizer), runs ``method``
     and writes ``out`` (selected records), ``out``.scores.npy and ``out``.meta.json.
 
@@ -178,6 +178,7 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
     records; the records written are the original ones (see `Selection.write`)."""
     from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_model_inputs
 
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(BASELINES)}")
@@ -195,8 +196,10 @@ def run_baseline(method: str, pool_file: str | os.PathLike, out: str | os.PathLi
     if method == "perplexity" and which not in PERPLEXITY_SIDES:
         raise ValueError(f"which (--which) must be 'low' or 'high', got {which!r}")
     tok = load_tokenizer(Path(tokenizer_dir if tokenizer_dir is not None else model_dir))
-    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format)
-    val_pool = (load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format,
+    if model_dir is not None:
+        max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format, dedupe=dedupe)
+    val_pool = (load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad, record_format=record_format, dedupe=dedupe,
                           side="validation") if method == "rds" else None)
     if echo is not None:
         for line in skip_lines(pool, val_pool, where=Path(str(out) + ".meta.json")):

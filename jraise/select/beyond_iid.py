@@ -11,8 +11,14 @@ Outputs are written atomically:
 * mixture: ``OUT`` (the new set: kept pool records then added candidates, records unchanged) and
   ``OUT``.meta.json (counts before/after per category, LP objective, edits, which ids were removed
   and added);
-* curriculum: ``OUT`` (the 3N-long order as pool ids, one per line: ``jraise train --order OUT``
-  reads it) and ``OUT``.meta.json (tiers per category, stage lengths, m).
+* curriculum: ``OUT`` (the 3N-long order as a `jraise.data.order` file: pool index and id per
+  entry, under a header with the pool's ids fingerprint; ``jraise train --order OUT`` reads it and
+  checks it against the pool it trains on) and ``OUT``.meta.json (tiers per category, stage
+  lengths, m).
+
+Exact copies of records are distinct records with their own ids (`jraise.data.formats`, "Ids");
+``dedupe=True`` keeps the first copy only. A curriculum is read by ``jraise train --order`` only
+with the same choice, since the ids and positions differ.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jraise.atomic import atomic_write_text
+from jraise.atomic import atomic_write_group
 from jraise.data.formats import (
     _ProblemLog,
-    drop_duplicate_ids,
     parse_record,
     read_records,
+    resolve_duplicates,
 )
+from jraise.data.order import order_text
 from jraise.select.curriculum import dependency_tiers, dt_csft_stages, example_tiers, replicated_taxonomy
 from jraise.select.interactions import load_gamma
 from jraise.select.mixture import ee_cpo_plan, realise_subset
@@ -48,13 +55,15 @@ class CategorisedRecords:
     categories: list[str]
 
 
-def read_categorised(path: str | os.PathLike, categories_file: str | os.PathLike | None = None) -> CategorisedRecords:
+def read_categorised(path: str | os.PathLike, categories_file: str | os.PathLike | None = None,
+                     dedupe: bool = False) -> CategorisedRecords:
     """Reads and validates instruction records; each needs a category (from its ``category`` field
     or from ``categories_file``: JSON {id: category}, or a `derive_categories` file whose
-    "categories" holds that mapping; the file wins). Errors name the file and line."""
+    "categories" holds that mapping; the file wins). Errors name the file and line. Exact copies
+    get copy ids, or with ``dedupe`` only the first is kept (as `jraise.data.pool.load_pool`)."""
     problems = _ProblemLog(skip_bad=False)
     sources, _ = read_records(path, problems)
-    parsed = drop_duplicate_ids([parse_record(s) for s in sources], problems)
+    parsed = resolve_duplicates([parse_record(s) for s in sources], problems, dedupe).records
     given = json.loads(Path(categories_file).read_text()) if categories_file is not None else {}
     if isinstance(given.get("categories"), dict):  # a `derive_categories` file
         given = given["categories"]
@@ -83,13 +92,21 @@ def _gamma_for(names_in_data: list[str], gamma_path: str | os.PathLike) -> tuple
     return names, gamma
 
 
+def _write_with_meta(out: Path, text: str, meta: dict) -> None:
+    """``out`` and ``out.meta.json`` as one commit (`atomic_write_group`: the meta file first, the
+    output last, so an output on disk always has its meta)."""
+    atomic_write_group([(out.with_name(out.name + ".meta.json"), (json.dumps(meta, indent=2) + "\n").encode("utf-8")),
+                        (out, text.encode("utf-8"))])
+
+
 def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_fraction: float = 0.03,
                 candidates_file=None, min_per_category: int = 5, quality_field: str | None = None,
-                seed: int = 0, categories_file=None, max_change: int | None = None) -> dict:
+                seed: int = 0, categories_file=None, max_change: int | None = None, dedupe: bool = False) -> dict:
     """EE-CPO on a pool file; writes the re-mixed set and its metadata. Returns the metadata.
-    ``max_change`` caps any one category's change ``|n_k - n0_k|`` (None: no cap; see `ee_cpo_plan`)."""
-    pool = read_categorised(pool_file, categories_file)
-    cand = read_categorised(candidates_file, categories_file) if candidates_file is not None else None
+    ``max_change`` caps any one category's change ``|n_k - n0_k|`` (None: no cap; see `ee_cpo_plan`).
+    ``dedupe``: read the pool and the candidates without exact copies."""
+    pool = read_categorised(pool_file, categories_file, dedupe)
+    cand = read_categorised(candidates_file, categories_file, dedupe) if candidates_file is not None else None
     names, gamma = _gamma_for(sorted(set(pool.categories) | set(cand.categories if cand else [])), gamma_file)
     index = {n: k for k, n in enumerate(names)}
     n0 = np.bincount([index[c] for c in pool.categories], minlength=len(names))
@@ -109,7 +126,6 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
                                candidate_keys=[content_key(r) for r in cand.records] if cand else [])
     chosen = [pool.records[i] for i in keep] + ([cand.records[j] for j in add] if cand else [])
     out = Path(out)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
     kept = set(keep.tolist())
     meta = {
         "method": "ee_cpo", "pool": str(pool_file), "gamma": str(gamma_file),
@@ -124,14 +140,16 @@ def mixture_job(pool_file, gamma_file, out, budget: int | None = None, edit_frac
         "removed_ids": [pool.ids[i] for i in range(len(pool.ids)) if i not in kept],
         "added_ids": [cand.ids[j] for j in add] if cand else [],
     }
-    atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
+    _write_with_meta(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), meta)
     return meta
 
 
 def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: float | None = None,
-                   method: str = "depth", seed: int = 0, categories_file=None, alpha: float = 0.05) -> dict:
+                   method: str = "depth", seed: int = 0, categories_file=None, alpha: float = 0.05,
+                   dedupe: bool = False) -> dict:
     """DT-CSFT order of a pool file from Gamma (derived tiers) or a tiers file (JSON {category:
-    tier}, 0 base .. 2 dependent); writes the id sequence and its metadata. Returns the metadata.
+    tier}, 0 base .. 2 dependent); writes the order (`jraise.data.order.order_text`) and its
+    metadata. Returns the metadata. ``dedupe``: read the pool without exact copies.
 
     ``gamma_file`` is one path or a list of paths. Two or more are replicate measurements (e.g. one
     per seed): edges then need the replicates' agreement (`replicated_taxonomy`, one-sided t-test
@@ -140,7 +158,7 @@ def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: 
                    [gamma_file] if isinstance(gamma_file, (str, os.PathLike)) else list(gamma_file))
     if bool(gamma_files) == (tiers_file is not None):
         raise ValueError("give exactly one of a Gamma file (or several replicates) or a tiers file")
-    pool = read_categorised(pool_file, categories_file)
+    pool = read_categorised(pool_file, categories_file, dedupe)
     names = sorted(set(pool.categories))
     kwargs = {} if threshold is None else {"threshold": threshold}
     if tiers_file is not None:
@@ -158,7 +176,6 @@ def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: 
     stages = dt_csft_stages(example_tiers(pool.categories, tiers), seed=seed)
     sequence = stages.sequence()
     out = Path(out)
-    atomic_write_text(out, "".join(pool.ids[i] + "\n" for i in sequence))
     replicates = len(gamma_files) > 1
     gamma_paths = [str(g) for g in gamma_files]  # one path is recorded as a string, replicates as a list
     meta = {"method": "dt_csft", "pool": str(pool_file),
@@ -167,6 +184,6 @@ def curriculum_job(pool_file, out, gamma_file=None, tiers_file=None, threshold: 
             "tiers_file": str(tiers_file) if tiers_file else None, "seed": seed, "tiers": tiers,
             "tier_sizes": dict(Counter(str(tiers[c]) for c in pool.categories)),
             "stage_lengths": [len(stages.stage1), len(stages.stage2), len(stages.stage3)],
-            "m_base": stages.m_base, "m_dependent": stages.m_dependent, "n": len(pool.ids)}
-    atomic_write_text(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
+            "m_base": stages.m_base, "m_dependent": stages.m_dependent, "n": len(pool.ids), "dedupe": dedupe}
+    _write_with_meta(out, order_text(pool.ids, sequence), meta)
     return meta

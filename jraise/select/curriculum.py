@@ -51,13 +51,16 @@ def _check_gamma(gamma: np.ndarray, names: Sequence[str] | None) -> np.ndarray:
     g = np.asarray(gamma, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
-    if not np.all(np.isfinite(g)):
-        raise ValueError("gamma contains non-finite values")
     if names is not None:
         if len(names) != g.shape[0]:
             raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
         if len(set(names)) != len(names):
             raise ValueError("category names must be unique")
+    bad = np.argwhere(~np.isfinite(g))
+    if len(bad):
+        r, k = (int(x) for x in bad[0])
+        which = f" (target {names[r]!r}, source {names[k]!r})" if names is not None else ""
+        raise ValueError(f"gamma contains non-finite values: gamma[{r}, {k}]{which} is {g[r, k]}")
     return g
 
 

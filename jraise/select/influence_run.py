@@ -6,6 +6,7 @@ shard, checks its identity), and the selection files are written atomically at t
 the same command after a crash finishes the job; re-running it after success recomputes only the
 scores (seconds).
 
+    work_dir/model.json                  the model everything here was computed from (`check_work_model`)
     work_dir/warmup/                     LoRA warmup run (unless ``warmup_run`` is given)
     work_dir/features/<step>/train/      Adam-preconditioned train-side features of the pool
                                          (train-no-first-moment/ with ``adam_first_moment=False``)
@@ -14,19 +15,27 @@ scores (seconds).
 Warmup (LESS): LoRA on a random ``warmup_fraction`` of the pool for ``warmup_epochs`` epochs (each
 epoch reshuffles the subset), a checkpoint at every epoch end holding the adapters and Adam's
 moments. Checkpoints are weighted by their epoch's mean learning rate.
+
+Reuse is by content, not by path: the work directory refuses another model than the one in its
+``model.json``, and a feature store's identity holds the model's fingerprint and its checkpoint's
+(`jraise.model.fingerprint`), so a model or warmup run replaced at the same path is never mixed
+with features of the old one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from jraise import parallel
 from jraise.data.pool import load_pool, load_preference_pool, skip_lines
 from jraise.grads.features import FeatureConfig, feature_store, zero_reference
 from jraise.grads.projection import MODES, ProjectionConfig
+from jraise.lock import directory_lock
 from jraise.select.base import Selection
 from jraise.select.influence import METHODS, checkpoint_weights, select_by_influence
 
@@ -124,6 +133,58 @@ def epoch_checkpoints(run_dir: Path) -> list[dict]:
     return found
 
 
+WORK_MODEL_FILE = "model.json"  # in the work directory: the model its warmup run and features came from
+
+
+def fitted_to_model(config: InfluenceRunConfig, model_dir: Path, tokenizer, echo) -> InfluenceRunConfig:
+    """``config`` with ``max_len`` limited to the model's ``max_position_embeddings`` (echoing a
+    note when it is); a tokenizer with ids past the model's embedding table is a ModelError."""
+    from dataclasses import replace
+
+    from jraise.model.hf import check_model_inputs
+
+    max_len = check_model_inputs(model_dir, tokenizer, config.max_len, echo=echo)
+    return config if max_len == config.max_len else replace(config, max_len=max_len)
+
+
+def check_work_model(work: Path, model_dir: Path) -> str:
+    """The model check of a reused work directory; returns the model's fingerprint.
+
+    ``work/model.json`` records the model (`jraise.model.fingerprint.model_record`: config.json
+    and weights by content) the warmup run and feature stores were computed from. A model that
+    differs now is refused naming the files that changed, as a changed pool or seed is refused
+    by the warmup run and the stores; so is a work directory holding a warmup run or features but
+    no record (made before the record existed). The record is written when absent.
+    """
+    import json
+
+    from jraise.atomic import atomic_write_text
+    from jraise.errors import JraiseError
+    from jraise.model.fingerprint import changed_files, model_record
+
+    now = model_record(model_dir)
+    record_path = work / WORK_MODEL_FILE
+    fix = f"delete {work} to recompute with this model, or use another work directory (--work-dir)"
+    if record_path.is_file():
+        try:
+            saved = json.loads(record_path.read_text(encoding="utf-8"))
+            saved_fp, saved_files = str(saved["fingerprint"]), dict(saved["files"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise JraiseError(f"{record_path}: not a readable model record ({err}); {fix}", path=record_path) from None
+        if saved_fp != now["fingerprint"]:
+            changed = ", ".join(changed_files(saved_files, now["files"])) or "its files"
+            raise JraiseError(f"{work}: its warmup run and features were computed with another model than the one now "
+                              f"at {model_dir} ({changed}; fingerprint {saved_fp[:12]} then, "
+                              f"{now['fingerprint'][:12]} now); {fix}", path=work, field="model")
+        return now["fingerprint"]
+    if any((work / name).exists() for name in ("warmup", "features")):
+        raise JraiseError(f"{work}: holds a warmup run or features but no record of the model they were computed "
+                          f"with ({WORK_MODEL_FILE}, written since jraise fingerprints models); {fix}", path=work)
+    if parallel.is_writer():
+        atomic_write_text(record_path, json.dumps(now, indent=2) + "\n")
+    return now["fingerprint"]
+
+
 def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.PathLike,
                             val_file: str | os.PathLike, out: str | os.PathLike,
                             config: InfluenceRunConfig = InfluenceRunConfig(),
@@ -135,8 +196,20 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     and ``out``.meta.json. Validation subtasks are the val records' ``category`` (else one group).
     With ``config.skip_bad`` bad records of either file are dropped and reported (one ``echo`` line
     per file, ``"skipped"`` in the meta file); the selection's indices count the kept records.
+    The three selection files appear together or not at all (`Selection.write`). ``work_dir``
+    is locked for the call (`jraise.lock.directory_lock`): a second process on it stops with an
+    error naming the holder.
     """
+    model_dir, out = Path(model_dir), Path(out)
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    with directory_lock(work) if parallel.is_writer() else contextlib.nullcontext():
+        return _run_locked(model_dir, pool_file, val_file, out, config, work, warmup_run, echo)
+
+
+def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: InfluenceRunConfig, work: Path,
+                warmup_run, echo) -> Selection:
     from jraise.model import load_tokenizer
+    from jraise.model.fingerprint import model_fingerprint
     from jraise.train import (
         adam_moments,
         load_checkpoint,
@@ -144,9 +217,8 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
         split_trainable,
     )
 
-    model_dir, out = Path(model_dir), Path(out)
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     tok = load_tokenizer(model_dir)
+    config = fitted_to_model(config, model_dir, tok, echo)
     pool = load_pool(pool_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
                      record_format=config.record_format)
     if config.method == "rose":
@@ -159,6 +231,7 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     echo(f"{config.method}: pool {len(pool)} examples, validation {len(val)} "
          f"{'pairs' if config.method == 'rose' else 'examples'}")
 
+    model_fp = check_work_model(work, model_dir)
     run_dir = Path(warmup_run) if warmup_run is not None else warmup(model_dir, pool, config, work / "warmup")
     checkpoints = epoch_checkpoints(run_dir)
     features = config.features()
@@ -169,7 +242,8 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
         graphdef, trainable, frozen = split_trainable(model)
         _, opt_state, _ = load_checkpoint(run_dir, step)
         moments = adam_moments(opt_state)
-        identity = {"model": str(model_dir.resolve()), "run": str(run_dir.resolve()), "step": step}
+        identity = {"model": str(model_dir.resolve()), "model_fingerprint": model_fp, "run": str(run_dir.resolve()),
+                    "run_fingerprint": model_fingerprint(run_dir, step=step), "step": step}
         echo(f"checkpoint {step} (epoch {ckpt['epoch']}): train-side features")
         train_dir = "train" if config.adam_first_moment else "train-no-first-moment"
         store = feature_store(work / "features" / str(step) / train_dir, graphdef, trainable, frozen, pool, features,

@@ -197,9 +197,23 @@ def _check_gamma_names(gamma: np.ndarray, names: Sequence[str]) -> tuple[np.ndar
         raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
     if len(set(names)) != len(names):
         raise ValueError("category names must be unique")
-    if not np.all(np.isfinite(g)):
-        raise ValueError("gamma contains non-finite values")
+    bad = np.argwhere(~np.isfinite(g))
+    if len(bad):
+        r, k = (int(x) for x in bad[0])
+        raise ValueError(f"gamma contains non-finite values: gamma[{r}, {k}] (target {names[r]!r}, source "
+                         f"{names[k]!r}) is {g[r, k]}")
+    _check_diagonal(g, names, lambda r: f"gamma[{r}, {r}]")
     return g, names
+
+
+def _check_diagonal(g: np.ndarray, names: Sequence[str], entry) -> None:
+    """Refuses a non-positive diagonal entry (a category's effect on itself, 1 by construction);
+    ``entry(r)`` names the entry of row r in the message."""
+    bad = np.flatnonzero(~(np.diag(g) > 0))
+    if len(bad):
+        r = int(bad[0])
+        raise ValueError(f"{entry(r)} (target = source = {names[r]!r}): diagonal entry {float(g[r, r])!r} is not "
+                         "positive; Gamma's diagonal is a category's effect on itself (1 by construction)")
 
 
 def save_gamma(
@@ -280,7 +294,9 @@ def load_gamma(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Read a Gamma written by :func:`save_gamma` back as ``(names, gamma[target, source])``.
 
     ``path`` is ``gamma.json``, ``gamma.csv`` (chosen by suffix) or a directory holding
-    ``gamma.json``. Malformed input raises ``ValueError`` naming the file and the field.
+    ``gamma.json``. Malformed input raises ``ValueError`` naming the file and the entry (its
+    target and source category): invalid UTF-8, a missing or non-numeric value, an infinite or
+    NaN value, or a diagonal entry that is not positive.
     """
     p = Path(path)
     if p.is_dir():
@@ -295,9 +311,18 @@ def load_gamma(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     raise ValueError(f"{p}: unsupported Gamma file type {suffix!r} (expected .json or .csv)")
 
 
+def _read_utf8(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{p}: line {line}: invalid UTF-8 ({err.reason}); a Gamma file is UTF-8 text") from err
+
+
 def _load_gamma_json(p: Path) -> tuple[list[str], np.ndarray]:
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(_read_utf8(p))
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -321,13 +346,13 @@ def _load_gamma_json(p: Path) -> tuple[list[str], np.ndarray]:
         if not isinstance(row, list) or len(row) != c:
             raise ValueError(f"{p}: field 'matrix', row {r}: expected a list of {c} numbers")
         for k, v in enumerate(row):
-            g[r, k] = _parse_float(v, f"{p}: field 'matrix'[{r}][{k}]")
+            g[r, k] = _parse_float(v, f"{p}: field 'matrix'[{r}][{k}] (target {names[r]!r}, source {names[k]!r})")
+    _check_diagonal(g, names, lambda r: f"{p}: field 'matrix'[{r}][{r}]")
     return names, g
 
 
 def _load_gamma_csv(p: Path) -> tuple[list[str], np.ndarray]:
-    with p.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
+    rows = [r for r in csv.reader(io.StringIO(_read_utf8(p), newline="")) if r]
     if not rows:
         raise ValueError(f"{p}: empty CSV (expected a header row of category names)")
     header = rows[0]
@@ -350,7 +375,8 @@ def _load_gamma_csv(p: Path) -> tuple[list[str], np.ndarray]:
                 " (rows and columns must list the categories in the same order)"
             )
         for k, v in enumerate(row[1:]):
-            g[r, k] = _parse_float(v, f"{p}: row {r + 2}, column {names[k]!r}")
+            g[r, k] = _parse_float(v, f"{p}: row {r + 2} (target {names[r]!r}), column {names[k]!r}")
+    _check_diagonal(g, names, lambda r: f"{p}: row {r + 2}, column {names[r]!r}")
     return names, g
 
 

@@ -234,8 +234,10 @@ def ee_cpo_plan(
     g = np.asarray(gamma, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
-    if not np.all(np.isfinite(g)):
-        raise ValueError("gamma contains non-finite values (fill or drop them first)")
+    bad = np.argwhere(~np.isfinite(g))
+    if len(bad):
+        r, k = (int(x) for x in bad[0])
+        raise ValueError(f"gamma contains non-finite values (fill or drop them first): gamma[{r}, {k}] is {g[r, k]}")
     c_dim = g.shape[0]
     n0 = _as_counts(current_counts, "current_counts", c_dim)
     n_cur = int(n0.sum())

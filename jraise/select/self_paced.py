@@ -165,11 +165,14 @@ def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, o
     ``"skipped"``; the indices count the kept records."""
     from jraise.data.pool import load_pool, skip_lines, with_skipped
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_model_inputs
     from jraise.train import export_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
-    pool = load_pool(pool_file, load_tokenizer(tok_dir), max_len=max_len, skip_bad=skip_bad)
+    tok = load_tokenizer(tok_dir)
+    max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
     if echo is not None:
         for line in skip_lines(pool, where=out / "selections.json"):
             echo(line)

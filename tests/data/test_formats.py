@@ -268,23 +268,23 @@ def test_skip_bad_reports_counts_by_reason_and_first_problems(tmp_path, tok):
         json.dumps({"instruction": "d", "output": ""}),
         json.dumps({"instruction": "e", "output": "f"}),
         json.dumps({"instruction": "g"}),
-        json.dumps({"instruction": "a", "output": "b"}),  # same content as line 1
+        json.dumps({"instruction": "a", "output": "b"}),  # a copy of line 1: data, not a bad record
     ]
     path.write_text("\n".join(lines) + "\n")
     pool = load_pool(path, tok, skip_bad=True)
     report = pool.report
-    assert len(pool) == 2 and report.n_kept == 2 and report.n_read == 7
+    assert len(pool) == 3 and report.n_kept == 3 and report.n_read == 7 and report.n_copies == 1
+    assert pool.ids[2] == pool.ids[0] + "~2"
     assert dict(report.skipped) == {
         "malformed-json": 1,
         "missing-field": 2,
         "empty-response": 1,
-        "duplicate-id": 1,
     }
-    assert report.n_skipped == 5
+    assert report.n_skipped == 4
     first = report.problems[0]
     assert (first.file, first.line, first.reason) == (str(path), 2, "malformed-json")
     assert [(p.line, p.field) for p in report.problems[1:3]] == [(3, "output"), (4, "output")]
-    assert "kept 2 of 7" in report.summary()
+    assert "kept 3 of 7" in report.summary() and "1 exact copy kept as distinct examples" in report.summary()
 
 
 def test_duplicate_ids_error_names_both_records(tmp_path, tok):
@@ -431,3 +431,122 @@ def test_sub_word_tokenizer_masks_assistant_turns_with_their_end_token(tmp_path,
     assert len(tokens) < len(bpe_tok.apply_chat_template(messages, tokenize=False))  # merges happened
     runs = [bpe_tok.decode(tokens[a:b].tolist()) for a, b in mask_runs(mask)]
     assert runs == [" fine thanks<|im_end|>", "jumps over the lazy dog<|im_end|>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid UTF-8: the file and the line (JSON lines) or the line and byte offset (other formats)
+
+GOOD = b'{"instruction": "a", "output": "b"}\n'
+BAD_UTF8 = b'{"instruction": "c\xff\xfe", "output": "d"}\n'
+
+
+def test_invalid_utf8_jsonl_line_is_a_record_error_naming_file_line_and_column(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(GOOD + BAD_UTF8 + GOOD.replace(b'"a"', b'"e"'))
+    with pytest.raises(RecordError) as err:
+        load_pool(path, tok)
+    assert err.value.reason == "invalid-utf8" and err.value.location.line == 2
+    message = str(err.value)
+    assert message.startswith(f"{path}: line 2: invalid-utf8: byte 0xff (invalid start byte)")
+    assert f"at byte 19 of the line (byte offset {len(GOOD) + 18} of the file)" in message
+    pool = load_pool(path, tok, skip_bad=True)
+    assert len(pool) == 2 and dict(pool.report.skipped) == {"invalid-utf8": 1}
+    assert pool.report.problems[0].line == 2
+
+
+def test_invalid_utf8_after_a_byte_order_mark_counts_the_mark(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + BAD_UTF8)
+    with pytest.raises(RecordError, match=r"line 1: invalid-utf8: .* at byte 19 of the line \(byte offset 21 of the file\)"):
+        load_pool(path, tok)
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD)
+    assert len(load_pool(path, tok)) == 1
+
+
+def test_invalid_utf8_in_a_json_array_names_the_line_and_byte_offset(tmp_path, tok):
+    path = tmp_path / "bad.json"
+    data = b"[\n" + GOOD[:-1] + b",\n" + BAD_UTF8[:-1] + b"\n]\n"
+    path.write_bytes(data)
+    offset = data.index(b"\xff")
+    with pytest.raises(ValueError) as err:
+        load_pool(path, tok)
+    assert str(err.value).startswith(f"{path}: line 3: invalid UTF-8 at byte offset {offset}")
+    with pytest.raises(ValueError, match="line 3: invalid UTF-8"):  # not skippable: records cannot be told apart
+        load_pool(path, tok, skip_bad=True)
+
+
+def test_invalid_utf8_in_a_csv_file_names_the_line_and_byte_offset(tmp_path, tok):
+    path = tmp_path / "bad.csv"
+    data = "instruction,output\nwhat is π?,3.14\n".encode() + b"x,y\xff\n"
+    path.write_bytes(data)
+    offset = data.index(b"\xff")
+    with pytest.raises(ValueError, match=rf"bad\.csv: line 3: invalid UTF-8 at byte offset {offset}: "
+                                         r"byte 0xff \(invalid start byte\)"):
+        load_pool(path, tok)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_utf8_check_of_large_files_carries_characters_across_chunks(tmp_path, monkeypatch, chunk):
+    from jraise.data import formats
+
+    monkeypatch.setattr(formats, "_UTF8_CHUNK", chunk)
+    path = tmp_path / "t.csv"
+    good = "a,€\nπ,中文\n".encode()
+    path.write_bytes(good)
+    formats._require_utf8(path)  # no error: multi-byte characters cut by chunk boundaries are fine
+    path.write_bytes(good + b"b,\xe2\x82\n")  # a truncated euro sign on line 3
+    with pytest.raises(ValueError, match=rf"line 3: invalid UTF-8 at byte offset {len(good) + 2}"):
+        formats._require_utf8(path)
+    path.write_bytes(good + b"\xe2\x82")  # truncated at the very end
+    with pytest.raises(ValueError, match=rf"line 3: invalid UTF-8 at byte offset {len(good)}"):
+        formats._require_utf8(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs whose chosen equals rejected
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "p", "chosen": "same", "rejected": "same"},
+    {"prompt": "p", "chosen": "same", "rejected": [{"role": "assistant", "content": "same"}]},
+    {"prompt": [{"role": "user", "content": "p"}],
+     "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "same"}],  # repeats the prompt
+     "rejected": [{"role": "assistant", "content": "same"}]},
+], ids=["strings", "string-and-message", "full-conversation"])
+def test_identical_preference_pair_is_a_bad_record_naming_rejected(tmp_path, tok, record):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "yes", "rejected": "no"}, record])
+    with pytest.raises(RecordError) as err:
+        load_preference_pool(path, tok)
+    assert (err.value.reason, err.value.field, err.value.location.line) == ("identical-pair", "rejected", 2)
+    assert str(err.value).startswith(f"{path}: line 2: field 'rejected': identical-pair")
+    pool = load_preference_pool(path, tok, skip_bad=True)
+    assert len(pool) == 1 and dict(pool.report.skipped) == {"identical-pair": 1}
+
+
+def test_pair_differing_only_in_whitespace_is_a_pair(tmp_path, tok):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "yes", "rejected": "yes "}])
+    assert len(load_preference_pool(path, tok)) == 1  # the loader keeps text verbatim: different tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, as a user runs it
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JRAISE_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "jraise.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_invalid_utf8_names_file_and_line(tmp_path, tok_dir):
+    (tmp_path / "bad.jsonl").write_bytes(GOOD + BAD_UTF8)
+    proc = _cli("select", "random", "--pool", "bad.jsonl", "--tokenizer", tok_dir, "--out", "o.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 5
+    assert "bad.jsonl: line 2: invalid-utf8: byte 0xff" in proc.stderr and "byte offset" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()

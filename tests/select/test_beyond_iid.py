@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from jraise.data.order import read_order
 from jraise.data.testbed import CATEGORY_PREREQUISITES, write_testbed
 from jraise.select.beyond_iid import curriculum_job, mixture_job, read_categorised
 from jraise.select.interactions import save_gamma
@@ -50,8 +51,8 @@ def test_curriculum_job_every_example_three_times_base_early(files, tmp_path):
     (tmp_path / "tiers.json").write_text(json.dumps(tiers))
     out = tmp_path / "order.txt"
     meta = curriculum_job(pool, out, tiers_file=tmp_path / "tiers.json", seed=1)
-    ids = out.read_text().splitlines()
     records = read_categorised(pool)
+    ids = [records.ids[i] for i in read_order(out, records.ids)]
     assert Counter(ids) == {i: 3 for i in records.ids}
     cat = dict(zip(records.ids, records.categories))
     s1, s2, _ = meta["stage_lengths"]

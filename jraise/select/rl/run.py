@@ -12,6 +12,7 @@ model, then exports the model; the budget protocol is the step count (equal for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jraise import parallel
 from jraise.atomic import atomic_write_text
 from jraise.data.pool import load_pool, skip_lines, with_skipped
+from jraise.lock import directory_lock
+from jraise.model.fingerprint import model_label
 from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
 from jraise.select.rl.features import (
     cached_static_features,
@@ -37,8 +41,10 @@ def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = F
     either file are dropped, and ``echo`` gets one line per file that had some (naming ``where``,
     the file that records them)."""
     from jraise.model import load_model, load_tokenizer
+    from jraise.model.hf import check_model_inputs
 
     tok = load_tokenizer(model_dir)
+    max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
     pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
     val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad)
     if echo is not None:
@@ -68,15 +74,24 @@ def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseCon
 
     ``skip_bad``: drop bad records of the pool and the validation file instead of stopping at
     the first (``echo`` says how many; ``clusters.json`` lists them under ``"skipped"``). The
-    policy then belongs to the kept pool: `finetune_with_policy` needs ``skip_bad`` too."""
+    policy then belongs to the kept pool: `finetune_with_policy` needs ``skip_bad`` too. ``out_dir``
+    is locked for the call (`jraise.lock.directory_lock`): a second process on it stops with an
+    error naming the holder."""
     model_dir, out = Path(model_dir), Path(out_dir)
     if batch_size % clusters:
         raise ValueError(f"batch size {batch_size} must be a multiple of the number of clusters {clusters}")
+    with directory_lock(out) if parallel.is_writer() else contextlib.nullcontext():
+        return _train_policy_locked(model_dir, pool_file, val_file, out, config, clusters, batch_size, lora_rank,
+                                    max_len, echo, skip_bad)
+
+
+def _train_policy_locked(model_dir: Path, pool_file, val_file, out: Path, config: RaiseConfig, clusters: int,
+                         batch_size: int, lora_rank: int, max_len: int, echo, skip_bad: bool) -> Path:
     config = RaiseConfig(**{**config.__dict__, "per_cluster": batch_size // clusters})
     _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
                                             where=out / "clusters.json")
     _lora(model, lora_rank, config.seed)
-    static = cached_static_features(out / "static.npz", model, str(model_dir.resolve()), pool, start)
+    static = cached_static_features(out / "static.npz", model, model_label(model_dir), pool, start)
     labels = cluster_pool(static, clusters, config.seed) if clusters > 1 else np.zeros(len(pool), np.int64)
     atomic_write_text(out / "clusters.json", json.dumps(with_skipped(
         {"clusters": clusters, "per_cluster": config.per_cluster, "pool_fingerprint": pool.fingerprint,
@@ -103,7 +118,15 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
     ``skip_bad``: drop bad records of the pool and the validation file (``echo`` says how many;
     ``selections.json`` lists them under ``"skipped"``) instead of stopping at the first; needed
     to reuse a policy trained with ``skip_bad`` on a file with bad records (the pool fingerprint
-    must match the policy's)."""
+    must match the policy's). ``out_dir`` is locked for the call, like a `jraise.train` run."""
+    model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
+    with directory_lock(out) if parallel.is_writer() else contextlib.nullcontext():
+        return _finetune_locked(model_dir, pool_file, val_file, policy_dir, out, steps, lr, max_len, tokenizer_dir,
+                                sample, seed, skip_bad, echo)
+
+
+def _finetune_locked(model_dir: Path, pool_file, val_file, policy_dir: Path, out: Path, steps: int, lr: float,
+                     max_len: int, tokenizer_dir, sample: bool, seed: int, skip_bad: bool, echo) -> Path:
     from jraise.train import export_model
     from jraise.train.step import (
         assign_trainable,
@@ -112,7 +135,6 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
         split_trainable,
     )
 
-    model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
     meta = json.loads((policy_dir / "clusters.json").read_text())
     _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
                                             where=out / "selections.json")
@@ -120,7 +142,7 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
         raise ValueError(f"{pool_file}: this is not the pool the policy in {policy_dir} was trained on "
                          f"(fingerprint {pool.fingerprint[:12]}..., policy's {meta['pool_fingerprint'][:12]}...)")
     _lora(model, meta.get("lora_rank", 0), 0)
-    static = cached_static_features(policy_dir / "static.npz", model, str(model_dir.resolve()), pool, start)
+    static = cached_static_features(policy_dir / "static.npz", model, model_label(model_dir), pool, start)
     policy = load_policy(policy_dir)
     layout = cluster_layout(np.asarray(meta["labels"]), meta["clusters"])
     graphdef, trainable, frozen = split_trainable(model)
