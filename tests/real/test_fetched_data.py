@@ -3,6 +3,7 @@
 import json
 
 from jraise.fetch import fetch_eval_data
+from jraise.fetch.eval_data import SOURCES
 from jraise.fetch.eval_sets import EVAL_SETS
 
 
@@ -10,7 +11,8 @@ def test_manifest_counts_and_records_are_well_formed(eval_data_dir):
     manifest = json.loads((eval_data_dir / "manifest.json").read_text())["files"]
     for spec in EVAL_SETS:
         entry = manifest[f"{spec.name}.jsonl"]
-        assert entry["sha256"] and entry["licence"] and entry["version"] == "2.8.0"
+        assert entry["sha256"] == SOURCES[spec.package].sha256 and entry["licence"]
+        assert entry["version"] == SOURCES[spec.package].version
         with open(eval_data_dir / f"{spec.name}.jsonl", encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
         assert len(records) == entry["records"] > 100
@@ -23,6 +25,7 @@ def test_manifest_counts_and_records_are_well_formed(eval_data_dir):
             else:
                 assert r["reference"] == r["output"]
     assert manifest["mmlu.jsonl"]["records"] >= 2800 and manifest["boolq.jsonl"]["records"] == 3270
+    assert manifest["hellaswag.jsonl"]["records"] == 10042  # the whole labelled validation split
     assert manifest["bbh_cot_fewshot.jsonl"]["records"] == 81
 
 
