@@ -422,6 +422,7 @@ def _influence_command(method: str):
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
         work_dir: Optional[Path] = typer.Option(None, help="Warmup run and feature stores (default: OUT.work)."),
         skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+        dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
         record_format: RecordFormat = typer.Option(
             "chat", help=RECORD_FORMAT_HELP + (" rose: the pool only (preference pairs have no less-tulu rendering)."
                                                if method == "rose" else "")),
@@ -443,7 +444,7 @@ def _influence_command(method: str):
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode, seed=seed,
                                     skip_bad=skip_bad, adam_first_moment=adam_first_moment,
-                                    record_format=record_format)
+                                    record_format=record_format, dedupe=dedupe)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,
                                 echo=typer.echo)
 

@@ -57,6 +57,8 @@ class InfluenceRunConfig:
     it out (`jraise.grads.features.compute_features`; those features are stored apart).
     ``record_format``: "chat" or "less-tulu" (`jraise.data.less_tulu`: the pool with LESS's
     train-side rules, the validation records with its validation-side rules; LESS only).
+    ``dedupe``: keep only the first of exact copies in the pool and the validation file (by
+    default copies are distinct examples, `jraise.data.formats`).
     """
 
     method: str = "rose"
@@ -80,6 +82,7 @@ class InfluenceRunConfig:
     skip_bad: bool = False
     adam_first_moment: bool = True
     record_format: str = "chat"
+    dedupe: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -220,12 +223,13 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
     tok = load_tokenizer(model_dir)
     config = fitted_to_model(config, model_dir, tok, echo)
     pool = load_pool(pool_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
-                     record_format=config.record_format)
+                     record_format=config.record_format, dedupe=config.dedupe)
     if config.method == "rose":
-        val = load_preference_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad)
+        val = load_preference_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
+                                   dedupe=config.dedupe)
     else:
         val = load_pool(val_file, tok, max_len=config.max_len, skip_bad=config.skip_bad,
-                        record_format=config.record_format, side="validation")
+                        record_format=config.record_format, side="validation", dedupe=config.dedupe)
     for line in skip_lines(pool, val, where=out.with_name(out.name + ".meta.json")):
         echo(line)
     echo(f"{config.method}: pool {len(pool)} examples, validation {len(val)} "
