@@ -285,7 +285,7 @@ def train_cmd(
 
         final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
                                      tokenizer_dir=_tokenizer_dir(model, tokenizer), sample=sample_policy, seed=seed,
-                                     skip_bad=skip_bad, echo=_echo_err)
+                                     skip_bad=skip_bad, echo=_echo_err, dedupe=dedupe)
         typer.echo(json.dumps({"run_dir": str(out), "steps": max_steps, "final_model": str(final)}, indent=2))
         return
     from jraise.data.order import read_order
@@ -512,6 +512,7 @@ def raise_cmd(
     policy_lr: float = typer.Option(3e-3), lora_rank: int = typer.Option(0, help="LoRA rank; 0: full fine-tuning."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """RAISE: train a selection policy with PPO over fused fine-tuning episodes (resumable)."""
     from jraise.select.rl.run import train_raise_policy
@@ -521,7 +522,7 @@ def raise_cmd(
     lock_for_command(ctx, out)
     config = RaiseConfig(episodes=episodes, steps=steps, llm_lr=lr, policy_lr=policy_lr, seed=seed)
     train_raise_policy(model, pool, val, out, config, clusters=clusters, batch_size=batch_size, lora_rank=lora_rank,
-                       max_len=max_len, echo=typer.echo, skip_bad=skip_bad)
+                       max_len=max_len, echo=typer.echo, skip_bad=skip_bad, dedupe=dedupe)
 
 
 @select_app.command("mixture")
@@ -619,6 +620,7 @@ def sspl_cmd(
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
     max_len: int = typer.Option(2048), seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, help=SKIP_BAD_HELP),
+    dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """Self-paced learning (SSPL): fine-tune on easy-to-hard buckets of the current loss."""
     from jraise.select.self_paced import run_self_paced
@@ -627,7 +629,8 @@ def sspl_cmd(
                                                         ("--tokenizer", tokenizer)])
     final = run_self_paced(model, pool, out, steps=steps, batch_size=batch_size, lr=lr, refresh_every=refresh_every,
                            n_buckets=buckets, seed=seed, max_len=max_len,
-                           tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo, skip_bad=skip_bad)
+                           tokenizer_dir=_tokenizer_dir(model, tokenizer), echo=typer.echo, skip_bad=skip_bad,
+                           dedupe=dedupe)
     typer.echo(json.dumps({"run_dir": str(out), "steps": steps, "final_model": str(final)}, indent=2))
 
 

@@ -155,7 +155,7 @@ def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: in
 def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, out_dir: str | os.PathLike,
                    steps: int, batch_size: int, lr: float, refresh_every: int = 10, n_buckets: int = 4,
                    seed: int = 0, max_len: int = 2048, tokenizer_dir: str | os.PathLike | None = None,
-                   echo: Callable[[str], None] | None = print, skip_bad: bool = False) -> Path:
+                   echo: Callable[[str], None] | None = print, skip_bad: bool = False, dedupe: bool = False) -> Path:
     """Self-paced fine-tuning of the model in ``model_dir`` on ``pool_file``; writes
     ``out_dir/final`` (HF model with tokenizer files) and ``out_dir/selections.json`` (the pool
     indices of every step, the pool fingerprint and the options). Returns the final model's dir.
@@ -172,7 +172,7 @@ def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, o
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
     tok = load_tokenizer(tok_dir)
     max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
-    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
     if echo is not None:
         for line in skip_lines(pool, where=out / "selections.json"):
             echo(line)

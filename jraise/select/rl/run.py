@@ -36,17 +36,18 @@ from jraise.select.rl.sampling import cluster_layout
 from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
 
 
-def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = False, echo=None, where=None):
+def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = False, echo=None, where=None,
+          dedupe: bool = False):
     """Tokenizer, model, pool, validation pool and start token. With ``skip_bad`` bad records of
     either file are dropped, and ``echo`` gets one line per file that had some (naming ``where``,
-    the file that records them)."""
+    the file that records them). ``dedupe``: keep only the first of exact copies."""
     from jraise.model import load_model, load_tokenizer
     from jraise.model.hf import check_model_inputs
 
     tok = load_tokenizer(model_dir)
     max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
-    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad)
-    val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad)
+    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
+    val_pool = load_pool(val_file, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
     if echo is not None:
         for line in skip_lines(pool, val_pool, where=where):
             echo(line)
@@ -69,12 +70,13 @@ def _lora(model, lora_rank: int, seed: int):
 
 def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseConfig, clusters: int = 1,
                        batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print,
-                       skip_bad: bool = False) -> Path:
+                       skip_bad: bool = False, dedupe: bool = False) -> Path:
     """Static features -> clusters -> PPO policy training into ``out_dir`` (resumable).
 
     ``skip_bad``: drop bad records of the pool and the validation file instead of stopping at
     the first (``echo`` says how many; ``clusters.json`` lists them under ``"skipped"``). The
-    policy then belongs to the kept pool: `finetune_with_policy` needs ``skip_bad`` too. ``out_dir``
+    policy then belongs to the kept pool: `finetune_with_policy` needs ``skip_bad`` (and ``dedupe``:
+    keep only the first of exact copies) as given here. ``out_dir``
     is locked for the call (`jraise.lock.directory_lock`): a second process on it stops with an
     error naming the holder."""
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -82,14 +84,15 @@ def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseCon
         raise ValueError(f"batch size {batch_size} must be a multiple of the number of clusters {clusters}")
     with directory_lock(out) if parallel.is_writer() else contextlib.nullcontext():
         return _train_policy_locked(model_dir, pool_file, val_file, out, config, clusters, batch_size, lora_rank,
-                                    max_len, echo, skip_bad)
+                                    max_len, echo, skip_bad, dedupe)
 
 
 def _train_policy_locked(model_dir: Path, pool_file, val_file, out: Path, config: RaiseConfig, clusters: int,
-                         batch_size: int, lora_rank: int, max_len: int, echo, skip_bad: bool) -> Path:
+                         batch_size: int, lora_rank: int, max_len: int, echo, skip_bad: bool,
+                         dedupe: bool = False) -> Path:
     config = RaiseConfig(**{**config.__dict__, "per_cluster": batch_size // clusters})
     _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
-                                            where=out / "clusters.json")
+                                            where=out / "clusters.json", dedupe=dedupe)
     _lora(model, lora_rank, config.seed)
     static = cached_static_features(out / "static.npz", model, model_label(model_dir), pool, start)
     labels = cluster_pool(static, clusters, config.seed) if clusters > 1 else np.zeros(len(pool), np.int64)
@@ -105,7 +108,7 @@ def _train_policy_locked(model_dir: Path, pool_file, val_file, out: Path, config
 
 def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, steps: int, lr: float,
                          max_len: int = 2048, tokenizer_dir=None, sample: bool = False, seed: int = 0,
-                         skip_bad: bool = False, echo=print) -> Path:
+                         skip_bad: bool = False, echo=print, dedupe: bool = False) -> Path:
     """Fine-tunes the base model for ``steps`` steps on the policy's selections; writes
     ``out_dir/final`` (HF model) and ``out_dir/selections.json`` (indices per step).
 
@@ -122,11 +125,12 @@ def finetune_with_policy(model_dir, pool_file, val_file, policy_dir, out_dir, st
     model_dir, policy_dir, out = Path(model_dir), Path(policy_dir), Path(out_dir)
     with directory_lock(out) if parallel.is_writer() else contextlib.nullcontext():
         return _finetune_locked(model_dir, pool_file, val_file, policy_dir, out, steps, lr, max_len, tokenizer_dir,
-                                sample, seed, skip_bad, echo)
+                                sample, seed, skip_bad, echo, dedupe)
 
 
 def _finetune_locked(model_dir: Path, pool_file, val_file, policy_dir: Path, out: Path, steps: int, lr: float,
-                     max_len: int, tokenizer_dir, sample: bool, seed: int, skip_bad: bool, echo) -> Path:
+                     max_len: int, tokenizer_dir, sample: bool, seed: int, skip_bad: bool, echo,
+                     dedupe: bool = False) -> Path:
     from jraise.train import export_model
     from jraise.train.step import (
         assign_trainable,
@@ -137,7 +141,7 @@ def _finetune_locked(model_dir: Path, pool_file, val_file, policy_dir: Path, out
 
     meta = json.loads((policy_dir / "clusters.json").read_text())
     _, model, pool, val_pool, start = _load(model_dir, pool_file, val_file, max_len, skip_bad, echo,
-                                            where=out / "selections.json")
+                                            where=out / "selections.json", dedupe=dedupe)
     if pool.fingerprint != meta["pool_fingerprint"]:
         raise ValueError(f"{pool_file}: this is not the pool the policy in {policy_dir} was trained on "
                          f"(fingerprint {pool.fingerprint[:12]}..., policy's {meta['pool_fingerprint'][:12]}...)")
