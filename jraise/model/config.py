@@ -275,18 +275,24 @@ def _check_qwen3_full_attention(d: dict, source: str) -> None:
                          "attention in every layer")
 
 
-def read_config(model_dir: str | os.PathLike, **overrides) -> ModelConfig:
-    """Reads `<model_dir>/config.json` into a `ModelConfig`."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the model directory")
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file `path` (config.json, adapter_config.json, ...); a file that is not
+    valid JSON, or holds something other than an object, is a ValueError naming it."""
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return ModelConfig.from_hf_dict(d, source=str(path), **overrides)
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_config(model_dir: str | os.PathLike, **overrides) -> ModelConfig:
+    """Reads `<model_dir>/config.json` into a `ModelConfig`."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in the model directory")
+    return ModelConfig.from_hf_dict(read_json_object(path), source=str(path), **overrides)
 
 
 # Presets for tests and demos. `tiny` is for unit tests (milliseconds); `small` is the testbed and

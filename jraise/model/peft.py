@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.atomic import atomic_write_bytes, temp_sibling
+from jraise.model.config import read_json_object
 from jraise.model.hf import model_variables
 from jraise.model.lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, add_lora, attached_lora_config, has_lora
 from jraise.model.transformer import CausalLM, Projection, dtype_of
@@ -235,12 +236,7 @@ def read_adapter_settings(adapter_dir: str | os.PathLike) -> AdapterSettings:
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no PEFT adapter config (is {adapter_dir} a PEFT adapter directory?)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path)
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters ('LORA') are supported")
