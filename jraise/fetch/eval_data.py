@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -119,8 +120,5 @@ def fetch_eval_data(root: str | os.PathLike | None = None) -> Path:
                                                       for k, v in UNLABELLED_SETS.items()}}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return publish_directory(tmp, final)
-    except BaseException:
-        import shutil
-
+    finally:  # gone already when published; a failed build leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
