@@ -745,11 +745,16 @@ def demo_cmd(
     steps: Optional[int] = typer.Option(None, help="Update steps per method (default: the demo's 120)."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated subset of the methods (default: all)."),
     seed: int = typer.Option(0),
+    real: bool = typer.Option(False, "--real", help="The real-model study instead: SmolLM2-135M-Instruct + LoRA on "
+                              "real data (fetched into the cache on first use), about 20 minutes on 2 CPU cores."),
+    cache: Optional[Path] = typer.Option(None, help="With --real: cache directory (default: $JRAISE_CACHE, else "
+                                         "~/.cache/jraise)."),
 ):
     """The main job: every selection method at one budget on the built-in noisy testbed, as a table and a chart."""
     from jraise.demo import run_demo
 
-    run_demo(out, seed=seed, steps=steps, methods=tuple(methods.split(",")) if methods else None, echo=typer.echo)
+    run_demo(out, seed=seed, steps=steps, methods=tuple(methods.split(",")) if methods else None, echo=typer.echo,
+             real=real, cache=cache)
 
 
 DEBUG_ENV = "JRAISE_DEBUG"

@@ -11,8 +11,12 @@ per source set, records laid out as in `jraise.fetch.eval_sets`) and writes a di
   rejected}`` with the ``val`` record's id; ``chosen`` is the right answer, ``rejected`` a wrong
   option (multiple choice) or another pool record's answer of the same category that differs from
   the right one (generative sets; for ASDiv a different number).
-* ``test.jsonl``: `n_test` records per target category, as in the source (``options``/``answer``
-  for multiple choice, ``reference``/``references`` for generative sets).
+* ``test.jsonl``: `n_test` records per target category and `n_test_other` (default 0) per other
+  category, as in the source (``options``/``answer`` for multiple choice,
+  ``reference``/``references`` for generative sets).
+* ``val_other.jsonl`` (only when `n_val_other` > 0): `n_val_other` clean SFT records per
+  non-target category, for methods that measure every category (Beyond IID's Gamma). Selectors
+  told about the target task read ``val.jsonl`` only.
 * ``noise.jsonl``: the truth about the planted noise, ``{id, category, kind, clean_output}`` per
   noisy pool record. No selector may read it.
 * ``real_pool.json``: the manifest (seed, targets, noise, length policy, cap, counts per category,
@@ -25,7 +29,8 @@ Rules:
   template), or, with no tokenizer, at most `max_chars` characters. It applies to every split,
   so the held-out records are drawn from the same length range as the pool.
 * Held-out records: per target category, the length-passing records in a seeded order; the first
-  `n_val` with distinct content go to ``val``, the next `n_test` to ``test``.
+  `n_val` with distinct content go to ``val``, the next `n_test` to ``test``; per other category
+  likewise `n_val_other` to ``val_other`` and `n_test_other` to ``test``.
 * Disjointness by content (`content_key`: the question text, i.e. passage and question without
   the option lines and the answer-format line, case-folded, punctuation and spacing dropped): no
   two held-out records share a key, and no pool record, of any category, shares a key with a
@@ -171,12 +176,14 @@ def split_held_out(records: Sequence[dict], n_val: int, n_test: int, taken: Coll
     val, test, rest, seen = [], [], [], set(taken)
     for record in records:
         key = content_key(record)
-        if key in seen or len(test) == n_test:
+        if key in seen:
             rest.append(record)
         elif len(val) < n_val:
             val.append(record)
-        else:
+        elif len(test) < n_test:
             test.append(record)
+        else:
+            rest.append(record)
         seen.add(key)
     if len(val) < n_val or len(test) < n_test:
         category = records[0]["category"] if records else "?"
@@ -328,7 +335,7 @@ def preference_pair(record: dict, answers: Sequence[str], rng: np.random.Generat
 
 
 def _check_arguments(sources: Mapping[str, Sequence[dict]], targets: Sequence[str], noise: float, n_val: int,
-                     n_test: int, per_category: int | None) -> None:
+                     n_test: int, per_category: int | None, n_val_other: int = 0, n_test_other: int = 0) -> None:
     unknown = [t for t in targets if t not in sources]
     if unknown:
         raise ValueError(f"unknown target categories {unknown}; known: {', '.join(sources)}")
@@ -340,6 +347,8 @@ def _check_arguments(sources: Mapping[str, Sequence[dict]], targets: Sequence[st
         raise ValueError(f"need n_val >= 0 and n_test >= 1, got {n_val} and {n_test}")
     if per_category is not None and per_category < 1:
         raise ValueError(f"per_category must be >= 1 or None, got {per_category}")
+    if n_val_other < 0 or n_test_other < 0:
+        raise ValueError(f"need n_val_other >= 0 and n_test_other >= 0, got {n_val_other} and {n_test_other}")
 
 
 def build_real_pool(
@@ -354,26 +363,33 @@ def build_real_pool(
     per_category: int | None = PER_CATEGORY_CAP,
     lengths: Mapping[str, Sequence[int]] | None = None,
     max_length: int | None = None,
+    n_val_other: int = 0,
+    n_test_other: int = 0,
 ) -> tuple[dict[str, list[dict]], dict[str, dict[str, int]]]:
     """The splits (`SPLITS`) and per-category counts of a pool built from `sources`.
 
     `sources` maps a category to its source records; `lengths` (same shape) and `max_length` give
     the length policy (None: keep every record). Counts per category: ``source``, ``too_long``,
     ``val``, ``test``, ``same_content_as_held_out`` (pool candidates dropped for disjointness),
-    ``over_cap``, ``pool``, ``noisy``.
+    ``over_cap``, ``pool``, ``noisy``. The splits include ``val_other`` only when `n_val_other` > 0.
     """
-    _check_arguments(sources, targets, noise, n_val, n_test, per_category)
+    _check_arguments(sources, targets, noise, n_val, n_test, per_category, n_val_other, n_test_other)
     counts: dict[str, dict[str, int]] = {}
     candidates: dict[str, list[dict]] = {}
-    val, test, held_keys = [], [], set()
+    val, val_other, test, held_keys = [], [], [], set()
     for category, records in sources.items():
         kept = list(records)
         if max_length is not None and lengths is not None:
             kept = [r for r, n in zip(records, lengths[category]) if n <= max_length]
         ordered = permuted(kept, seeded_rng(seed, "order", category))
-        cat_val, cat_test, candidates[category] = (split_held_out(ordered, n_val, n_test, held_keys)
-                                                   if category in targets else ([], [], ordered))
-        val += cat_val
+        if category in targets:
+            cat_val, cat_test, candidates[category] = split_held_out(ordered, n_val, n_test, held_keys)
+            val += cat_val
+        elif n_val_other or n_test_other:
+            cat_val, cat_test, candidates[category] = split_held_out(ordered, n_val_other, n_test_other, held_keys)
+            val_other += cat_val
+        else:
+            cat_val, cat_test, candidates[category] = [], [], ordered
         test += cat_test
         held_keys |= {content_key(r) for r in cat_val + cat_test}
         counts[category] = {"source": len(records), "too_long": len(records) - len(kept),
@@ -398,6 +414,8 @@ def build_real_pool(
                 for r in val]
     splits = {"pool": [training_record(r) for r in pool], "val": [training_record(r) for r in val],
               "val_pref": val_pref, "test": test, "noise": truth}
+    if n_val_other:
+        splits["val_other"] = [training_record(r) for r in val_other]
     return splits, counts
 
 
@@ -462,12 +480,15 @@ def write_real_pool(
     max_chars: int = MAX_CHARS,
     tokenizer=None,
     categories: Sequence[str] | None = None,
+    n_val_other: int = 0,
+    n_test_other: int = 0,
 ) -> dict[str, Path]:
     """Builds the real pool from the evaluation sets in `eval_data_dir` and writes it to `out_dir`.
 
     Returns {split: path} for `SPLITS` plus "manifest". The length limit is `max_tokens` tokens of
     `tokenizer` when one is given, else `max_chars` characters; `per_category` None means no cap;
-    `categories` restricts the source sets (default: all). The same arguments give byte-identical
+    `categories` restricts the source sets (default: all); `n_val_other` / `n_test_other` hold out
+    records of the non-target categories too (``val_other.jsonl``; ``test.jsonl``). The same arguments give byte-identical
     files. The directory appears whole (built beside `out_dir`, then renamed); an existing
     `out_dir` is replaced only when it is empty or an earlier real pool.
     """
@@ -476,7 +497,9 @@ def write_real_pool(
     max_length = max_tokens if tokenizer is not None else max_chars
     splits, counts = build_real_pool(sources, targets=tuple(targets), normalisers=normalisers, noise=noise,
                                      seed=seed, n_val=n_val, n_test=n_test, per_category=per_category,
-                                     lengths=lengths, max_length=max_length)
+                                     lengths=lengths, max_length=max_length, n_val_other=n_val_other,
+                                     n_test_other=n_test_other)
+    written = [split for split in (*SPLITS, "val_other") if split in splits]
     kinds_used = {kind: sum(t["kind"] == kind for t in splits["noise"]) for kind in NOISE_KINDS}
     manifest = {
         "seed": seed,
@@ -484,6 +507,7 @@ def write_real_pool(
         "noise": noise,
         "n_val": n_val,
         "n_test": n_test,
+        **({"n_val_other": n_val_other, "n_test_other": n_test_other} if n_val_other or n_test_other else {}),
         "per_category": per_category,
         "length_policy": {
             "unit": "tokens" if tokenizer is not None else "characters",
@@ -497,14 +521,14 @@ def write_real_pool(
         "noise_kinds": kinds_used,
         "categories": counts,
         "source": {"dir": Path(eval_data_dir).name, "manifest_sha256": source_sha},
-        "files": {split: f"{split}.jsonl" for split in SPLITS},
+        "files": {split: f"{split}.jsonl" for split in written},
     }
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        for split in SPLITS:
+        for split in written:
             atomic_write_jsonl(tmp / f"{split}.jsonl", splits[split])
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         umask = os.umask(0)
@@ -514,4 +538,4 @@ def write_real_pool(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {**{split: out / f"{split}.jsonl" for split in SPLITS}, "manifest": out / MANIFEST}
+    return {**{split: out / f"{split}.jsonl" for split in written}, "manifest": out / MANIFEST}

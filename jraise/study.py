@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,6 +61,10 @@ ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", 
 # records of the target categories, the best a selector at this budget can hope to pick, so the
 # table shows how much room selection has (measured: random 0.16, oracle 0.28 target EM, 3 seeds; BUILD_NOTES).
 REFERENCE_METHODS = ("full_run", "oracle")
+# ROSE with the base model's own answers as the rejected side, whatever ``rose_pairs`` says: the real
+# study runs it beside "rose" (the pool's real preference pairs); not in the testbed's default list.
+EXTRA_METHODS = ("rose_model",)
+KNOWN_METHODS = ALL_METHODS + EXTRA_METHODS + REFERENCE_METHODS
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class StudyConfig:
     influence_proj_dim: int = 1024
     influence_warmup_epochs: int = 2
     influence_adam_first_moment: bool = False
+    # True: LESS and ROSE rows of a seed share one work directory (warmup run and train-side
+    # feature stores, whose identities make the reuse exact), so the second of them computes only
+    # its validation side; its selection seconds then leave out the shared part.
+    influence_shared_work: bool = False
     # ROSE's validation pairs: "model" (chosen = the right answer, rejected = the base model's own greedy
     # answer; `jraise.select.preference_pairs`) or "testbed" (the testbed's near misses: the right answer
     # with one letter or digit changed). Near-miss pairs' DPO gradients share almost no task direction
@@ -121,12 +130,16 @@ class StudyConfig:
     # which puts every category in the middle tier (measured: seed 0, 40- and 120-step Gammas).
     dt_csft_tier_method: str = "net_asymmetry"
     full_run_epochs: int = 3
+    # Fine-tuning (every row, SSPL, RAISE's learner and Gamma's runs): 0 trains every weight (the
+    # testbed's small model); r > 0 trains rank-r LoRA adapters on q, k, v, o (alpha = 2r) and keeps
+    # the base frozen (the real study's pretrained model).
+    lora_rank: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in ALL_METHODS + REFERENCE_METHODS]
+        unknown = [m for m in self.methods if m not in KNOWN_METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS + REFERENCE_METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(KNOWN_METHODS)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         from jraise.model.config import PRESETS
@@ -141,6 +154,14 @@ class StudyConfig:
             raise ValueError(f"dt_csft_tier_method must be depth or net_asymmetry, got {self.dt_csft_tier_method!r}")
         if self.batch_size % self.raise_clusters and {"raise", "raise_sampled"} & set(self.methods):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of raise_clusters {self.raise_clusters}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+
+    def model_identity(self):
+        """What the rows' model depends on, beyond its name (`options_key`): the preset's definition."""
+        from jraise.model.config import PRESETS
+
+        return PRESETS[self.base_preset]
 
 
 def demo_config(**overrides) -> StudyConfig:
@@ -249,23 +270,25 @@ def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
 
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
                       out: Path) -> np.ndarray:
-    if method in ("less", "rose"):
+    if method in ("less", "rose", "rose_model"):
         from jraise.select.influence_run import (
             InfluenceRunConfig,
             run_influence_selection,
         )
 
-        influence = InfluenceRunConfig(method=method, fraction=config.fraction, warmup_fraction=config.fraction,
+        influence = InfluenceRunConfig(method=method.removesuffix("_model"), fraction=config.fraction, warmup_fraction=config.fraction,
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
                                        warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,
                                        lora_alpha=2.0 * config.influence_lora_rank, max_len=config.max_len,
                                        proj_dim=config.influence_proj_dim, seed=seed,
                                        adam_first_moment=config.influence_adam_first_moment)
         val = paths["val_target"]
-        if method == "rose":
+        if method in ("rose", "rose_model"):
             val = (_model_answer_pairs(base_dir, paths, out.with_name("val_pref_model.jsonl"))
-                   if config.rose_pairs == "model" else paths["val_pref_target"])
-        selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, echo=lambda *_: None)
+                   if method == "rose_model" or config.rose_pairs == "model" else paths["val_pref_target"])
+        work_dir = out.parent.parent / "influence_work" if config.influence_shared_work else None
+        selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, work_dir=work_dir,
+                                            echo=lambda *_: None)
     else:
         from jraise.select.baselines import run_baseline
 
@@ -274,14 +297,28 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
     return np.asarray(selection.indices)
 
 
-def oracle_indices(records: Sequence[dict], targets: set, fraction: float, seed: int) -> np.ndarray:
+class PoolTruth(NamedTuple):
+    """What the study knows about its pool and no selector sees: each record's category and
+    whether its output is planted noise (bool [n])."""
+
+    categories: tuple[str, ...]
+    noisy: np.ndarray
+
+
+def truth_from_meta(records: Sequence[dict]) -> PoolTruth:
+    """The testbed's ground truth, read from its records' ``meta``."""
+    return PoolTruth(tuple(r["meta"]["category"] for r in records),
+                     np.array([bool(r["meta"]["noisy"]) for r in records], bool))
+
+
+def oracle_indices(truth: PoolTruth, targets: set, fraction: float, seed: int) -> np.ndarray:
     """``fraction`` of the pool (as many records as a selector picks) drawn uniformly from the clean
-    records of the ``targets`` categories, read from the testbed's ground truth ``meta``: the
-    reference selection no selector can see. All of them when there are fewer."""
-    clean_target = [i for i, r in enumerate(records) if r["meta"]["category"] in targets and not r["meta"]["noisy"]]
+    records of the ``targets`` categories, read from the ground truth: the reference selection no
+    selector can see. All of them when there are fewer."""
+    clean_target = [i for i, (c, noisy) in enumerate(zip(truth.categories, truth.noisy)) if c in targets and not noisy]
     if not clean_target:
         raise ValueError(f"the pool has no clean records of the targets {sorted(targets)}")
-    k = min(len(clean_target), max(1, round(fraction * len(records))))
+    k = min(len(clean_target), max(1, round(fraction * len(truth.categories))))
     return np.sort(np.random.default_rng(seed).choice(np.asarray(clean_target), size=k, replace=False))
 
 
@@ -297,14 +334,25 @@ def full_run_steps(config: StudyConfig) -> int:
     return config.full_run_epochs * math.ceil(config.n_pool / config.batch_size)
 
 
+def tunable_model(base_dir: Path, config: StudyConfig, seed: int):
+    """The base model as fine-tuning starts from it: with fresh LoRA adapters when ``lora_rank``."""
+    from jraise.model import load_model
+
+    model, _ = load_model(base_dir)
+    if config.lora_rank:
+        from jraise.model.lora import LoRAConfig, add_lora
+
+        add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=2.0 * config.lora_rank), seed=seed)
+    return model
+
+
 def _finetune_on(base_dir: Path, pool, order, config: StudyConfig, seed: int, run_dir: Path,
                  epochs: int | None = None):
     """The base fine-tuned for ``config.steps`` updates in ``order`` (None: the trainer's epoch
     orders over the whole pool); ``epochs``: instead, that many whole epochs (no step cap)."""
-    from jraise.model import load_model
     from jraise.train import TrainConfig, train
 
-    model, _ = load_model(base_dir)
+    model = tunable_model(base_dir, config, seed)
     max_steps = None if epochs is not None else config.steps
     if epochs is None:
         epochs = len(order) if order is not None else 1000
@@ -322,7 +370,7 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
     if method == "sspl":
         from jraise.select.self_paced import self_paced_finetune
 
-        model, _ = load_model(base_dir)
+        model = tunable_model(base_dir, config, seed)
         pool = load_pool(paths["pool"], load_tokenizer(base_dir), max_len=config.max_len)
         t0 = time.perf_counter()
         model, indices = self_paced_finetune(model, pool, config.steps, config.batch_size, config.lr,
@@ -344,7 +392,7 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
         t0 = time.perf_counter()
         train_raise_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, raise_config,
                            clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
-                           echo=lambda *_: None)
+                           lora_rank=config.lora_rank, echo=lambda *_: None)
         saved = {**settings, "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_text(stamp, json.dumps(saved) + "\n")
     final = finetune_with_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, run_dir / "deployed",
@@ -388,11 +436,19 @@ def _beyond_iid_run(method: str, base_dir: Path, pool, paths: dict, config: Stud
 # The study
 
 
-def _shares(records: Sequence[dict], indices: np.ndarray, targets: set) -> tuple[float, float]:
-    picked = [records[i] for i in indices if i >= 0]
-    noisy = float(np.mean([r["meta"]["noisy"] for r in picked]))
-    target = float(np.mean([r["meta"]["category"] in targets for r in picked]))
-    return noisy, target
+def _shares(truth: PoolTruth, indices: np.ndarray, targets: set) -> dict:
+    """Shares of the picked records (every one trained on, repeats counted) that are noisy, that are
+    targets, and that are clean targets."""
+    picked = np.asarray([i for i in np.asarray(indices).reshape(-1) if i >= 0], np.int64)
+    is_target = np.array([truth.categories[i] in targets for i in picked], bool)
+    noisy = truth.noisy[picked]
+    return {"noisy_share": float(noisy.mean()), "target_share": float(is_target.mean()),
+            "clean_target_share": float((is_target & ~noisy).mean())}
+
+
+def pool_shares(truth: PoolTruth, targets: set) -> dict:
+    """The same shares for the whole pool: what a selector's shares are compared with."""
+    return _shares(truth, np.arange(len(truth.categories)), targets)
 
 
 def _test_scores(model, tok, test_file: Path, targets: set) -> dict:
@@ -407,13 +463,42 @@ def _test_scores(model, tok, test_file: Path, targets: set) -> dict:
             "target_loss": float(np.mean([losses[c]["per_token"] for c in targets])), "per_category": per_cat}
 
 
-def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int, work: Path) -> dict:
+class TestbedBench:
+    """The study's data and scores on the built-in testbed: a base model trained from scratch
+    (`build_base`), a fresh noisy testbed per seed (`seed_data`), exact match and response loss on
+    the test split. ``columns``: (row key, table header, digits)."""
+
+    name = "built-in testbed"
+    columns = (("target_em", "target EM", 2), ("all_em", "all EM", 2), ("target_loss", "target loss", 3),
+               ("noisy_share", "noisy share", 2), ("target_share", "target share", 2),
+               ("select_seconds", "selection s", 0))
+    score_label = "test exact match"
+
+    def base(self, work: Path, config: StudyConfig, echo: Callable[[str], None]) -> Path:
+        return build_base(work, config, echo)
+
+    def seed_data(self, work: Path, config: StudyConfig, seed: int) -> tuple[dict[str, Path], PoolTruth]:
+        paths = seed_data(work, config, seed)
+        return paths, truth_from_meta(_read_jsonl(paths["pool"]))
+
+    def scores(self, model, tok, paths: dict, config: StudyConfig) -> dict:
+        return _test_scores(model, tok, paths["test"], set(config.targets))
+
+
+TESTBED = TestbedBench()
+
+
+def run_method(method: str, base_dir: Path, paths: dict, truth: PoolTruth, config: StudyConfig, seed: int,
+               work: Path, bench=TESTBED) -> dict:
     """One row of the study: fine-tune by ``method`` at the common budget and evaluate."""
     from jraise.data.pool import load_pool
     from jraise.model import load_tokenizer
 
     tok = load_tokenizer(base_dir)
     pool = load_pool(paths["pool"], tok, max_len=config.max_len)
+    if len(pool) != len(truth.categories):
+        raise ValueError(f"{paths['pool']}: {len(pool)} records load, but its ground truth covers "
+                         f"{len(truth.categories)}")
     run_dir = work / f"seed{seed}" / method
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or other-settings attempt
     t0 = time.perf_counter()
@@ -426,7 +511,7 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
         if method in ("full", "full_run"):
             indices, order, select_s = np.arange(len(pool)), None, 0.0
         elif method == "oracle":
-            indices = oracle_indices(pool.records, set(config.targets), config.fraction, seed)
+            indices = oracle_indices(truth, set(config.targets), config.fraction, seed)
             select_s, order = 0.0, _epoch_orders(indices, config.steps, config.batch_size, seed)
         else:
             indices = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
@@ -434,15 +519,16 @@ def run_method(method: str, base_dir: Path, paths: dict, config: StudyConfig, se
             order = _epoch_orders(indices, config.steps, config.batch_size, seed)
         model = _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune", epochs)
         trained_on = indices
-    noisy, target_share = _shares(pool.records, trained_on, set(config.targets))
-    scores = _test_scores(model, tok, paths["test"], set(config.targets))
-    return {"method": method, "seed": seed, **scores, "noisy_share": noisy, "target_share": target_share,
-            "select_seconds": round(select_s, 1), "total_seconds": round(time.perf_counter() - t0, 1)}
+    shares = _shares(truth, trained_on, set(config.targets))
+    scores = bench.scores(model, tok, paths, config)
+    return {"method": method, "seed": seed, **scores, **shares, "select_seconds": round(select_s, 1),
+            "total_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # Option groups only some methods read: a row's key leaves out the groups its method does not read,
 # so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
-METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_", "rose_"), "ee_cpo": ("gamma_", "ee_cpo_"),
+METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_", "rose_"), "rose_model": ("influence_",),
+                          "ee_cpo": ("gamma_", "ee_cpo_"),
                           "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
                           "raise_sampled": ("raise_",), "full_run": ("full_run_",)}
 _ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))
@@ -452,11 +538,9 @@ def options_key(config: StudyConfig, tag: str, own: tuple[str, ...]) -> str:
     """A hash of ``tag`` and every option but the method and seed lists and the option groups
     (`METHOD_OPTION_PREFIXES`) other than ``own``: what a result computed from those options
     depends on."""
-    from jraise.model.config import PRESETS
-
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("methods", "seeds") and (not k.startswith(_ALL_PREFIXES) or k.startswith(own))}
-    settings["base_model"] = PRESETS[config.base_preset]  # the preset's definition, not only its name
+    settings["base_model"] = config.model_identity()  # the model's definition, not only its name
     return hashlib.sha256(json.dumps({"method": tag, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -466,57 +550,60 @@ def settings_key(config: StudyConfig, method: str) -> str:
     return options_key(config, method, METHOD_OPTION_PREFIXES.get(method, ()))
 
 
-def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Callable[[str], None] = print) -> dict:
+def _row_line(row: dict, columns) -> str:
+    return "  ".join(f"{header} {row[key]:.{digits}f}" for key, header, digits in columns if key in row)
+
+
+def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Callable[[str], None] = print,
+              bench=TESTBED) -> dict:
     """Runs (or resumes: finished rows are kept in ``rows.jsonl`` and reused when their settings
-    match, see `settings_key`) the study into ``work``."""
+    match, see `settings_key`) the study into ``work``, on ``bench``'s data and scores (default: the
+    built-in testbed; `jraise.study_real.RealBench` for the real model and data). Returns
+    ``{"config", "base", "rows", "pool"}`` (``pool``: the first seed's pool shares, `pool_shares`)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "study_config.json", json.dumps(asdict(config), indent=2) + "\n")
     rows_file = work / "rows.jsonl"
     old = _read_jsonl(rows_file) if rows_file.exists() else []
     done = {(r["method"], r["seed"]): r for r in old if r.get("settings") == settings_key(config, r["method"])}
-    base_dir = build_base(work, config, echo)
-    base_row = None
+    base_dir = bench.base(work, config, echo)
+    base_row = pool_row = None
     rows = []
     for seed in config.seeds:
-        paths = seed_data(work, config, seed)
+        paths, truth = bench.seed_data(work, config, seed)
         if base_row is None:
             from jraise.model import load_model, load_tokenizer
 
+            pool_row = pool_shares(truth, set(config.targets))
             base_row = {"method": "base (no fine-tune)", "seed": seed,
-                        **_test_scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths["test"],
-                                       set(config.targets))}
-            echo(f"base model: target EM {base_row['target_em']:.2f}, all EM {base_row['all_em']:.2f}, "
-                 f"target loss {base_row['target_loss']:.3f}")
+                        **bench.scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths, config)}
+            echo(f"base model: {_row_line(base_row, bench.columns)}")
         for method in config.methods:
             row = done.get((method, seed))
             if row is None:
-                row = {**run_method(method, base_dir, paths, config, seed, work),
+                row = {**run_method(method, base_dir, paths, truth, config, seed, work, bench),
                        "settings": settings_key(config, method)}
                 append_jsonl(rows_file, row)
             rows.append(row)
-            echo(f"seed {seed} {method:>10}: target EM {row['target_em']:.2f}  all EM {row['all_em']:.2f}  "
-                 f"target loss {row['target_loss']:.3f}  "
-                 f"noisy {row['noisy_share']:.2f}  target share {row['target_share']:.2f}  "
-                 f"({row['total_seconds']:.0f} s)")
-    return {"config": asdict(config), "base": base_row, "rows": rows}
+            echo(f"seed {seed} {method:>10}: {_row_line(row, bench.columns)}  ({row['total_seconds']:.0f} s)")
+    return {"config": asdict(config), "base": base_row, "rows": rows, "pool": pool_row}
 
 
 # ----------------------------------------------------------------------------------------------
 # Summaries
 
 
-COLUMNS = ("target_em", "all_em", "target_loss", "noisy_share", "target_share", "select_seconds")
+COLUMNS = tuple(key for key, _, _ in TestbedBench.columns)
 
 
-def summarise(rows: Sequence[dict]) -> list[dict]:
+def summarise(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> list[dict]:
     """Mean and standard deviation over seeds of every column, per method (first-seen order)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         entry = {"method": method, "n_seeds": len(mine)}
-        for col in COLUMNS:
+        for col in columns:
             values = np.array([r[col] for r in mine], np.float64)
             entry[col] = float(values.mean())
             entry[col + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -524,24 +611,27 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(summary: Sequence[dict], base: dict | None = None) -> str:
-    def cell(entry, col, digits=2):
+def markdown_table(summary: Sequence[dict], base: dict | None = None, columns=TestbedBench.columns) -> str:
+    """The summary as a markdown table; ``columns``: (key, header, digits); the base row shows the
+    columns it has."""
+    def cell(entry, col, digits):
         value = f"{entry[col]:.{digits}f}"
         return value + (f" ± {entry[col + '_std']:.{digits}f}" if entry["n_seeds"] > 1 else "")
 
-    lines = ["| method | target EM | all EM | target loss | noisy share | target share | selection s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | " + " | ".join(header for _, header, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     if base is not None:
-        lines.append(f"| {base['method']} | {base['target_em']:.2f} | {base['all_em']:.2f} | "
-                     f"{base['target_loss']:.3f} | | | |")
+        lines.append(f"| {base['method']} | " + " | ".join(f"{base[key]:.{digits}f}" if key in base else ""
+                                                          for key, _, digits in columns) + " |")
     for e in summary:
-        lines.append(f"| {e['method']} | {cell(e, 'target_em')} | {cell(e, 'all_em')} | {cell(e, 'target_loss', 3)} | "
-                     f"{cell(e, 'noisy_share')} | {cell(e, 'target_share')} | {cell(e, 'select_seconds', 0)} |")
+        lines.append(f"| {e['method']} | " + " | ".join(cell(e, key, digits) for key, _, digits in columns) + " |")
     return "\n".join(lines)
 
 
-def plot_summary(summary: Sequence[dict], path: str | Path) -> Path:
-    """Bar chart of target and all-category exact match per method (mean ± std over seeds)."""
+def plot_summary(summary: Sequence[dict], path: str | Path, bench=None) -> Path:
+    """Bar chart of the target and all-category scores (``bench.columns``' first two; default the
+    testbed's) per method (mean and std over seeds)."""
+    bench = bench or TESTBED
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,12 +640,13 @@ def plot_summary(summary: Sequence[dict], path: str | Path) -> Path:
     names = [e["method"] for e in summary]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 3.8))
-    for offset, col, label in ((-0.2, "target_em", "target categories"), (0.2, "all_em", "all categories")):
+    (target, _, _), (everything, _, _) = bench.columns[:2]
+    for offset, col, label in ((-0.2, target, "target categories"), (0.2, everything, "all categories")):
         ax.bar(x + offset, [e[col] for e in summary], 0.4, yerr=[e[col + "_std"] for e in summary], label=label,
                capsize=3)
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("test exact match")
-    ax.set_title("Selection methods at one budget (built-in testbed)")
+    ax.set_ylabel(bench.score_label)
+    ax.set_title(f"Selection methods at one budget ({bench.name})")
     ax.legend()
     fig.tight_layout()
     path = Path(path)

@@ -61,8 +61,9 @@ def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path)
         if saved.get("settings") == settings:
             return saved
     from jraise.data.pool import load_pool
-    from jraise.model import load_model, load_tokenizer
+    from jraise.model import load_tokenizer
     from jraise.select.intervention import InterventionConfig, measure_interactions
+    from jraise.study import tunable_model
 
     t0 = time.perf_counter()
     tok = load_tokenizer(base_dir)
@@ -73,7 +74,7 @@ def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path)
                                       schedule="constant", warmup_ratio=0.0, seed=seed, metric="loss",
                                       max_grad_norm=1.0, eval_batch_size=64,
                                       relative_self_effect_floor=config.gamma_relative_floor)
-    model, _ = load_model(base_dir)
+    model = tunable_model(base_dir, config, seed)  # LoRA adapters when the study tunes by LoRA
     measured = measure_interactions(model, pool, val_pool, intervention, gamma_dir, mode="sequential",
                                     tokenizer=tok, progress=False)
     result = {"settings": settings, "names": list(measured["names"]),

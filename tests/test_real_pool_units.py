@@ -211,3 +211,38 @@ def test_build_real_pool_keeps_held_out_content_out_of_every_category():
     assert counts["quiz"]["pool"] == counts["trivia"]["pool"] == 5 and len(splits["pool"]) == 10
     assert len(splits["noise"]) == 5
     assert all(set(r) == {"id", "category", "instruction", "output"} for r in splits["pool"] + splits["val"])
+
+
+def test_other_categories_can_hold_out_val_and_test_records_disjoint_from_the_pool():
+    quiz = [mc(f"q-{i}", f"Quiz question {i}?", [f"yes {i}", f"no {i}"], 0) for i in range(12)]
+    trivia = [gen(f"t-{i}", f"Trivia question {i}", f"answer {i}") for i in range(12)]
+    default, _ = build_real_pool({"quiz": quiz, "trivia": trivia}, targets=["quiz"], noise=0.0, seed=3, n_val=2,
+                                 n_test=3, per_category=None)
+    assert "val_other" not in default and {r["category"] for r in default["test"]} == {"quiz"}
+    splits, counts = build_real_pool({"quiz": quiz, "trivia": trivia}, targets=["quiz"], noise=0.0, seed=3, n_val=2,
+                                     n_test=3, per_category=None, n_val_other=2, n_test_other=4)
+    # The target's held-out records and the pool's target part are the same as without the option.
+    assert splits["val"] == default["val"]
+    assert [r for r in splits["test"] if r["category"] == "quiz"] == default["test"]
+    assert len(splits["val_other"]) == 2 and {r["category"] for r in splits["val_other"]} == {"trivia"}
+    assert sum(r["category"] == "trivia" for r in splits["test"]) == 4
+    assert counts["trivia"]["val"] == 2 and counts["trivia"]["test"] == 4 and counts["trivia"]["pool"] == 6
+    held = {content_key(r) for r in splits["val"] + splits["val_other"] + splits["test"]}
+    source = {r["id"]: r for r in quiz + trivia}
+    assert len(held) == 11 and not held & {content_key(source[r["id"]]) for r in splits["pool"]}
+    assert all(set(r) == {"id", "category", "instruction", "output"} for r in splits["val_other"])
+    # Only test records, no val ones, for the other categories: val_other is absent, test has them.
+    only_test, _ = build_real_pool({"quiz": quiz, "trivia": trivia}, targets=["quiz"], noise=0.0, seed=3, n_val=2,
+                                   n_test=3, per_category=None, n_test_other=4)
+    assert "val_other" not in only_test and sum(r["category"] == "trivia" for r in only_test["test"]) == 4
+    with pytest.raises(ValueError, match="trivia"):
+        build_real_pool({"quiz": quiz, "trivia": trivia}, targets=["quiz"], n_val=2, n_test=3, per_category=None,
+                        n_test_other=20)
+    with pytest.raises(ValueError, match="n_val_other"):
+        build_real_pool({"quiz": quiz, "trivia": trivia}, targets=["quiz"], n_val_other=-1)
+
+
+def test_split_held_out_fills_val_alone_when_no_test_records_are_asked():
+    records = [gen(f"t-{i}", f"Question {i}", f"answer {i}") for i in range(5)]
+    val, test, rest = split_held_out(records, 2, 0)
+    assert [r["id"] for r in val] == ["t-0", "t-1"] and test == [] and [r["id"] for r in rest] == ["t-2", "t-3", "t-4"]

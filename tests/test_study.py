@@ -37,18 +37,19 @@ def test_study_config_rejects_unknown_methods_and_bad_fraction():
 
 
 def test_oracle_indices_draw_the_clean_target_records():
-    from jraise.study import oracle_indices
+    from jraise.study import oracle_indices, truth_from_meta
 
     records = [{"meta": {"category": c, "noisy": n}} for c in ("a", "b", "c") for n in (False, True) for _ in range(10)]
-    picked = oracle_indices(records, {"a", "b"}, fraction=0.25, seed=0)
+    truth = truth_from_meta(records)
+    picked = oracle_indices(truth, {"a", "b"}, fraction=0.25, seed=0)
     assert len(picked) == 15 and len(set(picked.tolist())) == 15  # round(0.25 x 60), no repeats
     assert all(records[i]["meta"]["category"] in "ab" and not records[i]["meta"]["noisy"] for i in picked)
-    assert np.array_equal(picked, oracle_indices(records, {"a", "b"}, fraction=0.25, seed=0))
-    assert not np.array_equal(picked, oracle_indices(records, {"a", "b"}, fraction=0.25, seed=1))
+    assert np.array_equal(picked, oracle_indices(truth, {"a", "b"}, fraction=0.25, seed=0))
+    assert not np.array_equal(picked, oracle_indices(truth, {"a", "b"}, fraction=0.25, seed=1))
     # Fewer clean target records than the budget: all of them.
-    assert sorted(oracle_indices(records, {"a"}, fraction=0.5, seed=0).tolist()) == list(range(10))
+    assert sorted(oracle_indices(truth, {"a"}, fraction=0.5, seed=0).tolist()) == list(range(10))
     with pytest.raises(ValueError, match="no clean records"):
-        oracle_indices(records, {"z"}, fraction=0.25, seed=0)
+        oracle_indices(truth, {"z"}, fraction=0.25, seed=0)
 
 
 def test_settings_key_of_a_row_ignores_other_methods_options():

@@ -64,6 +64,7 @@ from jraise.data.formats import (
 from jraise.data.pool import InstructionPool, load_pool, skipped_summary
 from jraise.data.testbed import user_prompt
 from jraise.eval import metrics
+from jraise.eval.shared_prefix import batch_sums, plan_batches, scatter
 from jraise.model.generate import generate, left_pad
 
 KINDS = ("loss", "exact_match", "multiple_choice")
@@ -533,9 +534,16 @@ def _option_sequences(tokenizer, prompt: list[dict], choices: Sequence[str], inc
 
 def option_log_probs(model, tokenizer, prompts: Sequence[list[dict]], choices: Sequence[Sequence[str]],
                      include_eos: bool = True, batch_size: int = 16, n_buckets: int = 4,
-                     wheres: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     wheres: Sequence[str] | None = None, *,
+                     shared_prefix: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed log-prob and scored-token count of every option of every question, flattened in
-    question order, with ``offsets`` [Q+1] (question q's options are rows offsets[q]:offsets[q+1])."""
+    question order, with ``offsets`` [Q+1] (question q's options are rows offsets[q]:offsets[q+1]).
+
+    With ``shared_prefix`` (the default) each question's common token prefix is run once and only
+    the options' own tokens per option (`jraise.eval.shared_prefix`); otherwise every option is
+    scored as a whole sequence in ``batch_size``-row batches. Both give the same numbers up to
+    float rounding.
+    """
     wheres = wheres or [f"question {q}" for q in range(len(prompts))]
     rendered, offsets = [], [0]
     for prompt, opts, where in zip(prompts, choices, wheres):
@@ -552,13 +560,20 @@ def option_log_probs(model, tokenizer, prompts: Sequence[list[dict]], choices: S
         if not mask.any():
             raise ValueError(f"{wheres[owner[row]]}: field 'options': option {row - offsets[owner[row]]} "
                              "has no tokens of its own to score (it merges into the prompt's last token)")
+    sums, counts = np.zeros(len(sequences)), np.zeros(len(sequences))
+    graphdef, state = metrics.split_for_eval(model)
+    pad_id = _pad_id(tokenizer)
+    if shared_prefix:
+        batches = plan_batches(sequences, offsets, pad_id, batch_size, n_buckets, BUCKET_QUANTUM)
+        with _progress(len(batches), "multiple choice") as bar:
+            for batch in batches:
+                scatter(batch, *batch_sums(graphdef, state, batch), sums, counts)
+                bar.update(1)
+        return sums, counts, np.asarray(offsets)
     lengths = [len(tokens) for tokens, _ in sequences]
     buckets = _buckets(lengths, n_buckets)
     order = np.argsort(lengths, kind="stable")
     rows = batch_size
-    sums, counts = np.zeros(len(sequences)), np.zeros(len(sequences))
-    graphdef, state = metrics.split_for_eval(model)
-    pad_id = _pad_id(tokenizer)
     with _progress(-(-len(sequences) // rows), "multiple choice") as bar:
         for chunk in _chunks(order, rows):
             length = pick_bucket(max(lengths[i] for i in chunk), buckets)

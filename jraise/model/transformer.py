@@ -219,6 +219,10 @@ class CausalLM(nnx.Module):
     def _embed(self, input_ids):
         return self.embed_tokens[...][input_ids].astype(dtype_of(self.config.dtype))
 
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) of final hidden states [..., D] (the LM head, tied or not)."""
+        return self._logits(h)
+
     def _logits(self, h):
         if self.lm_head is None:
             emb = self.embed_tokens[...].astype(h.dtype)
@@ -254,6 +258,12 @@ class CausalLM(nnx.Module):
         `cache` is a tuple of per-layer (k, v) arrays [B, S, K, H]; `key_valid` [B, S] marks the
         slots holding real tokens (false for left padding). Returns (logits, new cache).
         """
+        hidden, new_cache = self.hidden_with_cache(input_ids, positions, cache, cache_index, key_valid)
+        return self._logits(hidden), new_cache
+
+    def hidden_with_cache(self, input_ids, positions, cache, cache_index, key_valid):
+        """`forward_with_cache` without the LM head: (final normed hidden states [B, T, D], new
+        cache), for callers that need logits at a few positions only."""
         t = input_ids.shape[1]
         s = cache[0][0].shape[1]
         mask = causal_padding_mask(cache_index + jnp.arange(t), jnp.arange(s), key_valid, self.config.sliding_window)
@@ -262,7 +272,7 @@ class CausalLM(nnx.Module):
         for layer, layer_cache in zip(self.layers, cache):
             x, c = layer(x, positions, mask, layer_cache, cache_index)
             new_cache.append(c)
-        return self._logits(self.norm(x)), tuple(new_cache)
+        return self.norm(x), tuple(new_cache)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

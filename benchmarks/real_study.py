@@ -1,0 +1,61 @@
+"""The real-model study: every selection method at one budget on SmolLM2-135M-Instruct + LoRA and real data.
+
+Runs `jraise.study_real` (the protocol is in its docstring) and writes
+``benchmarks/results/real_study.{md,json,png}`` from this run's rows: the table (target and
+all-category accuracy, noisy / target / clean-target share of what each method trained on,
+selection seconds), accuracy per category, the oracle's margin over the base model and random in
+standard errors, and LESS's / ROSE's clean-target share against the pool's. The work directory
+keeps finished rows, so an interrupted run resumes where it stopped (a fresh ``--work``
+recomputes everything); ``--methods`` runs a subset; ``--size gpu`` scales pool, steps and seeds up.
+
+    python benchmarks/real_study.py --work /tmp/jraise_real_study              # one seed, every method
+    python benchmarks/real_study.py --work /tmp/jraise_real_study --seeds 0,1,2 --methods random,less,rose,raise
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> dict:
+    from jraise.study_real import SIZES, real_study_size, run_real_study, write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/jraise_real_study", help="work directory (resumable)")
+    parser.add_argument("--size", default="cpu", choices=tuple(SIZES))
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every method, the "
+                                                        "oracle and the complete full-data run)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's)")
+    parser.add_argument("--targets", default=None, help="comma-separated target categories (default: the size's)")
+    parser.add_argument("--cache", default=None, help="jraise cache (default $JRAISE_CACHE or ~/.cache/jraise)")
+    parser.add_argument("--out", default=str(RESULTS / "real_study"), help="prefix of the .md/.json/.png")
+    args = parser.parse_args(argv)
+
+    overrides = {}
+    if args.methods:
+        overrides["methods"] = tuple(args.methods.split(","))
+    if args.seeds:
+        overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.targets:
+        overrides["targets"] = tuple(args.targets.split(","))
+    config = real_study_size(args.size, **overrides)
+    start = time.perf_counter()
+    result = run_real_study(args.work, config, cache=args.cache)
+    title = f"Real-model study: `python benchmarks/real_study.py {' '.join(argv or [])}`".rstrip()
+    text = write_report(result, config, args.out, title, time.perf_counter() - start)
+    print("\n" + text)
+    print(Path(args.out).with_suffix(".md"))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

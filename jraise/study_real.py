@@ -1,0 +1,341 @@
+"""The real-model study: every selection method at one budget on SmolLM2-135M-Instruct and the real pool.
+
+The protocol is the selection study's (`jraise.study`: same methods, budgets, fine-tunes and
+reference rows), with three things swapped for real ones by `RealBench`:
+
+* **Model.** The base is SmolLM2-135M-Instruct (`jraise.fetch.fetch_smollm2`: the pinned GGUF,
+  dequantised), never trained here. Every fine-tune (each row, SSPL, RAISE's learner, Gamma's
+  runs) trains rank-``lora_rank`` LoRA adapters on q, k, v, o (alpha = 2 x rank) with the base frozen;
+  the auxiliary model of perplexity, IFD, RDS, RAISE's features and ROSE's model-answer pairs is
+  the same base model.
+* **Data.** One real pool (`jraise.real_pool.write_real_pool`, seed ``pool_seed``), built once per
+  work directory and shared by every seed: the seeds vary the methods (selection randomness,
+  LoRA initialisation, batch order), not the data, so every row is scored on the same test
+  records. The selectors see ``pool.jsonl`` and the targets' few-shot ``val.jsonl`` /
+  ``val_pref.jsonl``; Gamma (EE-CPO, DT-CSFT) also reads ``val_other.jsonl`` (few records of every
+  other category: it measures how categories act on each other); nothing reads ``noise.jsonl``
+  or ``test.jsonl`` but the study's own truth and scores.
+* **Scores.** Per category of ``test.jsonl``: multiple-choice accuracy by option
+  log-likelihood (EOS included, unnormalised) or exact match after greedy decoding with the set's
+  normaliser (ASDiv: the number; NQ-open, TruthfulQA: the first reference). ``target_acc`` is
+  the mean over the targets, ``all_acc`` the mean over every category (macro: targets have
+  ``n_test`` records, the others ``n_test_other``).
+
+ROSE runs twice: ``rose`` on the pool's real preference pairs (chosen = the right answer, rejected =
+a wrong option), ``rose_model`` on model-answer pairs (rejected = the base model's greedy answer).
+LESS and the two ROSE rows share one warmup and one set of train-side features per seed
+(``influence_shared_work``), so the later rows' selection seconds count only their validation side.
+
+`RealStudyConfig` holds the CPU size (one seed of every method within 90 minutes on 2 cores,
+measured in BUILD_NOTES) and `real_study_size` the larger ones; `real_demo_config` the size
+`jraise demo --real` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jraise.atomic import atomic_write_jsonl, atomic_write_text
+from jraise.study import PoolTruth, StudyConfig
+
+# The categories whose short records are plentiful under the CPU length policy (96 tokens):
+# LogiQA, MedQA and PubMedQA have 6, 5 and 0 records that short, so they join at the larger sizes.
+CPU_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa", "asdiv", "nq_open", "truthfulqa",
+                  "hellaswag")
+REAL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "rose_model", "ee_cpo",
+                "dt_csft", "sspl", "raise", "raise_sampled")
+POOL_DIR = "pool"
+POOL_SETTINGS = "pool_settings.json"
+
+
+@dataclass(frozen=True)
+class RealStudyConfig(StudyConfig):
+    """The study's options (`StudyConfig`) at the real study's CPU size, plus the real pool's.
+
+    The testbed-only options (``n_pool``, ``base_*``) are unused: the pool's size follows from
+    ``categories`` x ``per_category`` and the length policy, and the base model is SmolLM2.
+    ``rose_pairs="testbed"`` means the data's own pairs, here the real pool's ``val_pref.jsonl``.
+    """
+
+    methods: tuple[str, ...] = REAL_METHODS + ("oracle", "full_run")
+    seeds: tuple[int, ...] = (0,)
+    targets: tuple[str, ...] = ("boolq", "piqa")
+    noise: float = 0.2
+    fraction: float = 0.05
+    steps: int = 16
+    batch_size: int = 8
+    lr: float = 5e-4
+    n_test: int = 300
+    max_len: int = 160
+    lora_rank: int = 8
+    influence_lora_rank: int = 8
+    influence_proj_dim: int = 1024
+    influence_warmup_epochs: int = 2
+    influence_adam_first_moment: bool = False
+    influence_shared_work: bool = True
+    rose_pairs: str = "testbed"
+    raise_episodes: int = 3
+    raise_steps: int = 16
+    raise_clusters: int = 4
+    sspl_refresh_every: int = 8
+    gamma_steps: int = 8
+    full_run_epochs: int = 1
+    # The real pool (`jraise.real_pool.write_real_pool`).
+    categories: tuple[str, ...] = CPU_CATEGORIES
+    per_category: int = 40
+    max_tokens: int = 96
+    n_val: int = 8
+    n_val_other: int = 4
+    n_test_other: int = 10
+    pool_seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        missing = [t for t in self.targets if t not in self.categories]
+        if missing:
+            raise ValueError(f"targets {missing} are not among the study's categories {list(self.categories)}")
+        if self.lora_rank < 1:
+            raise ValueError(f"the real study fine-tunes by LoRA: lora_rank must be >= 1, got {self.lora_rank}")
+
+    def model_identity(self):
+        """The pinned SmolLM2 wheel and evaluation-data directory: what the base model and sets are."""
+        from jraise.fetch.eval_data import EVAL_DATA_DIR
+        from jraise.fetch.smollm2 import SMOLLM2_NAME, SMOLLM2_WHEEL
+
+        return {"model": SMOLLM2_NAME, "wheel_sha256": SMOLLM2_WHEEL.sha256, "eval_data": EVAL_DATA_DIR}
+
+    def pool_settings(self) -> dict:
+        return {"targets": list(self.targets), "noise": self.noise, "seed": self.pool_seed, "n_val": self.n_val,
+                "n_test": self.n_test, "per_category": self.per_category, "max_tokens": self.max_tokens,
+                "categories": list(self.categories), "n_val_other": self.n_val_other,
+                "n_test_other": self.n_test_other, "identity": self.model_identity()}
+
+
+SIZES = {
+    # One seed of every method within 90 minutes on 2 CPU cores (the default).
+    "cpu": {},
+    # A GPU: the full length policy and every category, a larger pool, longer runs, three seeds.
+    "gpu": {"seeds": (0, 1, 2), "categories": None, "per_category": 300, "max_tokens": 384, "max_len": 448,
+            "steps": 120, "batch_size": 16, "lr": 2e-4, "n_test_other": 50, "raise_episodes": 8,
+            "raise_steps": 120, "sspl_refresh_every": 30, "gamma_steps": 60, "influence_proj_dim": 8192,
+            "influence_warmup_epochs": 4},
+}
+
+
+def real_study_size(size: str = "cpu", **overrides) -> RealStudyConfig:
+    """The config of a named size (`SIZES`) with ``overrides``; ``categories: None`` means every
+    multiple-choice and generative set of the cache."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; sizes: {', '.join(SIZES)}")
+    fields = {**SIZES[size], **overrides}
+    if fields.get("categories", CPU_CATEGORIES) is None:
+        fields["categories"] = ALL_CATEGORIES
+    return RealStudyConfig(**fields)
+
+
+ALL_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa", "logiqa", "medqa", "pubmedqa",
+                  "asdiv", "nq_open", "truthfulqa", "hellaswag")
+
+
+def real_demo_config(**overrides) -> RealStudyConfig:
+    """`jraise demo --real`: a smaller pool and test set and the four headline methods with the
+    oracle, about 20 minutes on 2 CPU cores."""
+    return RealStudyConfig(**{"methods": ("random", "less", "rose", "raise", "oracle"), "per_category": 24,
+                              "n_test": 100, "n_test_other": 0, "n_val_other": 0, "steps": 12, "raise_episodes": 2,
+                              "raise_steps": 12, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and scores
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pool_truth(pool_file: Path, noise_file: Path) -> PoolTruth:
+    """Categories of the pool's records and which of them are planted noise (``noise.jsonl`` ids)."""
+    records = _read_jsonl(pool_file)
+    noisy_ids = {t["id"] for t in _read_jsonl(noise_file)}
+    unknown = noisy_ids - {r["id"] for r in records}
+    if unknown:
+        raise ValueError(f"{noise_file}: ids not in {pool_file}: {sorted(unknown)[:3]}")
+    return PoolTruth(tuple(r["category"] for r in records), np.array([r["id"] in noisy_ids for r in records], bool))
+
+
+def source_normalisers(eval_data_dir: Path) -> dict[str, str | None]:
+    """{set name: exact-match normaliser} from the evaluation data's manifest."""
+    files = json.loads((Path(eval_data_dir) / "manifest.json").read_text())["files"]
+    return {name.removesuffix(".jsonl"): info.get("normaliser") for name, info in files.items()}
+
+
+def category_scores(model, tok, records: Sequence[dict], normalisers: dict, batch_size: int = 32,
+                    max_new_tokens: int = 16) -> dict[str, float]:
+    """{category: accuracy}: multiple-choice log-likelihood accuracy for records with ``options``,
+    exact match with the category's normaliser for the others."""
+    from jraise.eval import evaluate
+
+    scores: dict[str, float] = {}
+    choice = [r for r in records if r.get("options") is not None]
+    if choice:
+        report = evaluate(model, tok, choice, kinds=("multiple_choice",), batch_size=batch_size)
+        scores |= {c: v["accuracy"] for c, v in report["multiple_choice"]["per_category"].items()}
+    by_normaliser: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("options") is None:
+            by_normaliser.setdefault(normalisers.get(r["category"]) or "testbed", []).append(r)
+    for normaliser, group in by_normaliser.items():
+        report = evaluate(model, tok, group, kinds=("exact_match",), batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, normaliser=normaliser)
+        scores |= {c: v["accuracy"] for c, v in report["exact_match"]["per_category"].items()}
+    return scores
+
+
+class RealBench:
+    """The study's data and scores on SmolLM2-135M-Instruct and the real pool (module docstring)."""
+
+    name = "SmolLM2-135M-Instruct + LoRA, real pool"
+    columns = (("target_acc", "target acc.", 2), ("all_acc", "all-category acc.", 2),
+               ("noisy_share", "noisy share", 2), ("target_share", "target share", 2),
+               ("clean_target_share", "clean target share", 2), ("select_seconds", "selection s", 0))
+    score_label = "test accuracy (MC log-likelihood or exact match)"
+
+    def __init__(self, cache: str | Path | None = None, echo: Callable[[str], None] = print):
+        self.cache = cache
+        self.echo = echo
+
+    def base(self, work: Path, config: RealStudyConfig, echo: Callable[[str], None]) -> Path:
+        from jraise.fetch import fetch_smollm2
+
+        return fetch_smollm2(self.cache)
+
+    def seed_data(self, work: Path, config: RealStudyConfig, seed: int) -> tuple[dict[str, Path], PoolTruth]:
+        """The work directory's real pool (built on first use, rebuilt when its settings change;
+        the same for every seed) as the study's paths, with its truth."""
+        from jraise.fetch import fetch_eval_data, fetch_smollm2
+        from jraise.model import load_tokenizer
+        from jraise.real_pool import write_real_pool
+
+        out = work / POOL_DIR
+        stamp = work / POOL_SETTINGS
+        settings = config.pool_settings()
+        if not (stamp.exists() and json.loads(stamp.read_text()) == settings and (out / "val_all.jsonl").exists()):
+            stamp.unlink(missing_ok=True)
+            written = write_real_pool(out, eval_data_dir=fetch_eval_data(self.cache), targets=config.targets,
+                                      noise=config.noise, seed=config.pool_seed, n_val=config.n_val,
+                                      n_test=config.n_test, per_category=config.per_category,
+                                      max_tokens=config.max_tokens, tokenizer=load_tokenizer(fetch_smollm2(self.cache)),
+                                      categories=config.categories, n_val_other=config.n_val_other,
+                                      n_test_other=config.n_test_other)
+            val_all = _read_jsonl(written["val"]) + (_read_jsonl(written["val_other"]) if "val_other" in written else [])
+            atomic_write_jsonl(out / "val_all.jsonl", val_all)
+            atomic_write_text(stamp, json.dumps(settings, indent=2) + "\n")
+            manifest = json.loads(written["manifest"].read_text())
+            self.echo(f"real pool: {manifest['pool']} records of {len(manifest['categories'])} categories, "
+                      f"{manifest['noisy']} noisy; targets {', '.join(config.targets)} ({out})")
+        paths = {"pool": out / "pool.jsonl", "val_target": out / "val.jsonl", "val_pref_target": out / "val_pref.jsonl",
+                 "val": out / "val_all.jsonl", "test": out / "test.jsonl", "noise": out / "noise.jsonl"}
+        return paths, pool_truth(paths["pool"], paths["noise"])
+
+    def scores(self, model, tok, paths: dict, config: RealStudyConfig) -> dict:
+        from jraise.fetch import fetch_eval_data
+
+        per_category = category_scores(model, tok, _read_jsonl(paths["test"]),
+                                       source_normalisers(fetch_eval_data(self.cache)))
+        return {"target_acc": float(np.mean([per_category[c] for c in config.targets])),
+                "all_acc": float(np.mean(list(per_category.values()))), "per_category": per_category}
+
+
+def run_real_study(work: str | Path, config: RealStudyConfig = RealStudyConfig(), cache: str | Path | None = None,
+                   echo: Callable[[str], None] = print) -> dict:
+    """`jraise.study.run_study` on `RealBench` (resumable the same way)."""
+    from jraise.study import run_study
+
+    return run_study(work, config, echo=echo, bench=RealBench(cache, echo))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def target_standard_error(per_category: dict, config: RealStudyConfig) -> float:
+    """Binomial standard error of ``target_acc`` (the mean of the targets' accuracies, each on
+    ``n_test`` records), at the given accuracies."""
+    p = np.array([per_category[t] for t in config.targets], np.float64)
+    return float(np.sqrt(np.sum(p * (1 - p) / config.n_test)) / len(p))
+
+
+def _mean_over_seeds(rows: Sequence[dict], method: str, key: str) -> float | None:
+    values = [r[key] for r in rows if r["method"] == method]
+    return float(np.mean(values)) if values else None
+
+
+def checks(result: dict, config: RealStudyConfig) -> list[str]:
+    """The acceptance figures in words: the oracle's margin over the base and random in standard
+    errors of the target accuracy, and LESS's / ROSE's clean-target share against the pool's."""
+    rows, base, pool = result["rows"], result["base"], result["pool"]
+    lines = [f"pool: noisy share {pool['noisy_share']:.2f}, target share {pool['target_share']:.2f}, "
+             f"clean target share {pool['clean_target_share']:.2f}"]
+    oracle = [r for r in rows if r["method"] == "oracle"]
+    if oracle:
+        se = target_standard_error(oracle[0]["per_category"], config)
+        acc = _mean_over_seeds(rows, "oracle", "target_acc")
+        for name, ref in (("base", base["target_acc"]), ("random", _mean_over_seeds(rows, "random", "target_acc"))):
+            if ref is not None:
+                lines.append(f"oracle vs {name}: target acc. {acc:.3f} vs {ref:.3f}, margin {acc - ref:+.3f} = "
+                             f"{(acc - ref) / se:+.1f} SE (SE {se:.3f}; needs > 2)")
+    for method in ("less", "rose", "rose_model"):
+        share = _mean_over_seeds(rows, method, "clean_target_share")
+        if share is not None:
+            noisy = _mean_over_seeds(rows, method, "noisy_share")
+            lines.append(f"{method} top {config.fraction:.0%}: clean target share {share:.2f} = "
+                         f"{share / pool['clean_target_share']:.1f}x the pool's (needs >= 2.5x); noisy share "
+                         f"{noisy:.2f} (pool {pool['noisy_share']:.2f})")
+    return lines
+
+
+def write_report(result: dict, config: RealStudyConfig, out_prefix: str | Path, title: str, seconds: float) -> str:
+    """Writes ``<out_prefix>.md`` (header, checks, table), ``.json`` (config, base, pool, summary,
+    rows) and ``.png`` (chart) from the result's own rows; returns the markdown."""
+    from jraise.study import markdown_table, plot_summary, summarise
+
+    bench = RealBench
+    keys = tuple(key for key, _, _ in bench.columns)
+    summary = summarise(result["rows"], keys)
+    header = (f"{title}\n\n"
+              f"SmolLM2-135M-Instruct (LoRA r={config.lora_rank}) on the real pool: targets "
+              f"{', '.join(config.targets)}; {len(config.categories)} categories, at most {config.per_category} "
+              f"records each, instruction + output <= {config.max_tokens} tokens, {config.noise:.0%} planted noise; "
+              f"{config.fraction:.0%} budget / {config.steps} update steps of {config.batch_size}; seeds "
+              f"{list(config.seeds)} (mean ± std); {config.n_test} test records per target, {config.n_test_other} per "
+              f"other category; run time {seconds:.0f} s\n\n")
+    text = header + "\n".join(f"- {line}" for line in checks(result, config)) + "\n\n"
+    text += markdown_table(summary, result["base"], bench.columns) + "\n\n"
+    text += per_target_table(result, config) + "\n"
+    out = Path(out_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".md"), text)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(
+        {"config": result["config"], "base": result["base"], "pool": result["pool"], "summary": summary,
+         "rows": result["rows"]}, indent=2) + "\n")
+    plot_summary(summary, out.with_suffix(".png"), bench=bench)
+    return text
+
+
+def per_target_table(result: dict, config: RealStudyConfig) -> str:
+    """Accuracy per category (mean over seeds), one row per method, the base first."""
+    rows = [result["base"]] + list(result["rows"])
+    categories = list(config.targets) + [c for c in result["base"]["per_category"] if c not in config.targets]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        lines.append(f"| {method} | " + " | ".join(
+            f"{np.mean([r['per_category'].get(c, np.nan) for r in mine]):.2f}" for c in categories) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""The real-model study's pipeline end to end on a small slice of the real pool with the real
+SmolLM2-135M-Instruct (LoRA fine-tunes, real selection methods, real scores), and its resumption."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jraise.study_real import RealStudyConfig, run_real_study, write_report
+
+SLICE = dict(categories=("piqa", "openbookqa", "asdiv"), targets=("piqa",), per_category=8, max_tokens=64,
+             max_len=112, fraction=0.25, n_val=2, n_val_other=2, n_test=3, n_test_other=2, steps=2, batch_size=4,
+             raise_episodes=1, raise_steps=2, raise_clusters=2, influence_proj_dim=64, influence_warmup_epochs=1,
+             seeds=(0,))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, smollm2_dir, eval_data_dir):
+    work = tmp_path_factory.mktemp("real_study")
+    config = RealStudyConfig(methods=("random", "less", "rose", "raise", "oracle"), **SLICE)
+    return work, config, run_real_study(work, config, echo=lambda *_: None)
+
+
+def test_every_row_is_scored_on_every_category_and_shares_follow_the_truth(study):
+    work, config, result = study
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"random", "less", "rose", "raise", "oracle"}
+    test = [json.loads(line) for line in (work / "pool" / "test.jsonl").read_text().splitlines()]
+    assert sorted({r["category"] for r in test}) == ["asdiv", "openbookqa", "piqa"]
+    for row in [result["base"], *rows.values()]:
+        assert set(row["per_category"]) == {"asdiv", "openbookqa", "piqa"}
+        assert all(v in np.arange(4) / 3 or v in (0.0, 0.5, 1.0) for v in row["per_category"].values())
+        assert row["target_acc"] == row["per_category"]["piqa"]
+        assert row["all_acc"] == pytest.approx(np.mean(list(row["per_category"].values())))
+    # The oracle trains on clean target records only; every selector's shares are within [0, 1].
+    assert rows["oracle"]["noisy_share"] == 0.0 and rows["oracle"]["clean_target_share"] == 1.0
+    pool = result["pool"]
+    noisy = {json.loads(line)["id"] for line in (work / "pool" / "noise.jsonl").read_text().splitlines()}
+    records = [json.loads(line) for line in (work / "pool" / "pool.jsonl").read_text().splitlines()]
+    assert pool["noisy_share"] == pytest.approx(len(noisy) / len(records))
+    assert pool["target_share"] == pytest.approx(np.mean([r["category"] == "piqa" for r in records]))
+    selected = [json.loads(line) for line in (work / "seed0" / "less" / "selection.jsonl").read_text().splitlines()]
+    assert len(selected) == round(0.25 * len(records))
+    share = np.mean([r["category"] == "piqa" and r["id"] not in noisy for r in selected])
+    assert rows["less"]["clean_target_share"] == pytest.approx(share)
+    # LESS and ROSE share the seed's warmup and train-side features.
+    assert (work / "seed0" / "influence_work" / "warmup").is_dir()
+
+
+def test_report_and_resume(study, tmp_path):
+    work, config, result = study
+    text = write_report(result, config, tmp_path / "real_study", "test", 1.0)
+    assert "oracle vs base" in text and "less top 25%" in text and "| base (no fine-tune) |" in text
+    saved = json.loads((tmp_path / "real_study.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == [r["method"] for r in result["rows"]]
+    assert (tmp_path / "real_study.png").stat().st_size > 0
+    lines = (work / "rows.jsonl").read_text().splitlines()
+    again = run_real_study(work, config, echo=lambda *_: None)
+    assert (work / "rows.jsonl").read_text().splitlines() == lines
+    assert [r["total_seconds"] for r in again["rows"]] == [r["total_seconds"] for r in result["rows"]]

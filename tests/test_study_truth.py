@@ -1,0 +1,55 @@
+"""The study's ground truth and shares (`jraise.study`, `jraise.study_real`) on hand-made pools."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jraise.study import PoolTruth, oracle_indices, pool_shares
+from jraise.study_real import RealStudyConfig, checks, pool_truth, real_study_size, target_standard_error
+
+
+def test_shares_count_every_record_trained_on_and_ignore_padding():
+    from jraise.study import _shares
+
+    truth = PoolTruth(("a", "a", "b", "c"), np.array([False, True, False, True]))
+    shares = _shares(truth, np.array([[0, 1], [0, -1]]), {"a"})  # -1: a padded slot
+    assert shares == {"noisy_share": pytest.approx(1 / 3), "target_share": 1.0, "clean_target_share": pytest.approx(2 / 3)}
+    assert pool_shares(truth, {"a", "b"}) == {"noisy_share": 0.5, "target_share": 0.75, "clean_target_share": 0.5}
+
+
+def test_pool_truth_reads_categories_and_noisy_ids(tmp_path):
+    pool = [{"id": f"r{i}", "category": c, "instruction": "q", "output": "a"} for i, c in enumerate("aabb")]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    (tmp_path / "noise.jsonl").write_text(json.dumps({"id": "r2", "category": "b"}) + "\n")
+    truth = pool_truth(tmp_path / "pool.jsonl", tmp_path / "noise.jsonl")
+    assert truth.categories == ("a", "a", "b", "b") and truth.noisy.tolist() == [False, False, True, False]
+    assert oracle_indices(truth, {"b"}, fraction=0.25, seed=0).tolist() == [3]
+    (tmp_path / "noise.jsonl").write_text(json.dumps({"id": "zz", "category": "b"}) + "\n")
+    with pytest.raises(ValueError, match="zz"):
+        pool_truth(tmp_path / "pool.jsonl", tmp_path / "noise.jsonl")
+
+
+def test_real_config_checks_targets_and_lora_and_sizes():
+    with pytest.raises(ValueError, match="not among"):
+        RealStudyConfig(targets=("medqa",))
+    with pytest.raises(ValueError, match="LoRA"):
+        RealStudyConfig(lora_rank=0)
+    with pytest.raises(ValueError, match="unknown size"):
+        real_study_size("tpu-pod")
+    gpu = real_study_size("gpu")
+    assert "medqa" in gpu.categories and gpu.seeds == (0, 1, 2) and gpu.max_tokens == 384
+    assert real_study_size("cpu", targets=("piqa", "siqa")).targets == ("piqa", "siqa")
+
+
+def test_standard_error_and_checks_read_the_rows():
+    config = RealStudyConfig(targets=("boolq", "piqa"), n_test=100)
+    assert target_standard_error({"boolq": 0.5, "piqa": 0.5}, config) == pytest.approx(np.sqrt(0.005) / 2)
+    rows = [{"method": "oracle", "target_acc": 0.7, "per_category": {"boolq": 0.5, "piqa": 0.5}},
+            {"method": "random", "target_acc": 0.55}, {"method": "less", "clean_target_share": 0.6, "noisy_share": 0.1}]
+    result = {"rows": rows, "base": {"target_acc": 0.5},
+              "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.16}}
+    lines = checks(result, config)
+    se = np.sqrt(0.005) / 2
+    assert f"{0.2 / se:+.1f} SE" in lines[1] and f"{0.15 / se:+.1f} SE" in lines[2]
+    assert "3.8x the pool's" in lines[3] and "noisy share 0.10 (pool 0.20)" in lines[3]
