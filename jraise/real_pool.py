@@ -488,8 +488,8 @@ def write_real_pool(
     Returns {split: path} for `SPLITS` plus "manifest". The length limit is `max_tokens` tokens of
     `tokenizer` when one is given, else `max_chars` characters; `per_category` None means no cap;
     `categories` restricts the source sets (default: all); `n_val_other` / `n_test_other` hold out
-    records of the non-target categories too (``val_other.jsonl``; ``test.jsonl``). The same arguments give byte-identical
-    files. The directory appears whole (built beside `out_dir`, then renamed); an existing
+    records of the non-target categories too (``val_other.jsonl``; ``test.jsonl``). The same
+    arguments give byte-identical files. The directory appears whole (built beside `out_dir`, then renamed); an existing
     `out_dir` is replaced only when it is empty or an earlier real pool.
     """
     sources, normalisers, source_sha = read_sources(eval_data_dir, categories)

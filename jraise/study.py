@@ -276,7 +276,8 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
             run_influence_selection,
         )
 
-        influence = InfluenceRunConfig(method=method.removesuffix("_model"), fraction=config.fraction, warmup_fraction=config.fraction,
+        influence = InfluenceRunConfig(method=method.removesuffix("_model"), fraction=config.fraction,
+                                       warmup_fraction=config.fraction,
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
                                        warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,
                                        lora_alpha=2.0 * config.influence_lora_rank, max_len=config.max_len,

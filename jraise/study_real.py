@@ -43,8 +43,8 @@ import numpy as np
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
 from jraise.study import PoolTruth, StudyConfig
 
-# The categories whose short records are plentiful under the CPU length policy (96 tokens):
-# LogiQA, MedQA and PubMedQA have 6, 5 and 0 records that short, so they join at the larger sizes.
+# The categories whose short records are plentiful under the CPU length policy (128 tokens):
+# LogiQA, MedQA and PubMedQA have 47, 63 and 1 records that short, so they join at the larger sizes.
 CPU_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa", "asdiv", "nq_open", "truthfulqa",
                   "hellaswag")
 REAL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "rose_model", "ee_cpo",
@@ -64,14 +64,14 @@ class RealStudyConfig(StudyConfig):
 
     methods: tuple[str, ...] = REAL_METHODS + ("oracle", "full_run")
     seeds: tuple[int, ...] = (0,)
-    targets: tuple[str, ...] = ("boolq", "piqa")
+    targets: tuple[str, ...] = ("hellaswag", "nq_open")
     noise: float = 0.2
     fraction: float = 0.05
     steps: int = 16
     batch_size: int = 8
     lr: float = 5e-4
     n_test: int = 300
-    max_len: int = 160
+    max_len: int = 192
     lora_rank: int = 8
     influence_lora_rank: int = 8
     influence_proj_dim: int = 1024
@@ -83,15 +83,15 @@ class RealStudyConfig(StudyConfig):
     raise_steps: int = 16
     raise_clusters: int = 4
     sspl_refresh_every: int = 8
-    gamma_steps: int = 8
+    gamma_steps: int = 6
     full_run_epochs: int = 1
     # The real pool (`jraise.real_pool.write_real_pool`).
     categories: tuple[str, ...] = CPU_CATEGORIES
-    per_category: int = 40
-    max_tokens: int = 96
+    per_category: int = 50
+    max_tokens: int = 128
     n_val: int = 8
     n_val_other: int = 4
-    n_test_other: int = 10
+    n_test_other: int = 5
     pool_seed: int = 0
 
     def __post_init__(self):
@@ -233,8 +233,8 @@ class RealBench:
                                       max_tokens=config.max_tokens, tokenizer=load_tokenizer(fetch_smollm2(self.cache)),
                                       categories=config.categories, n_val_other=config.n_val_other,
                                       n_test_other=config.n_test_other)
-            val_all = _read_jsonl(written["val"]) + (_read_jsonl(written["val_other"]) if "val_other" in written else [])
-            atomic_write_jsonl(out / "val_all.jsonl", val_all)
+            others = _read_jsonl(written["val_other"]) if "val_other" in written else []
+            atomic_write_jsonl(out / "val_all.jsonl", _read_jsonl(written["val"]) + others)
             atomic_write_text(stamp, json.dumps(settings, indent=2) + "\n")
             manifest = json.loads(written["manifest"].read_text())
             self.echo(f"real pool: {manifest['pool']} records of {len(manifest['categories'])} categories, "
@@ -288,14 +288,16 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
         acc = _mean_over_seeds(rows, "oracle", "target_acc")
         for name, ref in (("base", base["target_acc"]), ("random", _mean_over_seeds(rows, "random", "target_acc"))):
             if ref is not None:
+                in_se = f"{(acc - ref) / se:+.1f} SE" if se > 0 else "undefined in SE (accuracies of 0 or 1)"
                 lines.append(f"oracle vs {name}: target acc. {acc:.3f} vs {ref:.3f}, margin {acc - ref:+.3f} = "
-                             f"{(acc - ref) / se:+.1f} SE (SE {se:.3f}; needs > 2)")
+                             f"{in_se} (SE {se:.3f}; needs > 2)")
     for method in ("less", "rose", "rose_model"):
         share = _mean_over_seeds(rows, method, "clean_target_share")
         if share is not None:
             noisy = _mean_over_seeds(rows, method, "noisy_share")
+            ratio = f"{share / pool['clean_target_share']:.1f}x" if pool["clean_target_share"] else "n/a"
             lines.append(f"{method} top {config.fraction:.0%}: clean target share {share:.2f} = "
-                         f"{share / pool['clean_target_share']:.1f}x the pool's (needs >= 2.5x); noisy share "
+                         f"{ratio} the pool's (needs >= 2.5x); noisy share "
                          f"{noisy:.2f} (pool {pool['noisy_share']:.2f})")
     return lines
 

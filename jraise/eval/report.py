@@ -34,6 +34,10 @@ programs of large ones); scoring batches are right-padded to a few length bucket
 (`jraise.data.batching.length_buckets`: multiples of `BUCKET_QUANTUM` fitted to the lengths), and
 generation batches are left-padded to a few prompt-length buckets, a padding row being a
 one-token prompt. Examples are sorted by length first so a batch's rows are close in length.
+Multiple choice runs each question's shared prompt once (`jraise.eval.shared_prefix`: a KV-cache
+prefill, then only the options' own tokens, about ``batch_size`` option rows per batch); the
+whole-sequence path above stays one keyword away (``shared_prefix=False``) and gives the same
+numbers up to float rounding.
 """
 
 from __future__ import annotations

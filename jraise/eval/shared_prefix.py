@@ -173,7 +173,8 @@ def _option_sums(graphdef, state, prefix_ids, prefix_mask, suffix_ids, suffix_ma
     key_valid = jnp.repeat(key_valid, n, axis=0).at[:, p:].set(attention.astype(bool))
     positions = jnp.repeat(jnp.sum(prefix_mask, axis=-1), n)[:, None] + jnp.arange(s)[None, :]
     hidden, _ = model.hidden_with_cache(ids, positions.astype(jnp.int32), cache, p, key_valid)
-    logits = model.logits_from_hidden(jnp.concatenate([last, hidden[:, :-1]], axis=1)).astype(jnp.float32)  # [rows, s, V]
+    # [rows, s, V]: suffix token 0 from the prefill's last position, token t from suffix position t - 1
+    logits = model.logits_from_hidden(jnp.concatenate([last, hidden[:, :-1]], axis=1)).astype(jnp.float32)
     picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
     log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
     mask = score_mask.reshape(rows, s) * attention
