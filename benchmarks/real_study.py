@@ -9,7 +9,7 @@ keeps finished rows, so an interrupted run resumes where it stopped (a fresh ``-
 recomputes everything); ``--methods`` runs a subset; ``--size gpu`` scales pool, steps and seeds up.
 
     python benchmarks/real_study.py --work /tmp/jraise_real_study              # one seed, every method
-    python benchmarks/real_study.py --work /tmp/jraise_real_study --seeds 0,1,2 --methods random,less,rose,raise
+    python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2   # + 2 seeds of random/LESS/ROSE/RAISE
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def main(argv=None) -> dict:
                                                         "oracle and the complete full-data run)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's)")
     parser.add_argument("--targets", default=None, help="comma-separated target categories (default: the size's)")
+    parser.add_argument("--extra-seeds", default=None, help="comma-separated seeds run after the main ones for "
+                                                            "--extra-methods only (rows from the same work directory)")
+    parser.add_argument("--extra-methods", default="random,less,rose,raise")
     parser.add_argument("--cache", default=None, help="jraise cache (default $JRAISE_CACHE or ~/.cache/jraise)")
     parser.add_argument("--out", default=str(RESULTS / "real_study"), help="prefix of the .md/.json/.png")
     args = parser.parse_args(argv)
@@ -48,6 +51,12 @@ def main(argv=None) -> dict:
     config = real_study_size(args.size, **overrides)
     start = time.perf_counter()
     result = run_real_study(args.work, config, cache=args.cache)
+    if args.extra_seeds:
+        from dataclasses import replace
+
+        extra = replace(config, seeds=tuple(int(s) for s in args.extra_seeds.split(",")),
+                        methods=tuple(args.extra_methods.split(",")))
+        result["rows"] += run_real_study(args.work, extra, cache=args.cache)["rows"]
     title = f"Real-model study: `python benchmarks/real_study.py {' '.join(argv or [])}`".rstrip()
     text = write_report(result, config, args.out, title, time.perf_counter() - start)
     print("\n" + text)

@@ -315,7 +315,7 @@ def write_report(result: dict, config: RealStudyConfig, out_prefix: str | Path, 
               f"{', '.join(config.targets)}; {len(config.categories)} categories, at most {config.per_category} "
               f"records each, instruction + output <= {config.max_tokens} tokens, {config.noise:.0%} planted noise; "
               f"{config.fraction:.0%} budget / {config.steps} update steps of {config.batch_size}; seeds "
-              f"{list(config.seeds)} (mean ± std); {config.n_test} test records per target, {config.n_test_other} per "
+              f"{sorted({r['seed'] for r in result['rows']})} (mean ± std over each method's seeds); {config.n_test} test records per target, {config.n_test_other} per "
               f"other category; run time {seconds:.0f} s\n\n")
     text = header + "\n".join(f"- {line}" for line in checks(result, config)) + "\n\n"
     text += markdown_table(summary, result["base"], bench.columns) + "\n\n"

@@ -1,17 +1,21 @@
 """jraise.select: the public face of the selection methods.
 
 Static selectors return a `Selection` (indices best first, scores, method, config, pool
-fingerprint); the dynamic RAISE selector is a pair of pure functions called every step::
+fingerprint); the dynamic selectors (RAISE, SSPL) are a `Selector`, a pair of pure functions
+called every step::
 
     sel = jraise.select.rose(train_features, val_features, ckpt_weights, pool.fingerprint, groups=subtasks)
     sel.indices, sel.scores, sel.to_jsonl(pool, path)
 
-    selector = jraise.select.raise_policy(actor, static, layout, per_cluster=b)
+    selector = jraise.select.raise_selector(actor, static, layout, per_cluster=b)  # or:
+    selector = jraise.select.self_paced_selector(n_examples, batch_size, n_buckets=4)
     state = selector.init(key)
-    idx, state = selector.select(state, jraise.select.StepInfo(step=t, total_steps=T, val_loss=v))
+    idx, state = selector.select(state, jraise.select.StepInfo(step=t, total_steps=T, val_loss=v, losses=l))
 
-Baselines (random, full_data, longest, perplexity, ifd, rds) return a `Selection` too; SSPL
-(`self_paced_finetune`) is dynamic. File-level jobs (what the CLI runs): `baselines.run_baseline`,
+(``raise_policy`` is the older name of `raise_selector`; SSPL needs ``losses``, the current
+model's per-example losses [N], at least on the first step.) Baselines (random, full_data,
+longest, perplexity, ifd, rds) return a `Selection` too; `self_paced_finetune` runs SSPL end to
+end. File-level jobs (what the CLI runs): `baselines.run_baseline`,
 `self_paced.run_self_paced`, `influence_run.run_influence_selection` (LESS/ROSE end to end),
 `rl.run` (RAISE), `beyond_iid` (EE-CPO mixture, DT-CSFT curriculum), `intervention` (Gamma).
 """
@@ -22,12 +26,13 @@ from jraise.select.curriculum import dependency_tiers, dt_csft_schedule
 from jraise.select.influence import checkpoint_weights, influence_scores, less, rose
 from jraise.select.interactions import interaction_matrix
 from jraise.select.mixture import ee_cpo_plan, realise_subset
-from jraise.select.rl.selector import Selector, StepInfo, raise_policy
-from jraise.select.self_paced import self_paced_batch, self_paced_finetune
+from jraise.select.rl.selector import Selector, StepInfo, raise_policy, raise_selector
+from jraise.select.self_paced import SelfPacedState, self_paced_batch, self_paced_finetune, self_paced_selector
 
 __all__ = [
     "Selection",
     "Selector",
+    "SelfPacedState",
     "StepInfo",
     "checkpoint_weights",
     "dependency_tiers",
@@ -41,11 +46,13 @@ __all__ = [
     "longest",
     "perplexity",
     "raise_policy",
+    "raise_selector",
     "random_selection",
     "rds",
     "realise_subset",
     "rose",
     "self_paced_batch",
     "self_paced_finetune",
+    "self_paced_selector",
     "top_fraction",
 ]

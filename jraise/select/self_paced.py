@@ -1,13 +1,23 @@
 """Self-paced learning (SSPL): a dynamic selector that trains on easy examples first.
 
-Every ``refresh_every`` steps the current model scores every pool example by its mean response NLL
-(one batched, jitted pass), and the examples are cut into ``n_buckets`` equal-count buckets by that
-loss (`pace_buckets`: bucket 0 = the lowest losses, the easiest). At step t of T (1-based) the
-buckets 0..k are open, k = floor((t - 1) * n_buckets / T): the first T / n_buckets steps see only
-the easiest bucket, the last ones the whole pool. Each step's batch is ``batch_size`` distinct
-examples drawn uniformly from the open buckets (`self_paced_batch`, a Gumbel-top-k over a mask:
-static shapes, jit-able). `self_paced_finetune` runs that loop with the repository's own jitted
-train step, and `run_self_paced` is the file-level job behind ``jraise select sspl``.
+Self-paced learning (Kumar, Packer & Koller, "Self-Paced Learning for Latent Variable Models",
+NeurIPS 2010) lets the current model decide what is easy: examples with a low loss under it are
+learned first and harder ones are admitted as training goes on. This is the SSPL baseline of the
+RAISE paper (Reinforced Adaptive Instruction Selection), in its bucketed form:
+
+* the current model scores every pool example by its mean response NLL, l_i;
+* the examples are cut into ``n_buckets`` = n equal-count buckets by that loss (`pace_buckets`:
+  bucket 0 = the lowest losses, the easiest);
+* at step t of T (1-based) the buckets 0..k are open, k = floor((t - 1) * n / T) (`open_bucket`):
+  the first T / n steps see only the easiest bucket, the last ones the whole pool;
+* each step's batch is ``batch_size`` distinct examples drawn uniformly from the open buckets
+  (`self_paced_batch`, a Gumbel-top-k over a mask: static shapes, jit-able).
+
+`self_paced_selector` packages that rule as a `jraise.select.Selector` (pure ``init`` / ``select``)
+for a user's own JAX loop, which refreshes the losses whenever it likes and passes them in
+``StepInfo(losses=...)``. `self_paced_finetune` runs the loop with the repository's own jitted
+train step (losses refreshed every ``refresh_every`` steps, by one batched jitted pass), and
+`run_self_paced` is the file-level job behind ``jraise select sspl``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jraise.atomic import atomic_write_text
 from jraise.data.batching import (
@@ -31,6 +42,7 @@ from jraise.data.batching import (
     pick_bucket,
 )
 from jraise.data.pool import InstructionPool
+from jraise.select.rl.selector import Selector, StepInfo, add_selections
 from jraise.train.loop import per_example_nll, step_functions
 from jraise.train.step import (
     MODEL_KEYS,
@@ -81,6 +93,76 @@ def self_paced_batch(key: jax.Array, bucket_ids: jax.Array, step: jax.Array, tot
     return jnp.where(jnp.isfinite(values), indices, PAD_INDEX).astype(jnp.int32)
 
 
+@struct.dataclass
+class SelfPacedState:
+    """The state of `self_paced_selector`.
+
+    ``counts``: float32 [N], how often each example was selected (as RAISE's `SelectorState`).
+    ``key``: the PRNG key from ``init``; it never changes: step t draws with
+    ``fold_in(key, t)``, so a batch is a function of (key, t, bucket_ids) alone.
+    ``bucket_ids``: int32 [N], each example's loss bucket from the latest losses given
+    (`pace_buckets`), or None before any were given.
+    """
+
+    counts: jax.Array
+    key: jax.Array
+    bucket_ids: jax.Array | None = None
+
+
+def self_paced_selector(n_examples: int, batch_size: int, *, n_buckets: int = 4) -> Selector:
+    """SSPL as a `Selector` over a pool of ``n_examples`` (N) examples: ``batch_size`` (B) per step.
+
+    ``init(key) -> SelfPacedState``: zero counts, the key, no buckets yet.
+    ``select(state, info) -> (indices int32 [B], state)``: when ``info.losses`` (float [N], the
+    current model's per-example response losses) is given, the pool is re-bucketed,
+    ``bucket_ids = pace_buckets(losses, n_buckets)``, and the buckets are kept in the state
+    until the next losses; otherwise the stored buckets are used. The batch is
+    ``self_paced_batch(fold_in(key, step), bucket_ids, step, total_steps, n_buckets, B)``: B
+    distinct examples uniform over buckets 0..floor((step - 1) * n_buckets / total_steps), and
+    ``counts`` gains one for each. ``info.val_loss`` is not used.
+
+    Pure and jit-able (``jax.jit(selector.select)``), static shapes. ``info.losses`` is a
+    trace-time choice: None (keep the buckets) or an array (re-bucket). Since ``bucket_ids`` is
+    None until the first losses arrive, a jitted ``select`` traces once for the first call and
+    again for later ones (or pass losses on every call). The first call without any losses ever
+    given raises ValueError. ``batch_size`` must be <= ceil(N / n_buckets), the easiest
+    bucket's size, so every batch is full (no -1 padding).
+    """
+    problems = []
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size), ("n_buckets", n_buckets)):
+        if value < 1:
+            problems.append(f"{name} must be >= 1, got {value}")
+    if not problems and n_buckets > n_examples:
+        problems.append(f"n_buckets ({n_buckets}) must be <= n_examples ({n_examples})")
+    elif not problems and batch_size > math.ceil(n_examples / n_buckets):
+        problems.append(f"batch_size ({batch_size}) must be <= the easiest bucket's size "
+                        f"(ceil({n_examples} / n_buckets={n_buckets}) = {math.ceil(n_examples / n_buckets)})")
+    if problems:
+        raise ValueError("self_paced_selector: " + "; ".join(problems))
+
+    def init(key: jax.Array) -> SelfPacedState:
+        return SelfPacedState(counts=jnp.zeros((n_examples,), jnp.float32), key=key)
+
+    def select(state: SelfPacedState, info: StepInfo) -> tuple[jax.Array, SelfPacedState]:
+        bucket_ids = state.bucket_ids
+        if info.losses is not None:
+            losses = jnp.asarray(info.losses)
+            if losses.shape != (n_examples,):
+                raise ValueError(f"self_paced_selector: StepInfo.losses must have shape ({n_examples},) "
+                                 f"(one loss per pool example), got {losses.shape}")
+            bucket_ids = pace_buckets(losses, n_buckets)
+        elif bucket_ids is None:
+            raise ValueError("self_paced_selector: no per-example losses were given yet. SSPL buckets the pool by "
+                             "the current model's losses, so pass StepInfo(..., losses=<float [N]>) at least on "
+                             "the first step (and again whenever you refresh them).")
+        indices = self_paced_batch(jax.random.fold_in(state.key, info.step), bucket_ids, info.step,
+                                   info.total_steps, n_buckets, batch_size)
+        return indices, SelfPacedState(counts=add_selections(state.counts, indices), key=state.key,
+                                       bucket_ids=bucket_ids)
+
+    return Selector(init=init, select=select, batch_size=batch_size)
+
+
 def response_losses(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
                     buckets) -> np.ndarray:
     """float32 [N]: every example's mean response NLL under the model (0 for no response tokens),
@@ -117,7 +199,8 @@ def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: in
     """Fine-tunes ``model`` in place for ``steps`` self-paced steps (see the module docstring).
 
     The losses are refreshed before steps 1, 1 + refresh_every, ...; each step is one AdamW update
-    (`make_optimizer` with ``schedule`` over ``steps``) on the batch `self_paced_batch` draws.
+    (`make_optimizer` with ``schedule`` over ``steps``) on the batch `self_paced_selector` draws
+    (initialised with the first half of ``jax.random.split(jax.random.key(seed))``).
     ``shape_buckets``: padded batch lengths to compile for. ``echo(line)`` gets progress lines.
     Returns (model, indices int64 [steps, batch_size]: the pool rows of each step's batch).
     """
@@ -129,17 +212,19 @@ def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: in
     opt_state = jax.jit(tx.init)(trainable)
     buckets = length_buckets(pool.lengths, shape_buckets)
     pick_key, dropout_key = jax.random.split(jax.random.key(seed))
+    selector = self_paced_selector(len(pool), batch_size, n_buckets=n_buckets)
+    pick_state = selector.init(pick_key)
     chosen = np.zeros((steps, batch_size), np.int64)
-    bucket_ids = None
     for step in range(1, steps + 1):
+        fresh = None
         if (step - 1) % refresh_every == 0:
             losses = response_losses(eval_step, trainable, frozen, pool, batch_size, buckets)
-            bucket_ids = pace_buckets(jnp.asarray(losses), n_buckets)
+            fresh = jnp.asarray(losses)
             if echo is not None:
                 echo(f"sspl: step {step}, pool loss {float(losses.mean()):.4f}, open buckets "
                      f"0..{int(open_bucket(step, steps, n_buckets))} of {n_buckets}")
-        rows = np.asarray(self_paced_batch(jax.random.fold_in(pick_key, step), bucket_ids, step, steps,
-                                           n_buckets, batch_size), np.int64)
+        picked, pick_state = selector.select(pick_state, StepInfo(step=step, total_steps=steps, losses=fresh))
+        rows = np.asarray(picked, np.int64)
         real = rows[rows != PAD_INDEX]
         batch = make_batch(pool, rows, pick_bucket(int(pool.lengths[real].max()), buckets))
         trainable, opt_state, metrics = train_step(trainable, opt_state, frozen,

@@ -1,6 +1,6 @@
-"""`raise_policy`: a trained RAISE policy as a selector for a user's own JAX training loop.
+"""`raise_selector`: a trained RAISE policy as a selector for a user's own JAX training loop.
 
-    selector = raise_policy(policy, static, layout, per_cluster=b, total_steps=T)
+    selector = raise_selector(policy, static, layout, per_cluster=b)
     state = selector.init(jax.random.key(0))
     for t in range(1, T + 1):
         indices, state = selector.select(state, StepInfo(step=t, total_steps=T, val_loss=last_val_loss))
@@ -9,13 +9,15 @@
 ``init`` and ``select`` are pure; ``select`` is jit-able (``jax.jit(selector.select)``): the state
 is a pytree (selection counts and a key), every shape is static (B = C x b indices per step).
 Deployment takes the deterministic top-b of each cluster; ``stochastic=True`` samples as in
-training.
+training. `Selector` is the contract every dynamic selector meets (SSPL's
+`jraise.select.self_paced.self_paced_selector` too); ``raise_policy`` is the older name of
+`raise_selector`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +34,19 @@ from jraise.select.rl.sampling import (
 
 @struct.dataclass
 class StepInfo:
-    """What the selector needs from the training loop: the 1-based step about to be taken, the
-    total number of steps, and the validation loss of the current model (M_{t-1})."""
+    """What a selector needs from the training loop about the step about to be taken.
+
+    ``step``: 1-based index of that step; ``total_steps``: T; ``val_loss``: validation loss of
+    the current model M_{t-1} (RAISE's stage features read it); ``losses``: optional float [N],
+    the per-example response losses of the current model over the pool (SSPL re-buckets the pool
+    whenever they are given; the loop refreshes them as often as it likes and passes None in
+    between). Selectors ignore the fields they do not use.
+    """
 
     step: jax.Array
     total_steps: jax.Array
     val_loss: jax.Array = 0.0
+    losses: jax.Array | None = None
 
 
 @struct.dataclass
@@ -65,18 +74,30 @@ def choose_batch(actor, static: jax.Array, counts: jax.Array, stage: jax.Array, 
     return picked, logp, layout.pool_indices(picked).reshape(-1)
 
 
-@dataclass(frozen=True)
-class Selector:
-    """A pair of pure functions, like an optax transformation."""
+class Selector(NamedTuple):
+    """A dynamic selector: a pair of pure functions, like an optax transformation.
 
-    init: Callable[[jax.Array], SelectorState]
-    select: Callable[[SelectorState, StepInfo], tuple[jax.Array, SelectorState]]
+    ``init(key) -> state``: the starting state (a pytree) from a PRNG key.
+    ``select(state, info: StepInfo) -> (indices, state)``: the pool rows of the step
+    ``info.step``'s batch, int32 [batch_size] (-1 entries: padding, skip them), and the next
+    state. Both are pure and ``select`` is jit-able with static shapes.
+    ``batch_size``: B, the length of ``indices``.
+    """
+
+    init: Callable[[jax.Array], Any]
+    select: Callable[[Any, StepInfo], tuple[jax.Array, Any]]
     batch_size: int
 
 
-def raise_policy(actor: AcquisitionMLP, static: jax.Array, layout: ClusterLayout, per_cluster: int,
-                 stage: str = "progress_and_perf", tau: float = 1.0, stochastic: bool = False) -> Selector:
-    """A `Selector` over a pool with static features ``static`` [N, S] and clusters ``layout``."""
+def raise_selector(actor: AcquisitionMLP, static: jax.Array, layout: ClusterLayout, per_cluster: int,
+                   stage: str = "progress_and_perf", tau: float = 1.0, stochastic: bool = False) -> Selector:
+    """A `Selector` over a pool with static features ``static`` [N, S] and clusters ``layout``.
+
+    State: `SelectorState` (counts [N] float32, key). Each step scores the fused state (stage
+    features from ``info.step``, ``info.total_steps``, ``info.val_loss``; static features;
+    log1p(counts)) with ``actor`` and takes ``per_cluster`` examples of each of the C clusters
+    (top-b, or Gumbel-top-b at temperature ``tau`` when ``stochastic``): B = C x per_cluster.
+    """
     layout.check_budget(per_cluster)
     graphdef, params = nnx.split(actor)
     static = jnp.asarray(static, jnp.float32)
@@ -93,3 +114,6 @@ def raise_policy(actor: AcquisitionMLP, static: jax.Array, layout: ClusterLayout
         return indices, SelectorState(counts=add_selections(state.counts, indices), key=key)
 
     return Selector(init=init, select=select, batch_size=int(layout.members.shape[0]) * per_cluster)
+
+
+raise_policy = raise_selector  # the older name, kept for existing callers
