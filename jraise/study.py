@@ -551,6 +551,9 @@ def settings_key(config: StudyConfig, method: str) -> str:
     return options_key(config, method, METHOD_OPTION_PREFIXES.get(method, ()))
 
 
+BASE_ROW = "base (no fine-tune)"  # the base model's scores, kept in rows.jsonl beside the methods' rows
+
+
 def _row_line(row: dict, columns) -> str:
     return "  ".join(f"{header} {row[key]:.{digits}f}" for key, header, digits in columns if key in row)
 
@@ -576,8 +579,12 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
             from jraise.model import load_model, load_tokenizer
 
             pool_row = pool_shares(truth, set(config.targets))
-            base_row = {"method": "base (no fine-tune)", "seed": seed,
-                        **bench.scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths, config)}
+            base_row = done.get((BASE_ROW, seed))
+            if base_row is None:
+                base_row = {"method": BASE_ROW, "seed": seed,
+                            **bench.scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths, config),
+                            "settings": settings_key(config, BASE_ROW)}
+                append_jsonl(rows_file, base_row)
             echo(f"base model: {_row_line(base_row, bench.columns)}")
         for method in config.methods:
             row = done.get((method, seed))

@@ -3,8 +3,20 @@
 * `sampling`: padded cluster layout, Gumbel-top-b sampling, Plackett-Luce log-probabilities, top-b.
 * `policy`: the fused 39-number state, the acquisition MLP (actor) and the critic.
 * `ppo`: GAE, the per-cluster clipped surrogate and the value loss, on rlax.
+* `agnostic`: RAISE around a user's own ``learner_step`` / ``val_loss_fn`` (any JAX model):
+  `train_raise_policy`, `static_features_from`, `cluster_layout` (``n_clusters`` optional).
 """
 
+from jraise.select.rl.agnostic import (
+    PolicyBundle,
+    RaiseConfig,
+    RaiseProgress,
+    cluster_layout,
+    make_raise_episode,
+    make_raise_step,
+    static_features_from,
+    train_raise_policy,
+)
 from jraise.select.rl.policy import (
     AVAILABILITY,
     DIFFICULTY,
@@ -23,7 +35,6 @@ from jraise.select.rl.policy import (
 from jraise.select.rl.ppo import clip_fraction, gae, ppo_loss, value_loss
 from jraise.select.rl.sampling import (
     ClusterLayout,
-    cluster_layout,
     gumbel_top_b,
     pl_first_pick_entropy,
     plackett_luce_logp,
@@ -40,18 +51,25 @@ __all__ = [
     "AcquisitionMLP",
     "ClusterLayout",
     "Critic",
+    "PolicyBundle",
     "PolicyConfig",
+    "RaiseConfig",
+    "RaiseProgress",
     "clip_fraction",
     "cluster_layout",
     "critic_summary",
     "fused_state",
     "gae",
     "gumbel_top_b",
+    "make_raise_episode",
+    "make_raise_step",
     "pl_first_pick_entropy",
     "plackett_luce_logp",
     "ppo_loss",
     "score_pool",
     "stage_features",
+    "static_features_from",
     "top_b",
+    "train_raise_policy",
     "value_loss",
 ]
