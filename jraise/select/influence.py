@@ -47,17 +47,21 @@ def group_matrix(groups: Sequence[str]) -> tuple[np.ndarray, list[str]]:
 
 
 def _rows(train, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of one checkpoint's train features, L2-normalised: a feature store's rows
+    are normalised when written (`FeatureStore.write_shard`), any other array is normalised here."""
     if isinstance(train, ShardedMatrix):
         return train.rows(start, stop)
-    return np.asarray(train[start:stop], dtype=np.float32)
+    return normalise_rows(np.asarray(train[start:stop], dtype=np.float32))
 
 
 def influence_scores(train: Sequence, val: Sequence, weights: Sequence[float], groups: Sequence[str] | None = None,
                      block_rows: int = 16384, return_groups: bool = False):
     """Final score [N] float32 of each train example (see the module docstring).
 
-    ``train``: K feature matrices [N, d] (`ShardedMatrix` or arrays), one per checkpoint;
-    ``val``: K arrays [M, d] (normalised here, so raw projected gradients are fine);
+    ``train``: K feature matrices [N, d] (`ShardedMatrix` or arrays), one per checkpoint; arrays
+    are L2-normalised here row by row, a `ShardedMatrix` is read as stored (feature stores
+    normalise their rows when written);
+    ``val``: K arrays [M, d] (normalised here too, so raw projected gradients are fine on both sides);
     ``weights``: K checkpoint weights; ``groups``: M subtask names (None: one group).
     With ``return_groups`` also the per-group scores [N, G] and the group names.
     """

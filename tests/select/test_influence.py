@@ -101,3 +101,12 @@ def test_selection_files(tmp_path):
     with pytest.raises(ValueError, match="this selection was made on pool"):
         other.to_jsonl(pool, tmp_path / "x.jsonl")
     assert isinstance(other, Selection)
+
+
+def test_raw_train_features_are_normalised_too():
+    rng = np.random.default_rng(2)
+    unit = _unit(rng.normal(size=(12, 6))).astype(np.float32)
+    scale = rng.uniform(0.1, 50.0, size=(12, 1)).astype(np.float32)  # raw gradients have any norm
+    val = [rng.normal(size=(4, 6)).astype(np.float32)]
+    np.testing.assert_allclose(influence_scores([unit * scale], val, [1.0]), influence_scores([unit], val, [1.0]),
+                               rtol=1e-5, atol=1e-6)
