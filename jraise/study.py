@@ -59,7 +59,7 @@ ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", 
 # which the selection methods' ``steps`` are a fraction of the full-data steps. "oracle" reads the testbed's
 # ground truth (``meta``, which no selector sees): ``fraction`` of the pool drawn uniformly from the clean
 # records of the target categories, the best a selector at this budget can hope to pick, so the
-# table shows how much room selection has (measured: random 0.16, oracle 0.28 target EM, 3 seeds; BUILD_NOTES).
+# table shows how much room selection has (BUILD_NOTES, "Selection study").
 REFERENCE_METHODS = ("full_run", "oracle")
 # ROSE with the base model's own answers as the rejected side, whatever ``rose_pairs`` says: the real
 # study runs it beside "rose" (the pool's real preference pairs); not in the testbed's default list.
@@ -71,8 +71,7 @@ KNOWN_METHODS = ALL_METHODS + EXTRA_METHODS + REFERENCE_METHODS
 class StudyConfig:
     """Sizes and budgets of a study (defaults: the benchmark's; `demo_config` keeps one seed).
 
-    Sized for 2 CPU cores (2-layer `small` preset): the base takes about 1 minute, a seed of all the
-    methods about 6 (1,157 s for the base and 3 seeds, 2026-11-22)."""
+    Sized for 2 CPU cores (2-layer `small` preset); run times are in BUILD_NOTES."""
 
     methods: tuple[str, ...] = ALL_METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -84,8 +83,7 @@ class StudyConfig:
     batch_size: int = 16
     lr: float = 1e-3
     # Test records per category: 100, not 20, so one seed's target EM (3 x 100 records) has a binomial
-    # std of about 0.02; at 20 random's target EM read 0.13 / 0.35 / 0.08 over seeds, at 100 0.17 /
-    # 0.17 / 0.15 (BUILD_NOTES, session 9).
+    # std of about 0.02 (at 20 the seeds' random rows disagreed far more; BUILD_NOTES).
     n_test: int = 100
     base_preset: str = "small"
     base_pool: int = 12000
@@ -95,8 +93,7 @@ class StudyConfig:
     max_len: int = 192
     # LESS / ROSE at testbed scale: LoRA warmup on `fraction` of the pool, small projection, and the
     # train-side Adam feature without the checkpoint's first moment: after a 50-step warmup b1*mu is
-    # shared by every example and swamps (1-b1)*g (LESS's top 5% held 11% target records with it, 68%
-    # clean target records without it; BUILD_NOTES, session 8).
+    # shared by every example and swamps (1-b1)*g (BUILD_NOTES, "Gradient features, LESS and ROSE").
     influence_lora_rank: int = 8
     influence_proj_dim: int = 1024
     influence_warmup_epochs: int = 2
@@ -108,7 +105,7 @@ class StudyConfig:
     # ROSE's validation pairs: "model" (chosen = the right answer, rejected = the base model's own greedy
     # answer; `jraise.select.preference_pairs`) or "testbed" (the testbed's near misses: the right answer
     # with one letter or digit changed). Near-miss pairs' DPO gradients share almost no task direction
-    # within a subtask, and ROSE on them was below random (0.14 vs 0.16 target EM, 3 seeds; BUILD_NOTES).
+    # within a subtask, and ROSE on them fell below random (BUILD_NOTES).
     rose_pairs: str = "model"
     # RAISE: `raise_episodes` policy episodes of `raise_steps` fused steps; an episode is as long as the
     # deployed run (`steps`), as in the paper, where an episode is the whole fine-tuning run. K = 8, not
@@ -127,7 +124,7 @@ class StudyConfig:
     ee_cpo_max_change: float | None = 0.34
     # DT-CSFT tiers from Gamma: "net_asymmetry" (rank by mean asymmetry, thirds) because with 14 noisy
     # categories the prerequisite graph of the "depth" method is one strongly connected component,
-    # which puts every category in the middle tier (measured: seed 0, 40- and 120-step Gammas).
+    # which puts every category in the middle tier (BUILD_NOTES).
     dt_csft_tier_method: str = "net_asymmetry"
     full_run_epochs: int = 3
     # Fine-tuning (every row, SSPL, RAISE's learner and Gamma's runs): 0 trains every weight (the

@@ -535,7 +535,7 @@ _SPEC_LIST: tuple[CategorySpec, ...] = (
 # composites use a fact inside a skill. Unlike a skill, a fact is not exercised by the composite's
 # records in recoverable form ("code of 'bafo' plus 7" = 31 does not say the code is 24), so the
 # prerequisite is one that only its own data teaches. Measured with the Beyond-IID interventions
-# it still does not show as a prerequisite once dilution is removed (BUILD_NOTES, session 9).
+# it still does not show as a prerequisite once dilution is removed (BUILD_NOTES, "Beyond IID").
 N_FACTS = 40
 MIN_CODE, MAX_CODE = 10, 50  # codes are in [MIN_CODE, MAX_CODE): a code plus an addend stays < MAX_NUMBER
 
@@ -559,7 +559,7 @@ def _sample_fact_compare(rng: random.Random) -> dict:
     name = rng.choice(FACT_NAMES)
     # c uniform over the codes' range [MIN_CODE, MAX_CODE) minus the code (never a tie), so every
     # instance needs the fact: with c from [0, MAX_NUMBER), every c >= MAX_CODE is the answer
-    # whatever the code, and half the instances did not depend on the fact (BUILD_NOTES, session 9).
+    # whatever the code, and half the instances would not depend on the fact.
     c = rng.randrange(MIN_CODE, MAX_CODE - 1)
     if c >= FACT_CODES[name]:
         c += 1

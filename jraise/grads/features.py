@@ -108,7 +108,7 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
     """One jitted program per (bucket shape): per-example gradients ``chunk`` at a time, then ONE
     projection of the group's [group, P] matrix. Generating the random blocks costs as much as
     applying them, so projecting per group instead of per chunk divides that cost by
-    ``group / chunk`` (measured: the projection was ~90% of the time at chunk 8).
+    ``group / chunk`` (at chunk 8 the projection dominates the time; BUILD_NOTES).
 
     On a mesh the group's rows are split over data x fsdp and each device runs this same program
     on its own rows (`jax.shard_map`): per-example gradients need no communication, the weights
@@ -188,7 +188,7 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     as zero): ``(1-b1)*g / sqrt(b2*nu + (1-b2)*g**2 + eps)``, the example's own share of the next
     update. The LESS code keeps it (the default), but ``b1*mu`` is one vector added to every
     example's feature, and where it outweighs ``(1-b1)*g`` the cosines rank examples by how little
-    they move that shared vector rather than by what they teach (measured in BUILD_NOTES)."""
+    they move that shared vector rather than by what they teach (BUILD_NOTES)."""
     if moments is not None and not adam_first_moment:
         moments = (jax.tree.map(jnp.zeros_like, moments[0]), moments[1])
     if loss == "dpo" and reference is None:

@@ -61,12 +61,9 @@ When it may be used: the factored features are a different random projection fro
 ones, not an approximation of them (coordinates differ; compare by scores, not entry by entry).
 Both are unbiased for inner products, the factored one with a larger variance at equal d (the
 Kronecker matrix has fewer independent entries, and each leaf gets only its share of d), so it is
-for speed when P x d is large: screening a big pool, or a d the dense mode cannot afford. Measured
-(``benchmarks/grad_features.py``, small preset, LoRA r 8 on q/k/v/o, P 28,672, d 8192, 256
-examples, 2 quiet CPU cores, 2026-11-22): 3.1x the dense mode's examples/s; LESS-style scores
-against exact (unprojected) gradients reached Pearson 0.839 / Spearman 0.811 and top-5% overlap 0.46
-(dense: 0.943 / 0.934 / 0.77; on the previous small-preset init, 0.961 vs 0.995, both 0.77): see
-BUILD_NOTES. Use the dense mode where the selection must be LESS's own. A store is keyed by its
+for speed when P x d is large: screening a big pool, or a d the dense mode cannot afford; its
+speed and its agreement with exact scores are measured by ``benchmarks/grad_features.py`` (figures
+in BUILD_NOTES). Use the dense mode where the selection must be LESS's own. A store is keyed by its
 mode: dense and factored features are never mixed.
 """
 

@@ -299,8 +299,7 @@ def read_config(model_dir: str | os.PathLike, **overrides) -> ModelConfig:
 # benchmark model (459k parameters with the testbed tokenizer). Its init std is 0.08 (about
 # 1/sqrt(hidden)), not transformers' 0.02: from scratch on the testbed the plateau at "a random letter"
 # ends near step 400 instead of 1,300. It has 2 layers of 8 heads (16 dims, 4 KV heads), not 4 of 4
-# (32 dims): per step it is twice as fast and learns no slower, so 5 CPU minutes reach 2.5x the steps
-# and 9 of 14 testbed categories at 80% exact match instead of 3 (BUILD_NOTES, calibration).
+# (32 dims): per step it is faster and learns no slower (BUILD_NOTES, testbed calibration).
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

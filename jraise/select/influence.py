@@ -11,8 +11,8 @@ each validation subtask (group) and the maximum over subtasks is its final score
 
 Memory: train features are read one block of rows of one checkpoint at a time (`ShardedMatrix.rows`
 or array slices) and added into a running [b, M] total; then [b, M] x [M, G] gives the group
-means. Peak memory is O(b * (d + M)) plus the outputs [N] and [N, G], never N x M (measured: 0.68
-GiB peak for 1,000,000 x 1024 features, `benchmarks/grad_features.py`).
+means. Peak memory is O(b * (d + M)) plus the outputs [N] and [N, G], never N x M
+(`benchmarks/grad_features.py` measures it).
 """
 
 from __future__ import annotations
