@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
-from jraise.eval.metrics import gsm8k_answer
+from jraise.eval.metrics import gsm8k_answer, squad_answer
 from jraise.fetch.eval_sets import INSTRUCTIONS
 from jraise.fetch.packages import publish_directory
 
@@ -131,14 +131,15 @@ def content_key(record: dict) -> str:
 
 def answer_key(text: str, normaliser: str | None) -> str | None:
     """An answer as compared for "is it the right one": the number for ``"gsm8k"`` sets (None when
-    there is none), else the text case-folded with spacing collapsed and a final period dropped.
+    there is none), else `squad_answer` (case folded, punctuation and articles dropped, spacing
+    collapsed).
 
     At least as coarse as every exact-match normaliser of `jraise.eval.metrics`, so answers that
     differ here differ there too.
     """
     if normaliser == "gsm8k":
         return gsm8k_answer(text)
-    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+    return squad_answer(text)
 
 
 def right_answer_keys(record: dict, normaliser: str | None) -> set:

@@ -17,7 +17,8 @@ reference rows), with three things swapped for real ones by `RealBench`:
   or ``test.jsonl`` but the study's own truth and scores.
 * **Scores.** Per category of ``test.jsonl``: multiple-choice accuracy by option
   log-likelihood (EOS included, unnormalised) or exact match after greedy decoding with the set's
-  normaliser (ASDiv: the number; NQ-open, TruthfulQA: the first reference). ``target_acc`` is
+  normaliser (ASDiv: the number; NQ-open, TruthfulQA: SQuAD's normalisation, any accepted
+  answer). ``target_acc`` is
   the mean over the targets, ``all_acc`` the mean over every category (macro: targets have
   ``n_test`` records, the others ``n_test_other``).
 
@@ -107,7 +108,8 @@ class RealStudyConfig(StudyConfig):
         from jraise.fetch.eval_data import EVAL_DATA_DIR
         from jraise.fetch.smollm2 import SMOLLM2_NAME, SMOLLM2_WHEEL
 
-        return {"model": SMOLLM2_NAME, "wheel_sha256": SMOLLM2_WHEEL.sha256, "eval_data": EVAL_DATA_DIR}
+        return {"model": SMOLLM2_NAME, "wheel_sha256": SMOLLM2_WHEEL.sha256, "eval_data": EVAL_DATA_DIR,
+                "scoring": SCORING}
 
     def pool_settings(self) -> dict:
         return {"targets": list(self.targets), "noise": self.noise, "seed": self.pool_seed, "n_val": self.n_val,
@@ -169,10 +171,16 @@ def pool_truth(pool_file: Path, noise_file: Path) -> PoolTruth:
     return PoolTruth(tuple(r["category"] for r in records), np.array([r["id"] in noisy_ids for r in records], bool))
 
 
-def source_normalisers(eval_data_dir: Path) -> dict[str, str | None]:
-    """{set name: exact-match normaliser} from the evaluation data's manifest."""
-    files = json.loads((Path(eval_data_dir) / "manifest.json").read_text())["files"]
-    return {name.removesuffix(".jsonl"): info.get("normaliser") for name, info in files.items()}
+def source_normalisers() -> dict[str, str | None]:
+    """{set name: exact-match normaliser} from the sets' definitions (`jraise.fetch.eval_sets`),
+    so a cache converted before a normaliser changed is scored the current way."""
+    from jraise.fetch.eval_sets import EVAL_SETS
+
+    return {s.name: s.normaliser for s in EVAL_SETS}
+
+
+# What the scores are: a change here invalidates finished rows (`RealStudyConfig.model_identity`).
+SCORING = "mc: option log-likelihood, EOS, unnormalised; gen: greedy, any reference, set normaliser (nq/tqa: squad)"
 
 
 def category_scores(model, tok, records: Sequence[dict], normalisers: dict, batch_size: int = 32,
@@ -244,10 +252,7 @@ class RealBench:
         return paths, pool_truth(paths["pool"], paths["noise"])
 
     def scores(self, model, tok, paths: dict, config: RealStudyConfig) -> dict:
-        from jraise.fetch import fetch_eval_data
-
-        per_category = category_scores(model, tok, _read_jsonl(paths["test"]),
-                                       source_normalisers(fetch_eval_data(self.cache)))
+        per_category = category_scores(model, tok, _read_jsonl(paths["test"]), source_normalisers())
         return {"target_acc": float(np.mean([per_category[c] for c in config.targets])),
                 "all_acc": float(np.mean(list(per_category.values()))), "per_category": per_category}
 
@@ -315,8 +320,10 @@ def write_report(result: dict, config: RealStudyConfig, out_prefix: str | Path, 
               f"{', '.join(config.targets)}; {len(config.categories)} categories, at most {config.per_category} "
               f"records each, instruction + output <= {config.max_tokens} tokens, {config.noise:.0%} planted noise; "
               f"{config.fraction:.0%} budget / {config.steps} update steps of {config.batch_size}; seeds "
-              f"{sorted({r['seed'] for r in result['rows']})} (mean ± std over each method's seeds); {config.n_test} test records per target, {config.n_test_other} per "
-              f"other category; run time {seconds:.0f} s\n\n")
+              f"{sorted({r['seed'] for r in result['rows']})} (mean ± std over each method's seeds); "
+              f"{config.n_test} test records per target, {config.n_test_other} per other category; the rows' "
+              f"own times sum to {sum(r['total_seconds'] for r in result['rows']):.0f} s "
+              f"(this invocation {seconds:.0f} s, finished rows read back)\n\n")
     text = header + "\n".join(f"- {line}" for line in checks(result, config)) + "\n\n"
     text += markdown_table(summary, result["base"], bench.columns) + "\n\n"
     text += per_target_table(result, config) + "\n"

@@ -237,15 +237,28 @@ def _exact(text: str, category: str | None) -> str:
     return text
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def squad_answer(text: str, category: str | None = None) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016; the NQ-open metric): lower case,
+    punctuation removed, the articles a / an / the removed, whitespace runs collapsed."""
+    text = _PUNCTUATION.sub(" ", text.casefold())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
 # name -> normaliser(text, category) -> canonical answer, or None when no answer can be read off.
 #   testbed: `jraise.data.testbed.normalise_answer` (whitespace runs collapsed, ends stripped,
 #            case folded for testbed categories whose task is not about case);
 #   gsm8k:   `gsm8k_answer` (the last number, after '####' when present);
-#   exact:   the decoded text unchanged.
+#   exact:   the decoded text unchanged;
+#   squad:   `squad_answer` (case, punctuation and articles dropped: NQ-open, TruthfulQA).
 NORMALISERS: Mapping[str, Callable[[str, str | None], str | None]] = {
     "testbed": _testbed,
     "gsm8k": _gsm8k,
     "exact": _exact,
+    "squad": squad_answer,
 }
 
 Normaliser = str | Callable[[str, str | None], str | None]

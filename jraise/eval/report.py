@@ -194,6 +194,15 @@ def prompt_field(record: dict) -> str:
     return "question"
 
 
+def reference_answers(record: dict, where: str = "record") -> list[str]:
+    """Every accepted exact-match answer: the record's ``references`` list when it has one (a
+    prediction matching any of them is right, as NQ-open scores), else `reference_answer`."""
+    listed = record.get("references")
+    if isinstance(listed, list) and listed and all(isinstance(r, str) for r in listed):
+        return list(listed)
+    return [reference_answer(record, where)]
+
+
 def reference_answer(record: dict, where: str = "record") -> str:
     """The exact-match reference (see the module docstring for the field order)."""
     for field in ("reference", "output", "response", "answer"):
@@ -487,7 +496,7 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
     for i in record_index:
         record = records[i]
         prompts.append(prompt_messages(record, _where(source, i, record)))
-        references.append(reference_answer(record, _where(source, i, record)))
+        references.append(reference_answers(record, _where(source, i, record)))
         categories.append(_category(record))
     prompt_ids = _prompt_token_ids(tokenizer, prompts)
     limit = prompt_token_limit(model, options.max_len, options.max_new_tokens)
@@ -501,16 +510,18 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
     texts = greedy_completions(model, tokenizer, [prompt_ids[k] for k in kept], options.max_new_tokens,
                                options.batch_size, options.n_buckets, desc="exact match", max_prompt_len=limit)
     norm = metrics.resolve_normaliser(options.normaliser)
-    correct = [metrics.answers_match(t, r, c, norm) for t, r, c in zip(texts, references, categories)]
+    correct = [any(metrics.answers_match(t, r, c, norm) for r in refs)
+               for t, refs, c in zip(texts, references, categories)]
     result = metrics.accuracy_summary(correct, categories)
     result["normaliser"] = _normaliser_name(options.normaliser)
     if skipped:
         result["skipped"] = {"over-long": skipped}
     if keep_predictions:
         result["examples"] = [
-            {"index": i, "id": _record_id(records[i]), "category": c, "prediction": t, "reference": r,
-             "normalised_prediction": norm(t, c), "normalised_reference": norm(r, c), "correct": bool(ok)}
-            for i, t, r, c, ok in zip(record_index, texts, references, categories, correct)
+            {"index": i, "id": _record_id(records[i]), "category": c, "prediction": t, "reference": refs[0],
+             "normalised_prediction": norm(t, c), "normalised_reference": norm(refs[0], c), "correct": bool(ok),
+             **({"references": refs} if len(refs) > 1 else {})}
+            for i, t, refs, c, ok in zip(record_index, texts, references, categories, correct)
         ]
     return result
 

@@ -241,6 +241,32 @@ def test_exact_match_of_own_greedy_outputs(eos_model, tok):
     assert res["exact_match"]["overall"]["accuracy"] == 0.0
 
 
+def test_exact_match_accepts_any_listed_reference(eos_model, tok):
+    model, records = eos_model, EM_RECORDS
+    own = [tok.decode(greedy_tokens(model, tok, r, eos=(tok.eos_token_id,)), skip_special_tokens=True)
+           for r in records]
+    # The right answer second in `references`, a wrong one first (and as `reference`): still right.
+    listed = [dict(r, reference=o + "Q", references=[o + "Q", o]) for r, o in zip(records, own)]
+    res = evaluate(model, tok, listed, kinds=("exact_match",), max_new_tokens=NEW_TOKENS, batch_size=BATCH,
+                   keep_predictions=True)["exact_match"]
+    assert res["overall"]["accuracy"] == 1.0
+    assert all(e["references"] == [o + "Q", o] and e["reference"] == o + "Q" for e, o in zip(res["examples"], own))
+    wrong = [dict(r, reference=o + "Q", references=[o + "Q", o + "R"]) for r, o in zip(records, own)]
+    res = evaluate(model, tok, wrong, kinds=("exact_match",), max_new_tokens=NEW_TOKENS, batch_size=BATCH)
+    assert res["exact_match"]["overall"]["accuracy"] == 0.0
+
+
+def test_squad_normaliser_drops_case_punctuation_and_articles():
+    from jraise.eval.metrics import answers_match, squad_answer
+
+    assert squad_answer("  The Indus  River. ") == "indus river" == squad_answer("indus river")
+    assert squad_answer("A bidet!") == "bidet" and squad_answer("an apple, the pear") == "apple pear"
+    assert squad_answer("Theory") == "theory"  # an article only as a whole word
+    assert answers_match("The Eiffel Tower.", "eiffel tower", normaliser="squad")
+    assert not answers_match("Eiffel", "eiffel tower", normaliser="squad")
+    assert not answers_match("Paris.", "paris", normaliser="testbed")  # the strict normaliser keeps case
+
+
 @pytest.fixture(scope="module")
 def testbed_result(model, tok, testbed, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "results" / "eval.json"

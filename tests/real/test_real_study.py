@@ -1,5 +1,9 @@
 """The real-model study's pipeline end to end on a small slice of the real pool with the real
-SmolLM2-135M-Instruct (LoRA fine-tunes, real selection methods, real scores), and its resumption."""
+SmolLM2-135M-Instruct (LoRA fine-tunes, real selection methods, real scores), and its resumption.
+
+The default suite runs the pipeline through `jraise demo --real` (random and the oracle); the
+fuller run (ROSE with its shared influence work, RAISE) is ``slow`` (about 6 CPU minutes, mostly
+XLA compiles of the 30-layer model) and is covered by ``benchmarks/real_study.py``."""
 
 import json
 
@@ -21,6 +25,7 @@ def study(tmp_path_factory, smollm2_dir, eval_data_dir):
     return work, config, run_real_study(work, config, echo=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_every_row_is_scored_on_every_category_and_shares_follow_the_truth(study):
     work, config, result = study
     rows = {r["method"]: r for r in result["rows"]}
@@ -49,6 +54,7 @@ def test_every_row_is_scored_on_every_category_and_shares_follow_the_truth(study
     assert not (work / "seed0" / "rose" / "selection.jsonl.work").exists()
 
 
+@pytest.mark.slow
 def test_report_and_resume(study, tmp_path):
     work, config, result = study
     text = write_report(result, config, tmp_path / "real_study", "test", 1.0)
@@ -60,3 +66,23 @@ def test_report_and_resume(study, tmp_path):
     again = run_real_study(work, config, echo=lambda *_: None)
     assert (work / "rows.jsonl").read_text().splitlines() == lines
     assert [r["total_seconds"] for r in again["rows"]] == [r["total_seconds"] for r in result["rows"]]
+
+
+def test_demo_real_prints_the_table_and_verdict_and_writes_chart(tmp_path, smollm2_dir, eval_data_dir):
+    from jraise.demo import run_demo
+
+    lines = []
+    sizes = {k: v for k, v in SLICE.items() if k != "seeds"}
+    result = run_demo(tmp_path, real=True, methods=("random", "oracle"), echo=lines.append, **sizes)
+    text = "\n".join(lines)
+    assert "jraise demo --real" in text and "Verdict: best on the target categories" in text
+    assert "oracle vs random" in text and [r["method"] for r in result["rows"]] == ["random", "oracle"]
+    assert (tmp_path / "study.md").read_text().endswith(".\n") and (tmp_path / "study.png").stat().st_size > 0
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["oracle"]["noisy_share"] == 0.0 and rows["oracle"]["clean_target_share"] == 1.0
+    assert set(result["base"]["per_category"]) == {"piqa", "openbookqa", "asdiv"}
+    # Resuming reads every row back, the base model's scores included.
+    before = (tmp_path / "rows.jsonl").read_text()
+    assert json.loads(before.splitlines()[0])["method"] == "base (no fine-tune)"
+    again = run_demo(tmp_path, real=True, methods=("random", "oracle"), echo=lambda *_: None, **sizes)
+    assert (tmp_path / "rows.jsonl").read_text() == before and again["rows"] == result["rows"]
