@@ -27,9 +27,8 @@ a wrong option), ``rose_model`` on model-answer pairs (rejected = the base model
 LESS and the two ROSE rows share one warmup and one set of train-side features per seed
 (``influence_shared_work``), so the later rows' selection seconds count only their validation side.
 
-`RealStudyConfig` holds the CPU size (one seed of every method within 90 minutes on 2 cores,
-measured in BUILD_NOTES) and `real_study_size` the larger ones; `real_demo_config` the size
-`jraise demo --real` runs.
+`RealStudyConfig` holds the CPU size and `real_study_size` the larger ones; `real_demo_config`
+the size `jraise demo --real` runs (measured times in BUILD_NOTES).
 """
 
 from __future__ import annotations
@@ -146,7 +145,7 @@ ALL_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa"
 
 def real_demo_config(**overrides) -> RealStudyConfig:
     """`jraise demo --real`: a smaller pool and test set and the four headline methods with the
-    oracle, about 20 minutes on 2 CPU cores."""
+    oracle (aimed at about 20 minutes on 2 CPU cores; measured times in BUILD_NOTES)."""
     return RealStudyConfig(**{"methods": ("random", "less", "rose", "raise", "oracle"), "per_category": 24,
                               "n_test": 100, "n_test_other": 0, "n_val_other": 0, "steps": 12, "raise_episodes": 2,
                               "raise_steps": 12, **overrides})
