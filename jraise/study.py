@@ -215,8 +215,9 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
 # One seed's data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -228,8 +229,8 @@ def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
     paths = write_testbed(work / f"seed{seed}" / "testbed", n_train=config.n_pool, noise=config.noise, seed=seed,
                           n_test_per_category=config.n_test)
     targets = set(config.targets)
-    val = [r for r in _read_jsonl(paths["val"]) if r["category"] in targets]
-    pref = [p for p in _read_jsonl(paths["val_pref"]) if p["category"] in targets]
+    val = [r for r in read_jsonl(paths["val"]) if r["category"] in targets]
+    pref = [p for p in read_jsonl(paths["val_pref"]) if p["category"] in targets]
     if not val or not pref:
         raise ValueError(f"no validation records for the targets {sorted(targets)}")
     paths["val_target"] = atomic_write_jsonl(paths["val"].with_name("val_target.jsonl"), val)
@@ -249,7 +250,7 @@ def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
     from jraise.model import load_model, load_tokenizer
     from jraise.select.preference_pairs import model_answer_pairs
 
-    records, near_miss = _read_jsonl(paths["val_target"]), _read_jsonl(paths["val_pref_target"])
+    records, near_miss = read_jsonl(paths["val_target"]), read_jsonl(paths["val_pref_target"])
     if [p["chosen"] for p in near_miss] != [r["output"] for r in records]:
         raise ValueError(f"{paths['val_pref_target']} does not mirror {paths['val_target']} record by record")
     pairs, report = model_answer_pairs(load_model(base_dir)[0], load_tokenizer(base_dir), records,
@@ -477,7 +478,7 @@ class TestbedBench:
 
     def seed_data(self, work: Path, config: StudyConfig, seed: int) -> tuple[dict[str, Path], PoolTruth]:
         paths = seed_data(work, config, seed)
-        return paths, truth_from_meta(_read_jsonl(paths["pool"]))
+        return paths, truth_from_meta(read_jsonl(paths["pool"]))
 
     def scores(self, model, tok, paths: dict, config: StudyConfig) -> dict:
         return _test_scores(model, tok, paths["test"], set(config.targets))
@@ -565,7 +566,7 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "study_config.json", json.dumps(asdict(config), indent=2) + "\n")
     rows_file = work / "rows.jsonl"
-    old = _read_jsonl(rows_file) if rows_file.exists() else []
+    old = read_jsonl(rows_file) if rows_file.exists() else []
     done = {(r["method"], r["seed"]): r for r in old if r.get("settings") == settings_key(config, r["method"])}
     base_dir = bench.base(work, config, echo)
     base_row = pool_row = None

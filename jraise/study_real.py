@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
-from jraise.study import PoolTruth, StudyConfig
+from jraise.study import PoolTruth, StudyConfig, read_jsonl
 
 # The categories whose short records are plentiful under the CPU length policy (128 tokens):
 # LogiQA, MedQA and PubMedQA have 47, 63 and 1 records that short, so they join at the larger sizes.
@@ -155,15 +155,10 @@ def real_demo_config(**overrides) -> RealStudyConfig:
 # Data and scores
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def pool_truth(pool_file: Path, noise_file: Path) -> PoolTruth:
     """Categories of the pool's records and which of them are planted noise (``noise.jsonl`` ids)."""
-    records = _read_jsonl(pool_file)
-    noisy_ids = {t["id"] for t in _read_jsonl(noise_file)}
+    records = read_jsonl(pool_file)
+    noisy_ids = {t["id"] for t in read_jsonl(noise_file)}
     unknown = noisy_ids - {r["id"] for r in records}
     if unknown:
         raise ValueError(f"{noise_file}: ids not in {pool_file}: {sorted(unknown)[:3]}")
@@ -240,8 +235,8 @@ class RealBench:
                                       max_tokens=config.max_tokens, tokenizer=load_tokenizer(fetch_smollm2(self.cache)),
                                       categories=config.categories, n_val_other=config.n_val_other,
                                       n_test_other=config.n_test_other)
-            others = _read_jsonl(written["val_other"]) if "val_other" in written else []
-            atomic_write_jsonl(out / "val_all.jsonl", _read_jsonl(written["val"]) + others)
+            others = read_jsonl(written["val_other"]) if "val_other" in written else []
+            atomic_write_jsonl(out / "val_all.jsonl", read_jsonl(written["val"]) + others)
             atomic_write_text(stamp, json.dumps(settings, indent=2) + "\n")
             manifest = json.loads(written["manifest"].read_text())
             self.echo(f"real pool: {manifest['pool']} records of {len(manifest['categories'])} categories, "
@@ -251,7 +246,7 @@ class RealBench:
         return paths, pool_truth(paths["pool"], paths["noise"])
 
     def scores(self, model, tok, paths: dict, config: RealStudyConfig) -> dict:
-        per_category = category_scores(model, tok, _read_jsonl(paths["test"]), source_normalisers())
+        per_category = category_scores(model, tok, read_jsonl(paths["test"]), source_normalisers())
         return {"target_acc": float(np.mean([per_category[c] for c in config.targets])),
                 "all_acc": float(np.mean(list(per_category.values()))), "per_category": per_category}
 
