@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     from jraise.select.rl.episode import Rollout
     from jraise.select.rl.policy import PolicyConfig
     from jraise.select.rl.sampling import cluster_layout
-    from jraise.select.rl.trainer import RaiseConfig, _ppo_update_fn, new_policy
+    from jraise.select.rl.trainer import RaiseConfig, ppo_update_fn, new_policy
 
     rng = np.random.default_rng(0)
     n, c = args.n, args.clusters
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     rows = []
     for t_len in [int(t) for t in args.steps.split(",")]:
         config = RaiseConfig(steps=t_len, per_cluster=per)
-        update = _ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
+        update = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
         picked = np.stack([np.stack([rng.choice(sizes[k], per, replace=False) for k in range(c)]) for _ in range(t_len)])
         indices = np.stack([np.concatenate([members[k][picked[t, k]] for k in range(c)]) for t in range(t_len)])
         rollout = Rollout(picked=jnp.asarray(picked, jnp.int32), indices=jnp.asarray(indices, jnp.int32),

@@ -38,7 +38,7 @@ user state M_0 every episode (so put a fresh optimizer state in it), and keeps o
 
 Shared with the LLM path (the same functions, not copies): `stage_features`, `fused_state`,
 `choose_batch` (scoring + Gumbel-top-b / top-b + Plackett-Luce log-probability), `add_selections`,
-`Rollout`, `replay`, the whole PPO update (`trainer._ppo_update_fn`: GAE, `ppo_loss`, `value_loss`,
+`Rollout`, `replay`, the whole PPO update (`trainer.ppo_update_fn`: GAE, `ppo_loss`, `value_loss`,
 Adam epochs), `RaiseConfig`, `PolicyBundle`, `AcquisitionMLP` / `Critic`, `sampling.cluster_layout`,
 `clustering.pca` / `zscore`. Parallel code: the step and episode bodies here (they call the user's
 functions where `episode.make_fused_step` calls jraise's LLM update and validation loss) and the
@@ -61,14 +61,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jraise.select.clustering import pca, zscore
 from jraise.select.rl.episode import EpisodeConfig, Rollout
-from jraise.select.rl.features import SEMANTIC_DIMS
+from jraise.select.rl.features import static_features_from  # noqa: F401 (exported here)
 from jraise.select.rl.policy import STAGE_DIM, AcquisitionMLP, Critic, PolicyConfig, stage_features
 from jraise.select.rl.sampling import ClusterLayout
 from jraise.select.rl.sampling import cluster_layout as _padded_layout
 from jraise.select.rl.selector import add_selections, choose_batch
-from jraise.select.rl.trainer import PolicyBundle, RaiseConfig, _ppo_update_fn
+from jraise.select.rl.trainer import PolicyBundle, RaiseConfig, ppo_update_fn
 
 __all__ = [
     "PolicyBundle",
@@ -91,42 +90,6 @@ _INIT_FOLD = 2**31 - 1
 # seed (``key`` replaces it) are not read.
 CONFIG_FIELDS_READ = ("episodes", "steps", "per_cluster", "policy_lr", "ppo_epochs", "clip_eps", "gamma", "lam",
                       "entropy_coef", "value_coef", "tau", "stage", "normalise_advantages")
-
-
-def static_features_from(difficulty, embeddings, dims: int = SEMANTIC_DIMS) -> jax.Array:
-    """The [N, D_d + dims] float32 static matrix of the fused state, from arrays of any model.
-
-    The combination of `jraise.select.rl.features.static_features`, without its model passes:
-
-        semantic = pca(embeddings, min(dims, N, E)), zero columns appended up to ``dims``
-        static   = zscore([difficulty | semantic])            (column by column; constant -> 0)
-
-    Args:
-      difficulty: [N, D_d] (or [N], one column) per-example difficulty numbers. RAISE's layout
-        (`policy.DIFFICULTY`) is D_d = 4: len(x), len(y), mean log p(y|x), mean log p(y).
-      embeddings: [N, E] per-example embeddings (RAISE: mean-pooled final hidden states).
-      dims: semantic width after PCA (RAISE: 32, giving the paper's S = 36 and a 39-number state).
-
-    Returns:
-      [N, D_d + dims] float32; a policy over it needs ``PolicyConfig(state_dim=D_d + dims + 3)``
-      (the default 39 when D_d = 4 and dims = 32). K-means for `cluster_layout` runs on the semantic
-      block ``static[:, D_d:]`` in jraise's pipeline (`features.cluster_pool`).
-    """
-    difficulty = jnp.asarray(difficulty, jnp.float32)
-    if difficulty.ndim == 1:
-        difficulty = difficulty[:, None]
-    emb = jnp.asarray(embeddings, jnp.float32)
-    if difficulty.ndim != 2 or emb.ndim != 2:
-        raise ValueError(f"difficulty must be [N, D] (or [N]) and embeddings [N, E], got shapes "
-                         f"{difficulty.shape} and {emb.shape}")
-    if difficulty.shape[0] != emb.shape[0]:
-        raise ValueError(f"difficulty has {difficulty.shape[0]} rows, embeddings {emb.shape[0]}")
-    if dims < 1:
-        raise ValueError(f"dims must be >= 1, got {dims}")
-    semantic = pca(emb, min(dims, *emb.shape))
-    if semantic.shape[1] < dims:  # tiny pools or embeddings: zero columns keep the layout
-        semantic = jnp.pad(semantic, ((0, 0), (0, dims - semantic.shape[1])))
-    return zscore(jnp.concatenate([difficulty, semantic], axis=1))
 
 
 def cluster_layout(labels, n_clusters: int | None = None) -> ClusterLayout:
@@ -292,7 +255,7 @@ def train_raise_policy(learner_step: LearnerStep, val_loss_fn: ValLossFn, learne
         params, opt_state, history = resume.params, resume.opt_state, list(resume.history)
     episode_fn = make_raise_episode(learner_step, val_loss_fn, actor_graphdef, config.episode_config(True),
                                     learner_has_aux)
-    update_fn = _ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
+    update_fn = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
     for k in range(len(history), config.episodes):
         _, rollout, train_losses = episode_fn(params["actor"], learner_state, static, layout,
                                               jax.random.fold_in(key, k))

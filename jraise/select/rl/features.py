@@ -80,15 +80,48 @@ def difficulty_features(model, pool: InstructionPool, start_token: int, batch_si
                      _batched_mean_logp(model, alone, pool.pad_id, batch_size)], axis=1)
 
 
+def static_features_from(difficulty, embeddings, dims: int = SEMANTIC_DIMS) -> jax.Array:
+    """The [N, D_d + dims] float32 static matrix of the fused state, from arrays of any model.
+
+    The combination `static_features` applies to its model passes' outputs:
+
+        semantic = pca(embeddings, min(dims, N, E)), zero columns appended up to ``dims``
+        static   = zscore([difficulty | semantic])            (column by column; constant -> 0)
+
+    Args:
+      difficulty: [N, D_d] (or [N], one column) per-example difficulty numbers. RAISE's layout
+        (`policy.DIFFICULTY`) is D_d = 4: len(x), len(y), mean log p(y|x), mean log p(y).
+      embeddings: [N, E] per-example embeddings (RAISE: mean-pooled final hidden states).
+      dims: semantic width after PCA (RAISE: 32, giving the paper's S = 36 and a 39-number state).
+
+    Returns:
+      [N, D_d + dims] float32; a policy over it needs ``PolicyConfig(state_dim=D_d + dims + 3)``
+      (the default 39 when D_d = 4 and dims = 32). K-means for `cluster_layout` runs on the semantic
+      block ``static[:, D_d:]`` in jraise's pipeline (`features.cluster_pool`).
+    """
+    difficulty = jnp.asarray(difficulty, jnp.float32)
+    if difficulty.ndim == 1:
+        difficulty = difficulty[:, None]
+    emb = jnp.asarray(embeddings, jnp.float32)
+    if difficulty.ndim != 2 or emb.ndim != 2:
+        raise ValueError(f"difficulty must be [N, D] (or [N]) and embeddings [N, E], got shapes "
+                         f"{difficulty.shape} and {emb.shape}")
+    if difficulty.shape[0] != emb.shape[0]:
+        raise ValueError(f"difficulty has {difficulty.shape[0]} rows, embeddings {emb.shape[0]}")
+    if dims < 1:
+        raise ValueError(f"dims must be >= 1, got {dims}")
+    semantic = pca(emb, min(dims, *emb.shape))
+    if semantic.shape[1] < dims:  # tiny pools or embeddings: zero columns keep the layout
+        semantic = jnp.pad(semantic, ((0, 0), (0, dims - semantic.shape[1])))
+    return zscore(jnp.concatenate([difficulty, semantic], axis=1))
+
+
 def static_features(model, pool: InstructionPool, start_token: int, dims: int = SEMANTIC_DIMS,
                     batch_size: int = 32) -> np.ndarray:
     """[N, 4 + dims] z-scored static features (difficulty, then semantic)."""
     difficulty = difficulty_features(model, pool, start_token, batch_size)
     emb = pooled_embeddings(model, pool, batch_size)
-    semantic = np.asarray(pca(jnp.asarray(emb), min(dims, *emb.shape)))
-    if semantic.shape[1] < dims:  # tiny pools or models: pad with zero columns to keep the layout
-        semantic = np.pad(semantic, ((0, 0), (0, dims - semantic.shape[1])))
-    return np.asarray(zscore(jnp.asarray(np.concatenate([difficulty, semantic], axis=1))))
+    return np.asarray(static_features_from(difficulty, emb, dims))
 
 
 def cluster_pool(static: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:

@@ -73,7 +73,7 @@ def new_policy(config: PolicyConfig, seed: int) -> PolicyBundle:
     return PolicyBundle(AcquisitionMLP(config, rngs=nnx.Rngs(seed)), Critic(config, rngs=nnx.Rngs(seed + 1)), config)
 
 
-def _ppo_update_fn(actor_graphdef, critic_graphdef, opt: optax.GradientTransformation, config: RaiseConfig):
+def ppo_update_fn(actor_graphdef, critic_graphdef, opt: optax.GradientTransformation, config: RaiseConfig):
     def loss_fn(params, static, layout, rollout, advantages, returns):
         actor = nnx.merge(actor_graphdef, params["actor"])
         critic = nnx.merge(critic_graphdef, params["critic"])
@@ -153,7 +153,7 @@ def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, 
     opt = optax.adam(config.policy_lr)
     opt_state = opt.init(params)
     episode_fn = make_episode(graphdef, tx, param_dtypes(model), actor_graphdef, config.episode_config(True))
-    update_fn = _ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
+    update_fn = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
 
     manager = _checkpointer(out)
     history: list[dict] = []
