@@ -16,7 +16,7 @@ Protocol (Beyond IID, arXiv 2409.07045; `shared/methods/beyond_iid.md`):
    move them and the effect of the data mix is measurable.
 2. **Per seed** s: a fresh testbed of the study ``--categories`` (seed s: pool, val, test draws;
    ``--noise`` planted, default 0), then
-   a. **Gamma** with `jraise.select.intervention.measure_interactions`: D0 = ``--budget`` records
+   a. **Gamma** with `jraise.jobs.intervention.measure_interactions`: D0 = ``--budget`` records
       of the pool (the pool's mix, i.e. balanced), Delta_k = +``--delta-fraction`` of n0_k,
       N+1 fine-tunes of the base with the same step budget as the arms below, per-category
       response loss on the val split, own effects floored at ``--relative-self-effect-floor`` x
@@ -303,8 +303,9 @@ def _test_scores(model, tok, test_file: Path, names: Sequence[str], max_new_toke
 
 def _measure_gamma(base_dir: Path, pool, val_pool, tok, config: BeyondIIDStudyConfig, seed: int,
                    gamma_dir: Path) -> dict:
+    from jraise.jobs.intervention import measure_interactions
     from jraise.model import load_model
-    from jraise.select.intervention import InterventionConfig, measure_interactions
+    from jraise.select.intervention import InterventionConfig
 
     intervention = InterventionConfig(delta_fraction=config.delta_fraction, base_size=config.budget,
                                       steps=config.steps, batch_size=config.batch_size, lr=config.lr,
@@ -432,7 +433,7 @@ def _read_rows(path: Path, key: str) -> dict[int, dict]:
 def run(config: BeyondIIDStudyConfig, work: Path, out_dir: Path, echo: Callable[[str], None] = print) -> dict:
     """Every seed of the study (finished seeds of the same settings are read back from
     ``<work>/rows.jsonl``), plus the mean Gamma over seeds saved under ``<out>/beyond_iid_gamma``."""
-    from jraise.select.interactions import save_gamma
+    from jraise.data.gamma import save_gamma
     from jraise.study import StudyConfig, build_base
     from jraise.train.loop import append_jsonl
 

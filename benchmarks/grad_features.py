@@ -27,8 +27,8 @@ the ratios):
    each (float32 summation order only: measured below 1e-6, 1e-3 would still be a match). LESS projects float16 gradients on a GPU; on this CPU both
    sides stay float32.
 
-   jraise runs `compute_features` (SFT loss, with moments), as `feature_store` does shard by
-   shard: the jitted per-group program is cached across calls (inside jraise), and every
+   jraise runs `compute_features` (SFT loss, with moments), as `jraise.jobs.influence.feature_store`
+   does shard by shard: the jitted per-group program is cached across calls (inside jraise), and every
    length bucket is compiled during the warm-up. Its time includes building the padded groups on
    the host and copying the features back.
 
@@ -407,7 +407,7 @@ def _write_store(store_dir: Path, n: int, dim: int) -> float:
     """Writes an n x dim store of random unit rows (float16), shard by shard; returns seconds."""
     import numpy as np
 
-    from jraise.grads.store import FeatureStore
+    from jraise.data.feature_store import FeatureStore
 
     start = time.perf_counter()
     store = FeatureStore.create_or_open(store_dir, n=n, dim=dim, identity={"benchmark": "grad_features"})
@@ -434,7 +434,7 @@ def _score_child(store_dir: str) -> None:
     """Runs in a fresh process: scores the store with `influence_scores`; prints a JSON line."""
     import numpy as np
 
-    from jraise.grads.store import FeatureStore
+    from jraise.data.feature_store import FeatureStore
     from jraise.select.influence import influence_scores
 
     matrix = FeatureStore.open(store_dir).matrix()

@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
                                                         "oracle and the complete full-data run)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's)")
     parser.add_argument("--targets", default=None, help="comma-separated target categories (default: the size's)")
+    parser.add_argument("--generative", default=None, help="comma-separated categories scored by greedy exact "
+                        "match of the right option's text (default: the size's; '' for none)")
     parser.add_argument("--extra-seeds", default=None, help="comma-separated seeds run after the main ones for "
                                                             "--extra-methods only (rows from the same work directory)")
     parser.add_argument("--extra-methods", default="random,less,rose,raise")
@@ -48,6 +50,8 @@ def main(argv=None) -> dict:
         overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.targets:
         overrides["targets"] = tuple(args.targets.split(","))
+    if args.generative is not None:
+        overrides["generative"] = tuple(c for c in args.generative.split(",") if c)
     config = real_study_size(args.size, **overrides)
     start = time.perf_counter()
     result = run_real_study(args.work, config, cache=args.cache)

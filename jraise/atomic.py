@@ -61,7 +61,7 @@ def atomic_write_group(files: Sequence[tuple[str | os.PathLike, bytes | None]]) 
 
     A crash during phase 2 (renames do not fail for lack of space) can leave some files new and
     some old; a reader detects that by a checksum of the other files recorded in one of them
-    (see `jraise.select.base.read_selection`). Returns the paths written, in order."""
+    (see `jraise.data.selections.read_selection`). Returns the paths written, in order."""
     pending: list[tuple[Path, Path | None]] = []
     try:
         for path, data in files:

@@ -281,7 +281,7 @@ def train_cmd(
                                      "set, for the stage features) and --max-steps (the step budget)")
         if record_format != "chat":
             raise typer.BadParameter("--selector raise reads its records with the chat format only")
-        from jraise.select.rl.run import finetune_with_policy
+        from jraise.jobs.raise_policy import finetune_with_policy
 
         final = finetune_with_policy(model, data, eval_data, policy, out, steps=max_steps, lr=lr, max_len=max_len,
                                      tokenizer_dir=_tokenizer_dir(model, tokenizer), sample=sample_policy, seed=seed,
@@ -431,7 +431,7 @@ def _influence_command(method: str):
                        "code does; --no-adam-first-moment leaves it out (a vector shared by every example that "
                        "can swamp the per-example terms; see BUILD_NOTES)."),
     ):
-        from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
+        from jraise.jobs.influence import InfluenceRunConfig, run_influence_selection
 
         work = work_dir if work_dir is not None else out.with_name(out.name + ".work")
         # The work directory is not checked for holding inputs: it may hold the --warmup-run it reads.
@@ -475,7 +475,7 @@ def pairs_cmd(
 ):
     """ROSE validation pairs from SFT records: chosen = the reference answer, rejected = the model's own
     greedy answer; records the model already answers right are skipped."""
-    from jraise.select.preference_pairs import write_model_answer_pairs
+    from jraise.jobs.preference_pairs import write_model_answer_pairs
 
     refuse_overlapping_outputs(_beside(out, ".meta.json"),
                                [("--model", model), ("--val", val), ("--tokenizer", tokenizer)])
@@ -515,14 +515,14 @@ def raise_cmd(
     dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """RAISE: train a selection policy with PPO over fused fine-tuning episodes (resumable)."""
-    from jraise.select.rl.run import train_raise_policy
+    from jraise.jobs.raise_policy import train_raise_policy_job
     from jraise.select.rl.trainer import RaiseConfig
 
     refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool), ("--val", val)])
     lock_for_command(ctx, out)
     config = RaiseConfig(episodes=episodes, steps=steps, llm_lr=lr, policy_lr=policy_lr, seed=seed)
-    train_raise_policy(model, pool, val, out, config, clusters=clusters, batch_size=batch_size, lora_rank=lora_rank,
-                       max_len=max_len, echo=typer.echo, skip_bad=skip_bad, dedupe=dedupe)
+    train_raise_policy_job(model, pool, val, out, config, clusters=clusters, batch_size=batch_size,
+                           lora_rank=lora_rank, max_len=max_len, echo=typer.echo, skip_bad=skip_bad, dedupe=dedupe)
 
 
 @select_app.command("mixture")
@@ -541,7 +541,7 @@ def mixture_cmd(
     dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """EE-CPO: re-mix the categories by linear programming over Gamma (budget exact, no duplicates)."""
-    from jraise.select.beyond_iid import mixture_job
+    from jraise.jobs.beyond_iid import mixture_job
 
     refuse_overlapping_outputs(_beside(out, ".meta.json"), [
         ("--pool", pool), ("--gamma", gamma), ("--candidates", candidates), ("--categories", categories)])
@@ -581,7 +581,8 @@ def _baseline_command(method: str):
         dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
         record_format: RecordFormat = typer.Option("chat", help=RECORD_FORMAT_HELP),
     ):
-        from jraise.select.baselines import NEEDS_MODEL, run_baseline
+        from jraise.jobs.baselines import run_baseline
+        from jraise.select.baselines import NEEDS_MODEL
 
         refuse_overlapping_outputs(_beside(out, ".scores.npy", ".meta.json"), [
             ("--pool", pool), ("--model", model), ("--val", val), ("--tokenizer", tokenizer)])
@@ -623,7 +624,7 @@ def sspl_cmd(
     dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP),
 ):
     """Self-paced learning (SSPL): fine-tune on easy-to-hard buckets of the current loss."""
-    from jraise.select.self_paced import run_self_paced
+    from jraise.jobs.self_paced import run_self_paced
 
     refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool),
                                                         ("--tokenizer", tokenizer)])
@@ -660,7 +661,8 @@ def interactions_cmd(
     from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
     from jraise.model.hf import check_model_inputs
-    from jraise.select.intervention import RESULT_FILE, InterventionConfig, measure_interactions
+    from jraise.jobs.intervention import RESULT_FILE, measure_interactions
+    from jraise.select.intervention import InterventionConfig
 
     refuse_overlapping_outputs([("--out", out, True)], [("--model", model), ("--pool", pool), ("--eval", eval_data)])
     tok = load_tokenizer(model)
@@ -700,7 +702,7 @@ def curriculum_cmd(
     dedupe: bool = typer.Option(False, "--dedupe", help=DEDUPE_HELP + " Train with --dedupe too."),
 ):
     """DT-CSFT: a 3-stage order (every example 3 times, base skills early, dependent ones late)."""
-    from jraise.select.beyond_iid import curriculum_job
+    from jraise.jobs.beyond_iid import curriculum_job
 
     refuse_overlapping_outputs(_beside(out, ".meta.json"), [
         ("--pool", pool), *[("--gamma", g) for g in gamma or ()], ("--tiers", tiers), ("--categories", categories)])
@@ -726,7 +728,7 @@ def categories_cmd(
     from jraise.data.pool import load_pool, skip_lines
     from jraise.model import load_model, load_tokenizer
     from jraise.model.hf import check_model_inputs
-    from jraise.select.embeddings import derive_categories
+    from jraise.jobs.embeddings import derive_categories
 
     refuse_overlapping_outputs([("--out", out, False)], [("--model", model), ("--pool", pool)])
     tok = load_tokenizer(model)

@@ -35,7 +35,6 @@ prints them. ``benchmarks/selection_study.py`` and ``jraise demo`` are thin fron
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -48,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
+from jraise.study_common import METHOD_OPTION_PREFIXES, options_key, tunable_model
 from jraise.train.loop import append_jsonl
 
 STATIC_METHODS = ("random", "longest", "perplexity", "ifd", "rds", "less", "rose", "ee_cpo")
@@ -243,7 +243,7 @@ def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
 
 
 def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
-    """ROSE's validation pairs for ``rose_pairs="model"``: `write_model_answer_pairs` on the target
+    """ROSE's validation pairs for ``rose_pairs="model"``: `model_answer_pairs` on the target
     validation records (rejected = the base model's greedy answer); a record the base answers right
     or with nothing keeps the testbed's near-miss pair (``val_pref_target`` mirrors ``val_target``
     record by record). The meta file counts both kinds."""
@@ -269,10 +269,7 @@ def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
                       out: Path) -> np.ndarray:
     if method in ("less", "rose", "rose_model"):
-        from jraise.select.influence_run import (
-            InfluenceRunConfig,
-            run_influence_selection,
-        )
+        from jraise.jobs.influence import InfluenceRunConfig, run_influence_selection
 
         influence = InfluenceRunConfig(method=method.removesuffix("_model"), fraction=config.fraction,
                                        warmup_fraction=config.fraction,
@@ -289,7 +286,7 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
         selection = run_influence_selection(base_dir, paths["pool"], val, out, influence, work_dir=work_dir,
                                             echo=lambda *_: None)
     else:
-        from jraise.select.baselines import run_baseline
+        from jraise.jobs.baselines import run_baseline
 
         selection = run_baseline(method, paths["pool"], out, model_dir=base_dir, val_file=paths["val_target"],
                                  fraction=config.fraction, max_len=config.max_len, seed=seed)
@@ -333,18 +330,6 @@ def full_run_steps(config: StudyConfig) -> int:
     return config.full_run_epochs * math.ceil(config.n_pool / config.batch_size)
 
 
-def tunable_model(base_dir: Path, config: StudyConfig, seed: int):
-    """The base model as fine-tuning starts from it: with fresh LoRA adapters when ``lora_rank``."""
-    from jraise.model import load_model
-
-    model, _ = load_model(base_dir)
-    if config.lora_rank:
-        from jraise.model.lora import LoRAConfig, add_lora
-
-        add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=2.0 * config.lora_rank), seed=seed)
-    return model
-
-
 def _finetune_on(base_dir: Path, pool, order, config: StudyConfig, seed: int, run_dir: Path,
                  epochs: int | None = None):
     """The base fine-tuned for ``config.steps`` updates in ``order`` (None: the trainer's epoch
@@ -375,7 +360,7 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
         model, indices = self_paced_finetune(model, pool, config.steps, config.batch_size, config.lr,
                                              refresh_every=config.sspl_refresh_every, seed=seed)
         return model, np.asarray(indices).reshape(-1), time.perf_counter() - t0
-    from jraise.select.rl.run import finetune_with_policy, train_raise_policy
+    from jraise.jobs.raise_policy import finetune_with_policy, train_raise_policy_job
     from jraise.select.rl.trainer import RaiseConfig
 
     # One policy per seed, shared by "raise" (deterministic top-b, the paper's deployment) and
@@ -389,9 +374,9 @@ def _dynamic_run(method: str, base_dir: Path, paths: dict, config: StudyConfig, 
         raise_config = RaiseConfig(episodes=config.raise_episodes, steps=config.raise_steps, llm_lr=config.lr,
                                    per_cluster=config.batch_size // config.raise_clusters, seed=seed)
         t0 = time.perf_counter()
-        train_raise_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, raise_config,
-                           clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
-                           lora_rank=config.lora_rank, echo=lambda *_: None)
+        train_raise_policy_job(base_dir, paths["pool"], paths["val_target"], policy_dir, raise_config,
+                               clusters=config.raise_clusters, batch_size=config.batch_size, max_len=config.max_len,
+                               lora_rank=config.lora_rank, echo=lambda *_: None)
         saved = {**settings, "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_text(stamp, json.dumps(saved) + "\n")
     final = finetune_with_policy(base_dir, paths["pool"], paths["val_target"], policy_dir, run_dir / "deployed",
@@ -413,7 +398,7 @@ def _beyond_iid_run(method: str, base_dir: Path, pool, paths: dict, config: Stud
     categories = list(pool_categories(pool))
     run_dir.mkdir(parents=True, exist_ok=True)
     if method == "ee_cpo":
-        from jraise.select.beyond_iid import content_key
+        from jraise.jobs.beyond_iid import content_key
 
         keys = [content_key(r, ignore=("id", "meta")) for r in pool.records]  # meta: benchmark-only truth
         indices, plan = ee_cpo_subset(measured, categories, config, seed, keys)
@@ -522,25 +507,6 @@ def run_method(method: str, base_dir: Path, paths: dict, truth: PoolTruth, confi
     scores = bench.scores(model, tok, paths, config)
     return {"method": method, "seed": seed, **scores, **shares, "select_seconds": round(select_s, 1),
             "total_seconds": round(time.perf_counter() - t0, 1)}
-
-
-# Option groups only some methods read: a row's key leaves out the groups its method does not read,
-# so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
-METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_", "rose_"), "rose_model": ("influence_",),
-                          "ee_cpo": ("gamma_", "ee_cpo_"),
-                          "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
-                          "raise_sampled": ("raise_",), "full_run": ("full_run_",)}
-_ALL_PREFIXES = tuple(sorted({p for group in METHOD_OPTION_PREFIXES.values() for p in group}))
-
-
-def options_key(config: StudyConfig, tag: str, own: tuple[str, ...]) -> str:
-    """A hash of ``tag`` and every option but the method and seed lists and the option groups
-    (`METHOD_OPTION_PREFIXES`) other than ``own``: what a result computed from those options
-    depends on."""
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("methods", "seeds") and (not k.startswith(_ALL_PREFIXES) or k.startswith(own))}
-    settings["base_model"] = config.model_identity()  # the model's definition, not only its name
-    return hashlib.sha256(json.dumps({"method": tag, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def settings_key(config: StudyConfig, method: str) -> str:

@@ -5,7 +5,7 @@ The Beyond-IID methods do not score records; they act on categories, so in the s
 the interaction matrix first (Beyond IID, arXiv 2409.07045, section 2). Per seed, and shared by
 both methods (measured once, cached under ``<work>/seed<s>/gamma/``):
 
-* **Gamma** by the intervention design (`jraise.select.intervention.measure_interactions`) on the
+* **Gamma** by the intervention design (`jraise.jobs.intervention.measure_interactions`) on the
   seed's noisy pool, from the study's base model: D0 = ``fraction`` of the pool in the pool's own
   category mix (the same size as a static selector's subset), Delta_k = +``gamma_delta`` of n0_k,
   every run ``gamma_steps`` updates of ``batch_size`` at the study's learning rate; performance =
@@ -39,14 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_text
+from jraise.study_common import options_key, tunable_model
 
 GAMMA_FILE = "study_gamma.json"
 
 
 def _gamma_settings(config, seed: int) -> dict:
     """What the seed's Gamma depends on: the study's common options and its ``gamma_*`` ones."""
-    from jraise.study import options_key
-
     return {"seed": seed, "options": options_key(config, "gamma", ("gamma_",))}
 
 
@@ -62,8 +61,8 @@ def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path)
             return saved
     from jraise.data.pool import load_pool
     from jraise.model import load_tokenizer
-    from jraise.select.intervention import InterventionConfig, measure_interactions
-    from jraise.study import tunable_model
+    from jraise.jobs.intervention import measure_interactions
+    from jraise.select.intervention import InterventionConfig
 
     t0 = time.perf_counter()
     tok = load_tokenizer(base_dir)

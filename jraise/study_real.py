@@ -34,7 +34,7 @@ the size `jraise demo --real` runs (measured times in BUILD_NOTES).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +64,7 @@ class RealStudyConfig(StudyConfig):
 
     methods: tuple[str, ...] = REAL_METHODS + ("oracle", "full_run")
     seeds: tuple[int, ...] = (0,)
-    targets: tuple[str, ...] = ("hellaswag", "nq_open")
+    targets: tuple[str, ...] = ("boolq", "siqa")
     noise: float = 0.2
     fraction: float = 0.05
     steps: int = 16
@@ -87,18 +87,22 @@ class RealStudyConfig(StudyConfig):
     full_run_epochs: int = 1
     # The real pool (`jraise.real_pool.write_real_pool`).
     categories: tuple[str, ...] = CPU_CATEGORIES
-    per_category: int = 50
+    per_category: int = 48  # 480 records: 5% is 24, three whole batches of 8
     max_tokens: int = 128
     n_val: int = 8
     n_val_other: int = 4
     n_test_other: int = 5
     pool_seed: int = 0
+    # Categories scored by greedy exact match of the right option's text although they have
+    # options (`as_generative`): what their instruction asks for ("Answer yes or no.").
+    generative: tuple[str, ...] = ("boolq", "siqa")
 
     def __post_init__(self):
         super().__post_init__()
-        missing = [t for t in self.targets if t not in self.categories]
-        if missing:
-            raise ValueError(f"targets {missing} are not among the study's categories {list(self.categories)}")
+        for name, chosen in (("targets", self.targets), ("generative", self.generative)):
+            missing = [t for t in chosen if t not in self.categories]
+            if missing:
+                raise ValueError(f"{name} {missing} are not among the study's categories {list(self.categories)}")
         if self.lora_rank < 1:
             raise ValueError(f"the real study fine-tunes by LoRA: lora_rank must be >= 1, got {self.lora_rank}")
 
@@ -174,16 +178,25 @@ def source_normalisers() -> dict[str, str | None]:
 
 
 # What the scores are: a change here invalidates finished rows (`RealStudyConfig.model_identity`).
-SCORING = "mc: option log-likelihood, EOS, unnormalised; gen: greedy, any reference, set normaliser (nq/tqa: squad)"
+SCORING = ("mc: option log-likelihood, EOS, unnormalised; gen (and `generative` categories): greedy, any "
+           "reference, set normaliser (else squad)")
+
+
+def as_generative(record: dict) -> dict:
+    """A multiple-choice record asked as a generative one: the options stay in the instruction (it
+    lists them), the reference is the right option's text (``output``)."""
+    return {k: v for k, v in record.items() if k not in ("options", "answer")}
 
 
 def category_scores(model, tok, records: Sequence[dict], normalisers: dict, batch_size: int = 32,
-                    max_new_tokens: int = 16) -> dict[str, float]:
+                    max_new_tokens: int = 16, generative: Collection[str] = ()) -> dict[str, float]:
     """{category: accuracy}: multiple-choice log-likelihood accuracy for records with ``options``,
-    exact match with the category's normaliser for the others."""
+    exact match with the category's normaliser (``squad`` where the set has none) for the others
+    and for every record of a ``generative`` category (`as_generative`)."""
     from jraise.eval import evaluate
 
     scores: dict[str, float] = {}
+    records = [as_generative(r) if r["category"] in generative else r for r in records]
     choice = [r for r in records if r.get("options") is not None]
     if choice:
         report = evaluate(model, tok, choice, kinds=("multiple_choice",), batch_size=batch_size)
@@ -191,7 +204,7 @@ def category_scores(model, tok, records: Sequence[dict], normalisers: dict, batc
     by_normaliser: dict[str, list[dict]] = {}
     for r in records:
         if r.get("options") is None:
-            by_normaliser.setdefault(normalisers.get(r["category"]) or "testbed", []).append(r)
+            by_normaliser.setdefault(normalisers.get(r["category"]) or "squad", []).append(r)
     for normaliser, group in by_normaliser.items():
         report = evaluate(model, tok, group, kinds=("exact_match",), batch_size=batch_size,
                           max_new_tokens=max_new_tokens, normaliser=normaliser)
@@ -246,7 +259,8 @@ class RealBench:
         return paths, pool_truth(paths["pool"], paths["noise"])
 
     def scores(self, model, tok, paths: dict, config: RealStudyConfig) -> dict:
-        per_category = category_scores(model, tok, read_jsonl(paths["test"]), source_normalisers())
+        per_category = category_scores(model, tok, read_jsonl(paths["test"]), source_normalisers(),
+                                       generative=config.generative)
         return {"target_acc": float(np.mean([per_category[c] for c in config.targets])),
                 "all_acc": float(np.mean(list(per_category.values()))), "per_category": per_category}
 

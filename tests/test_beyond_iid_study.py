@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jraise.select.interactions import load_gamma
+from jraise.data.gamma import load_gamma
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "beyond_iid_study.py"

@@ -53,7 +53,7 @@ def test_init_model_with_a_bad_preset_fails_clearly(tmp_path):
 
 def test_select_mixture_and_curriculum_commands(tmp_path):
     from jraise.data.testbed import write_testbed
-    from jraise.select.interactions import save_gamma
+    from jraise.data.gamma import save_gamma
 
     cats = ["first", "upper", "reverse_upper"]
     pool = write_testbed(tmp_path / "a", n_train=60, n_val_per_category=1, n_test_per_category=1, categories=cats)["pool"]
@@ -117,7 +117,7 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
     # The README's user-loop example: the policy as a jitted selector.
     import jax
 
-    from jraise.select.rl.run import load_selector
+    from jraise.jobs.raise_policy import load_selector
     from jraise.select.rl.selector import StepInfo
 
     selector = load_selector(tmp_path / "policy")

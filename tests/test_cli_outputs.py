@@ -218,7 +218,7 @@ def test_rerunning_a_finished_run_with_another_model_or_options_is_refused(bed, 
 
 
 def _random_selection(bed, out: Path, method: str = "random"):
-    from jraise.select.baselines import run_baseline
+    from jraise.jobs.baselines import run_baseline
 
     return run_baseline(method, bed["pool"], out, tokenizer_dir=bed["tokenizer"], fraction=0.1, max_len=128,
                         echo=None)
@@ -226,7 +226,7 @@ def _random_selection(bed, out: Path, method: str = "random"):
 
 def test_a_failed_write_leaves_the_earlier_selection_whole(bed, tmp_path, monkeypatch):
     from jraise import atomic
-    from jraise.select.base import read_selection
+    from jraise.data.selections import read_selection
 
     out = tmp_path / "sel.jsonl"
     _random_selection(bed, out)
@@ -251,7 +251,7 @@ def test_a_failed_write_leaves_the_earlier_selection_whole(bed, tmp_path, monkey
 
 
 def test_a_selection_with_missing_or_foreign_files_reads_as_absent(bed, tmp_path):
-    from jraise.select.base import read_selection, selection_paths
+    from jraise.data.selections import read_selection, selection_paths
 
     out = tmp_path / "sel.jsonl"
     _random_selection(bed, out)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
-from jraise.select.influence_run import InfluenceRunConfig, run_influence_selection
+from jraise.jobs.influence import InfluenceRunConfig, run_influence_selection
 
 SMALL = dict(fraction=0.1, warmup_fraction=0.25, warmup_epochs=1, warmup_lr=1e-3, warmup_batch_size=8,
              lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, proj_dim=32, chunk=4, group=8)
@@ -124,7 +124,7 @@ def test_csv_pool_edited_in_place_is_read_anew(tmp_path):
 def test_work_directory_without_a_model_record_is_refused(less_run, tmp_path):
     """A work directory from before model records (or with a broken one) is not trusted."""
     from jraise.errors import JraiseError
-    from jraise.select.influence_run import WORK_MODEL_FILE, check_work_model
+    from jraise.jobs.influence import WORK_MODEL_FILE, check_work_model
 
     root = less_run[0]
     (tmp_path / "features").mkdir()

@@ -40,6 +40,18 @@ def test_real_config_checks_targets_and_lora_and_sizes():
     gpu = real_study_size("gpu")
     assert "medqa" in gpu.categories and gpu.seeds == (0, 1, 2) and gpu.max_tokens == 384
     assert real_study_size("cpu", targets=("piqa", "siqa")).targets == ("piqa", "siqa")
+    with pytest.raises(ValueError, match="generative"):
+        RealStudyConfig(generative=("medqa",))
+
+
+def test_a_generative_category_is_asked_for_the_right_options_text():
+    from jraise.study_real import as_generative
+
+    record = {"id": "b-1", "category": "boolq", "instruction": "Q?\nAnswer yes or no.", "output": "no",
+              "options": ["yes", "no"], "answer": 1}
+    asked = as_generative(record)
+    assert asked == {"id": "b-1", "category": "boolq", "instruction": "Q?\nAnswer yes or no.", "output": "no"}
+    assert record["options"] == ["yes", "no"]  # the test record itself is left as it is
 
 
 def test_standard_error_and_checks_read_the_rows():

@@ -48,9 +48,10 @@ counts as absent. Every other field is ignored here and kept untouched in the re
 Errors and ``skip_bad``
 -----------------------
 A bad record raises `RecordError` (a ``ValueError`` and a `jraise.errors.JraiseError`) naming
-file, record and field, with a reason from `REASONS`. With ``skip_bad=True`` bad records are
-dropped instead and counted in a `LoadReport` (counts by reason plus the first few problems with
-their location). A file that cannot be read at all (an unreadable JSON array, invalid UTF-8 outside
+file, record and field, with a reason from `jraise.data.records.REASONS`. With ``skip_bad=True``
+bad records are dropped instead and counted in a `LoadReport` (counts by reason plus the first
+few problems with their location). These record types live in `jraise.data.records`, shared with
+`jraise.data.less_tulu`. A file that cannot be read at all (an unreadable JSON array, invalid UTF-8 outside
 a JSON-lines file, a missing file) raises either way.
 
 Ids
@@ -125,40 +126,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 
-from jraise.errors import JraiseError
-
-REASONS = (
-    "malformed-json",  # a JSON line that does not parse
-    "not-an-object",  # a record that is not a JSON object
-    "missing-field",  # a required field is absent or null
-    "wrong-type",  # a field has the wrong type
-    "empty-prompt",  # instruction / prompt text is empty
-    "empty-response",  # a response / assistant turn is empty or whitespace only
-    "bad-messages",  # a message list with no assistant reply at its end
-    "wrong-shape",  # e.g. a preference pair given to the instruction loader
-    "template-error",  # the chat template failed or rewrote earlier turns
-    "over-long",  # longer than max_len tokens (after any allowed truncation)
-    "duplicate-id",  # an explicit id already used by a record of other content or category
-    "invalid-utf8",  # a JSON line that is not valid UTF-8
-    "identical-pair",  # a preference pair whose chosen and rejected replies are the same
+from jraise.data import less_tulu
+from jraise.data.records import (
+    COPY_MARK,
+    MAX_REPORTED_PROBLEMS,  # noqa: F401  (jraise.data.pool imports it from here)
+    Conversation,
+    Encoded,
+    EncodedRecord,
+    LoadReport,
+    Location,
+    Message,
+    ParsedRecord,
+    ProblemLog,
+    RecordError,
+    SourceRecord,
+    is_absent,
+    type_name,
 )
+
 TRUNCATION_MODES = ("error", "left_prompt")
 KINDS = ("instruction", "preference")
 # "chat": the chat template (this module); "less-tulu": LESS's own rendering (`jraise.data.less_tulu`).
 RECORD_FORMATS = ("chat", "less-tulu")
 SIDES = ("train", "validation")  # which rule set of a format that has two (less-tulu)
-MAX_REPORTED_PROBLEMS = 5  # how many problems a LoadReport keeps verbatim
-COPY_MARK = "~"  # a copy's id is <base id>~<k>, k >= 2 (see "Ids" above)
 _UTF8_CHUNK = 1 << 20  # bytes per read when checking a CSV file's encoding
 PROGRESS_THRESHOLD = 2000  # show a progress bar when tokenising more records than this
 _TOKENISE_CHUNK = 512  # records tokenised per batched tokenizer call
@@ -167,133 +165,7 @@ _SENTINEL = "\u27e6jraise-content-sentinel\u27e7"
 
 
 # ----------------------------------------------------------------------------------------------
-# Locations, errors, reports
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a record came from: ``line`` (1-based) for JSON lines, else ``index`` (0-based)."""
-
-    file: str
-    index: int
-    line: int | None = None
-
-    def __str__(self) -> str:
-        if self.line is not None:
-            return f"{self.file}: line {self.line}"
-        return f"{self.file}: record index {self.index}"
-
-
-class RecordError(JraiseError, ValueError):
-    """A record that cannot be used; the message names file, record, field and reason."""
-
-    def __init__(self, location: Location, field: str | None, reason: str, detail: str):
-        assert reason in REASONS, reason
-        where = f"{location}: field {field!r}" if field else str(location)
-        record = location.line if location.line is not None else location.index
-        super().__init__(f"{where}: {reason}: {detail}", path=location.file, record=record, field=field)
-        self.location, self.reason, self.detail = location, reason, detail
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One skipped record, as kept in a `LoadReport`."""
-
-    file: str
-    line: int | None
-    index: int
-    field: str | None
-    reason: str
-    message: str
-
-    @classmethod
-    def from_error(cls, err: RecordError) -> Problem:
-        loc = err.location
-        return cls(loc.file, loc.line, loc.index, err.field, err.reason, str(err))
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What loading did: records read and kept, examples truncated, skipped records by reason,
-    exact copies loaded as distinct examples (``n_copies``) or dropped by ``dedupe`` (``n_deduped``).
-
-    ``first_copy`` names the first copy and its original (``"line 7 copies line 2"``), or None."""
-
-    source: str
-    n_read: int
-    n_kept: int
-    n_truncated: int
-    skipped: Mapping[str, int]  # reason -> count (read-only)
-    problems: tuple[Problem, ...]  # the first MAX_REPORTED_PROBLEMS skipped records
-    n_copies: int = 0
-    n_deduped: int = 0
-    first_copy: str | None = None
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def summary(self) -> str:
-        text = f"{self.source}: kept {self.n_kept} of {self.n_read} records"
-        if self.n_truncated:
-            text += f", {self.n_truncated} truncated"
-        if self.skipped:
-            text += "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
-        if self.n_copies:
-            text += f"; {_copies(self.n_copies)} kept as distinct examples"
-        if self.n_deduped:
-            text += f"; {_copies(self.n_deduped)} dropped (dedupe)"
-        return text
-
-    def duplicates_line(self) -> str | None:
-        """One line saying how many exact copies were loaded or dropped, or None when there were none."""
-        if self.n_copies:
-            return (f"{self.source}: {_copies(self.n_copies)} of earlier records ({self.first_copy}) loaded as "
-                    f"distinct examples with ids <id>{COPY_MARK}2, {COPY_MARK}3, ...; --dedupe keeps the first "
-                    "copy only")
-        if self.n_deduped:
-            return f"{self.source}: dropped {_copies(self.n_deduped)} of earlier records ({self.first_copy}; --dedupe)"
-        return None
-
-
-def _copies(n: int) -> str:
-    return f"{n} exact {'copy' if n == 1 else 'copies'}"
-
-
-class _ProblemLog:
-    """Raises each `RecordError`, or with ``skip_bad`` counts it for the report."""
-
-    def __init__(self, skip_bad: bool):
-        self.skip_bad = skip_bad
-        self.counts: Counter[str] = Counter()
-        self.problems: list[Problem] = []
-
-    def reject(self, err: RecordError) -> None:
-        if not self.skip_bad:
-            raise err
-        self.counts[err.reason] += 1
-        if len(self.problems) < MAX_REPORTED_PROBLEMS:
-            self.problems.append(Problem.from_error(err))
-
-    def report(self, source: str, n_read: int, n_kept: int, n_truncated: int,
-               copies: Duplicates | None = None) -> LoadReport:
-        skipped = MappingProxyType(dict(sorted(self.counts.items())))
-        if copies is None:
-            return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems))
-        return LoadReport(source, n_read, n_kept, n_truncated, skipped, tuple(self.problems),
-                          copies.n_copies, copies.n_dropped, copies.first_copy)
-
-
-# ----------------------------------------------------------------------------------------------
 # Reading files
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One record as stored, with where it came from."""
-
-    location: Location
-    record: dict
 
 
 def file_format(path: Path) -> str:
@@ -315,7 +187,7 @@ def file_format(path: Path) -> str:
     )
 
 
-def read_records(path: str | os.PathLike, problems: _ProblemLog) -> tuple[list[SourceRecord], int]:
+def read_records(path: str | os.PathLike, problems: ProblemLog) -> tuple[list[SourceRecord], int]:
     """All records in the file at ``path`` and how many were read (bad ones included)."""
     path = Path(path)
     if not path.exists():
@@ -335,7 +207,7 @@ def read_records(path: str | os.PathLike, problems: _ProblemLog) -> tuple[list[S
         if isinstance(row, dict):
             records.append(SourceRecord(location, row))
         else:
-            problems.reject(RecordError(location, None, "not-an-object", _type_name(row)))
+            problems.reject(RecordError(location, None, "not-an-object", type_name(row)))
     return records, len(rows)
 
 
@@ -384,7 +256,7 @@ def _require_utf8(path: Path) -> None:
                 return
 
 
-def _read_jsonl(path: Path, problems: _ProblemLog) -> tuple[list[SourceRecord], int]:
+def _read_jsonl(path: Path, problems: ProblemLog) -> tuple[list[SourceRecord], int]:
     """One record per non-blank line; a malformed line (bad JSON, invalid UTF-8) is reported with its
     1-based number. Lines end at ``\\n`` bytes."""
     records, n_read, offset = [], 0, 0
@@ -415,7 +287,7 @@ def _read_jsonl(path: Path, problems: _ProblemLog) -> tuple[list[SourceRecord], 
                 )
                 continue
             if not isinstance(row, dict):
-                problems.reject(RecordError(location, None, "not-an-object", _type_name(row)))
+                problems.reject(RecordError(location, None, "not-an-object", type_name(row)))
                 continue
             records.append(SourceRecord(location, row))
     return records, n_read
@@ -436,7 +308,7 @@ def _read_json_array(path: Path) -> list:
             f"{path}: line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})"
         ) from err
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {_type_name(rows)}")
+        raise ValueError(f"{path}: expected a JSON array of records, got {type_name(rows)}")
     return rows
 
 
@@ -482,58 +354,13 @@ def _read_file_uncached(datasets, path: Path, fmt: str, cache_dir: str) -> list[
 # Validating records
 
 
-Message = tuple[str, str]  # (role, content)
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """Messages to render. Assistant turns at positions >= ``n_context`` are trained.
-
-    ``prompt_field`` / ``response_field`` are the record fields an over-long error names.
-    """
-
-    messages: tuple[Message, ...]
-    n_context: int
-    prompt_field: str
-    response_field: str
-
-
-@dataclass(frozen=True)
-class ParsedRecord:
-    """A validated record: its id, category, shape and conversations (one, or chosen+rejected).
-
-    ``content_sha256`` is the hex sha256 of its canonical content fields (see "Ids"); ``id`` is the
-    base id until `resolve_duplicates` gives a later record with the same base id its copy id."""
-
-    source: SourceRecord
-    id: str
-    shape: str
-    category: str | None
-    conversations: tuple[Conversation, ...]
-    content_sha256: str = ""
-
-    @property
-    def has_explicit_id(self) -> bool:
-        value = self.source.record.get("id")
-        return not (_is_absent(value) or value == "")
-
-
-def _type_name(value) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _is_absent(value) -> bool:
-    """Null, or a float NaN (how pandas-built parquet files store a missing string)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _text(rec: dict, field: str, loc: Location, empty_reason: str | None = None) -> str:
     """A required string field; with ``empty_reason`` a blank string is an error too."""
     value = rec.get(field)
-    if _is_absent(value):
+    if is_absent(value):
         raise RecordError(loc, field, "missing-field", "required field is absent or null")
     if not isinstance(value, str):
-        raise RecordError(loc, field, "wrong-type", f"expected a string, got {_type_name(value)}")
+        raise RecordError(loc, field, "wrong-type", f"expected a string, got {type_name(value)}")
     if empty_reason and not value.strip():
         raise RecordError(loc, field, empty_reason, "text is empty")
     return value
@@ -542,36 +369,36 @@ def _text(rec: dict, field: str, loc: Location, empty_reason: str | None = None)
 def _optional_text(rec: dict, field: str, loc: Location) -> str | None:
     """An optional string field; absent, null and "" all give None."""
     value = rec.get(field)
-    if _is_absent(value) or value == "":
+    if is_absent(value) or value == "":
         return None
     if not isinstance(value, str):
-        raise RecordError(loc, field, "wrong-type", f"expected a string or null, got {_type_name(value)}")
+        raise RecordError(loc, field, "wrong-type", f"expected a string or null, got {type_name(value)}")
     return value
 
 
 def _messages(value, field: str, loc: Location) -> tuple[Message, ...]:
     """A list of {role, content} dicts as (role, content) pairs; assistant contents non-blank."""
-    if _is_absent(value):
+    if is_absent(value):
         raise RecordError(loc, field, "missing-field", "required field is absent or null")
     if not isinstance(value, list):
-        raise RecordError(loc, field, "wrong-type", f"expected a list of messages, got {_type_name(value)}")
+        raise RecordError(loc, field, "wrong-type", f"expected a list of messages, got {type_name(value)}")
     if not value:
         raise RecordError(loc, field, "bad-messages", "the message list is empty")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise RecordError(
-                loc, f"{field}[{i}]", "wrong-type", f"expected an object, got {_type_name(message)}"
+                loc, f"{field}[{i}]", "wrong-type", f"expected an object, got {type_name(message)}"
             )
         role, content = message.get("role"), message.get("content")
         for key, item in (("role", role), ("content", content)):
-            if _is_absent(item):
+            if is_absent(item):
                 raise RecordError(
                     loc, f"{field}[{i}].{key}", "missing-field", "required field is absent or null"
                 )
             if not isinstance(item, str):
                 raise RecordError(
-                    loc, f"{field}[{i}].{key}", "wrong-type", f"expected a string, got {_type_name(item)}"
+                    loc, f"{field}[{i}].{key}", "wrong-type", f"expected a string, got {type_name(item)}"
                 )
         if role == "assistant" and not content.strip():
             raise RecordError(loc, f"{field}[{i}].content", "empty-response", "assistant text is empty")
@@ -595,7 +422,7 @@ def detect_shape(rec: dict) -> str | None:
     """'chat', 'preference', 'alpaca', 'prompt_response' or None, from the non-null fields."""
 
     def present(field: str) -> bool:
-        return not _is_absent(rec.get(field))
+        return not is_absent(rec.get(field))
 
     if present("messages"):
         return "chat"
@@ -680,10 +507,10 @@ def content_hash_id(content: dict) -> str:
 
 def _record_id(rec: dict, content: dict, loc: Location) -> str:
     value = rec.get("id")
-    if _is_absent(value) or value == "":
+    if is_absent(value) or value == "":
         return content_hash_id(content)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RecordError(loc, "id", "wrong-type", f"expected a string or integer, got {_type_name(value)}")
+        raise RecordError(loc, "id", "wrong-type", f"expected a string or integer, got {type_name(value)}")
     return str(value)
 
 
@@ -711,7 +538,7 @@ def parse_record(source: SourceRecord, kind: str = "instruction") -> ParsedRecor
 
 
 def _require_present(rec: dict, field: str, loc: Location) -> None:
-    if _is_absent(rec.get(field)):
+    if is_absent(rec.get(field)):
         shapes = (
             "instruction+output, prompt+response, messages"
             if field == "instruction"
@@ -737,7 +564,7 @@ def _where(location: Location) -> str:
 
 
 def resolve_duplicates(
-    parsed: Sequence[ParsedRecord], problems: _ProblemLog, dedupe: bool = False
+    parsed: Sequence[ParsedRecord], problems: ProblemLog, dedupe: bool = False
 ) -> Duplicates:
     """Unique ids for ``parsed`` (in file order) by the rules of "Ids" in the module docstring.
 
@@ -784,7 +611,7 @@ def resolve_duplicates(
     return Duplicates(records, n_copies, n_dropped, first_copy)
 
 
-def drop_duplicate_ids(parsed: list[ParsedRecord], problems: _ProblemLog) -> list[ParsedRecord]:
+def drop_duplicate_ids(parsed: list[ParsedRecord], problems: ProblemLog) -> list[ParsedRecord]:
     """The records of `resolve_duplicates` (copies loaded, with copy ids); kept for existing callers."""
     return resolve_duplicates(parsed, problems).records
 
@@ -868,15 +695,6 @@ def render_conversation(tokenizer, conversation: Conversation, need_cut_span: bo
 # Tokenising and fitting into max_len
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """One conversation's token ids (int32), loss mask (bool) and truncatable token positions."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    cuttable: np.ndarray  # positions (ascending) of tokens inside the first user turn's content
-
-
 def encode_rendered(
     rendered: Rendered, token_ids: Sequence[int], offsets: Sequence[tuple[int, int]]
 ) -> Encoded:
@@ -935,20 +753,8 @@ def fit_to_max_len(
     return tuple(fitted), True
 
 
-@dataclass(frozen=True)
-class EncodedRecord:
-    """A record ready for a pool: id, category, original record and one Encoded per side."""
-
-    id: str
-    category: str | None
-    record: dict
-    location: Location
-    sides: tuple[Encoded, ...]
-    truncated: bool
-
-
 def _encode_chunk(
-    tokenizer, chunk: list[ParsedRecord], max_len: int, truncation: str, problems: _ProblemLog
+    tokenizer, chunk: list[ParsedRecord], max_len: int, truncation: str, problems: ProblemLog
 ) -> list[EncodedRecord]:
     need_cut = truncation == "left_prompt"
     rendered_items = []
@@ -1031,10 +837,6 @@ def load_encoded(
         encode_chunk = _encode_chunk
         modes = TRUNCATION_MODES
     else:
-        from functools import partial
-
-        from jraise.data import less_tulu
-
         if kind != "instruction":
             raise ValueError(f"record_format {record_format!r} renders instruction records only, not {kind}")
         encode_chunk = partial(less_tulu.encode_chunk, side=side)
@@ -1048,7 +850,7 @@ def load_encoded(
         raise ValueError(f"max_len must be at least 2, got {max_len}")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("a fast (Rust) tokenizer is needed: loss masks come from offset mappings")
-    problems = _ProblemLog(skip_bad)
+    problems = ProblemLog(skip_bad)
     sources, n_read = read_records(path, problems)
     parsed = []
     for source in sources:
@@ -1068,4 +870,5 @@ def load_encoded(
             encoded.extend(encode_chunk(tokenizer, chunk, max_len, truncation, problems))
             bar.update(len(chunk))
     n_truncated = sum(item.truncated for item in encoded)
-    return encoded, problems.report(str(path), n_read, len(encoded), n_truncated, copies)
+    return encoded, problems.report(str(path), n_read, len(encoded), n_truncated, copies.n_copies,
+                                    copies.n_dropped, copies.first_copy)

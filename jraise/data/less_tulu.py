@@ -84,15 +84,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jraise.data.formats import (
+from jraise.data.records import (
     Encoded,
     EncodedRecord,
     Message,
     ParsedRecord,
+    ProblemLog,
     RecordError,
-    _is_absent,
-    _ProblemLog,
-    _type_name,
+    is_absent,
+    type_name,
 )
 
 LESS_TULU = "less-tulu"
@@ -159,14 +159,14 @@ def _record_text(item: ParsedRecord, side: str, eos: str) -> TuluText:
         raise RecordError(loc, field, "bad-messages",
                           f"a less-tulu validation record is one user turn and the reply, got roles {roles}")
     prefix = item.source.record.get(ANSWER_PREFIX_FIELD)
-    if _is_absent(prefix):
+    if is_absent(prefix):
         prefix = ""
     elif not isinstance(prefix, str):
-        raise RecordError(loc, ANSWER_PREFIX_FIELD, "wrong-type", f"expected a string, got {_type_name(prefix)}")
+        raise RecordError(loc, ANSWER_PREFIX_FIELD, "wrong-type", f"expected a string, got {type_name(prefix)}")
     return validation_text(messages[0][1], prefix, messages[1][1])
 
 
-def encode_chunk(tokenizer, chunk: list[ParsedRecord], max_len: int, truncation: str, problems: _ProblemLog,
+def encode_chunk(tokenizer, chunk: list[ParsedRecord], max_len: int, truncation: str, problems: ProblemLog,
                  *, side: str) -> list[EncodedRecord]:
     """Tokenises ``chunk`` with the rules of ``side``; bad records go to ``problems``."""
     eos = tokenizer.eos_token or ""

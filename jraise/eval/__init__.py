@@ -1,7 +1,8 @@
 """jraise.eval: per-category response loss, multiple-choice log-likelihood accuracy, exact match.
 
-`metrics` holds the pure (and jitted) scoring pieces; `report` runs them over files, record
-lists and pools and writes JSON results. `evaluate` is the one-call entry point.
+`metrics` holds the pure (and jitted) scoring pieces, on the log-likelihoods of `jraise.loglik`;
+`report` runs them over files, record lists and pools and writes JSON results. `evaluate` is the
+one-call entry point.
 """
 
 from jraise.eval.metrics import (
@@ -12,8 +13,6 @@ from jraise.eval.metrics import (
     choose_options,
     gsm8k_answer,
     loss_summary,
-    masked_log_prob_sums,
-    next_token_log_probs,
     option_scores,
     response_token_nll,
     sequence_log_probs,
@@ -35,8 +34,7 @@ from jraise.eval.report import (
 
 __all__ = [
     "NO_CATEGORY", "NORMALISERS", "accuracy_summary", "answers_match", "choose_options", "gsm8k_answer",
-    "loss_summary", "masked_log_prob_sums", "next_token_log_probs", "option_scores", "response_token_nll",
-    "sequence_log_probs",
+    "loss_summary", "option_scores", "response_token_nll", "sequence_log_probs",
     "KINDS", "ExactMatchOptions", "LossOptions", "MultipleChoiceOptions", "evaluate", "evaluate_exact_match",
     "evaluate_loss", "evaluate_multiple_choice", "greedy_completions", "load_eval_records", "option_log_probs",
     "write_json_atomic",

@@ -1,9 +1,9 @@
-"""Scoring pieces for evaluation: token log-likelihoods, response loss, option choice, answer matching.
+"""Scoring pieces for evaluation: response loss, option log-likelihoods, option choice, answer matching.
 
 Everything here is a pure function of arrays or strings; the two that run the model
 (`response_token_nll`, `sequence_log_probs`) are jitted with static shapes, so a caller that pads
-to a few length buckets compiles a few programs. `jraise.eval.report` strings them together over
-files and pools.
+to a few length buckets compiles a few programs. Their log-likelihood math, and "dropout off", is
+`jraise.loglik`'s. `jraise.eval.report` strings them together over files and pools.
 
 Conventions shared with the data layer (`jraise.data.batching`): a score mask [B, T] marks the
 tokens whose log-probability counts, ``mask[t] == 1`` meaning token t is predicted from position
@@ -33,52 +33,23 @@ import numpy as np
 from flax import nnx
 
 from jraise.data.testbed import normalise_answer
+from jraise.loglik import eval_view, scored_log_prob_sums
 
 NO_CATEGORY = "(none)"  # the per-category key of examples without a category (JSON keys are strings)
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-likelihoods (jitted where the model runs)
-
-
-def next_token_log_probs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """log p(input_ids[:, t] | input_ids[:, :t]) at each position t, as float32 [B, T].
-
-    Position 0 has no predictor and holds 0. Computed as the picked logit minus logsumexp, which
-    never materialises a second [B, T, V] array (the vocabulary can be 150k wide).
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(log_probs, ((0, 0), (1, 0)))
-
-
-def masked_log_prob_sums(logits: jax.Array, input_ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row: (sum of log-probs of the tokens where ``mask`` is 1, how many tokens) [B] each."""
-    mask = mask.astype(jnp.float32).at[:, 0].set(0.0)  # token 0 is never predicted
-    log_probs = next_token_log_probs(logits, input_ids)
-    return jnp.sum(log_probs * mask, axis=-1), jnp.sum(mask, axis=-1)
+# Log-likelihoods of a split model (the math is `jraise.loglik`'s)
 
 
 @jax.jit
 def _scored_sums(graphdef, state, input_ids, attention_mask, mask):
-    model = nnx.merge(graphdef, state)
-    logits = model(input_ids, attention_mask)
-    # A scored token outside the attention mask would be a padding token: never count it.
-    return masked_log_prob_sums(logits, input_ids, mask * attention_mask)
-
-
-def eval_view(model: nnx.Module) -> nnx.Module:
-    """The model with every dropout switched off (a view sharing the arrays; the caller's model
-    is not touched). Models without dropout come back as they are."""
-    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
-        return nnx.view(model, only=nnx.Dropout, deterministic=True)
-    return model
+    return scored_log_prob_sums(nnx.merge(graphdef, state), input_ids, attention_mask, mask)
 
 
 def split_for_eval(model: nnx.Module):
-    """(graphdef, state) of the eval view: split once, then call `scored_sums` per batch."""
+    """(graphdef, state) of the model with dropout off (`jraise.loglik.eval_view`): split once,
+    then call `scored_sums` / `response_nll_sums` per batch."""
     return nnx.split(eval_view(model))
 
 
@@ -89,7 +60,8 @@ def scored_sums(graphdef, state, input_ids, attention_mask, mask) -> tuple[jax.A
 
 
 def sequence_log_probs(model: nnx.Module, input_ids, attention_mask, score_mask) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probability of the tokens in ``score_mask`` per row, and their count ([B] each).
+    """Summed log-probability of the tokens in ``score_mask`` per row, and their count ([B] each):
+    `jraise.loglik.scored_log_prob_sums`, jitted.
 
     ``input_ids``/``attention_mask``/``score_mask`` are [B, T]; padding may be on either side
     (positions follow the attention mask). Used to score multiple-choice options.
@@ -110,7 +82,8 @@ def response_token_nll(model: nnx.Module, batch: Mapping[str, np.ndarray]) -> tu
 
 
 def response_nll_sums(graphdef, state, batch: Mapping[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-    """`response_token_nll` on an already split model."""
+    """`response_token_nll` on an already split model: minus the scored sums under the mask
+    ``loss_mask * example_mask``."""
     mask = np.asarray(batch["loss_mask"], np.float32) * np.asarray(batch["example_mask"], np.float32)[:, None]
     sum_log_prob, n_tokens = scored_sums(graphdef, state, batch["input_ids"], batch["attention_mask"], mask)
     return -sum_log_prob, n_tokens

@@ -55,20 +55,13 @@ import numpy as np
 
 from jraise.atomic import atomic_write_text
 from jraise.data.batching import iterate_batches, length_buckets, pick_bucket
-from jraise.data.formats import (
-    Conversation,
-    Location,
-    RecordError,
-    SourceRecord,
-    TemplateError,
-    encode_rendered,
-    read_records,
-    render_conversation,
-)
+from jraise.data.formats import TemplateError, encode_rendered, read_records, render_conversation
 from jraise.data.pool import InstructionPool, load_pool, skipped_summary
+from jraise.data.records import Conversation, Location, RecordError, SourceRecord
 from jraise.data.testbed import user_prompt
 from jraise.eval import metrics
 from jraise.eval.shared_prefix import batch_sums, plan_batches, scatter
+from jraise.loglik import eval_view, per_example_sums
 from jraise.model.generate import generate, left_pad
 
 KINDS = ("loss", "exact_match", "multiple_choice")
@@ -316,16 +309,14 @@ def evaluate_loss(model, pool: InstructionPool, options: LossOptions = LossOptio
     order = np.argsort(pool.lengths, kind="stable")  # similar lengths together: less padding
     rows = options.batch_size
     buckets = _buckets(pool.lengths, options.n_buckets)
-    sum_nll = np.zeros(len(pool), np.float64)
-    n_tokens = np.zeros(len(pool), np.float64)
     graphdef, state = metrics.split_for_eval(model)
     with _progress(-(-len(pool) // rows), "loss") as bar:
-        for batch in iterate_batches(pool, order, rows, buckets):
-            nll, count = metrics.response_nll_sums(graphdef, state, batch)
-            real = batch["index"] >= 0
-            sum_nll[batch["index"][real]] = np.asarray(nll)[real]
-            n_tokens[batch["index"][real]] = np.asarray(count)[real]
+
+        def score(batch):
             bar.update(1)
+            return metrics.response_nll_sums(graphdef, state, batch)
+
+        sum_nll, n_tokens = per_example_sums(iterate_batches(pool, order, rows, buckets), score, len(pool))
     result = metrics.loss_summary(sum_nll, n_tokens, pool.categories)
     result["averaging"] = {"per_example": "mean over examples of each example's mean token NLL",
                            "per_token": "total NLL / total response tokens"}
@@ -433,7 +424,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Sequence[int]], max_n
     buckets = _buckets(lengths, n_buckets)
     order = np.argsort(lengths, kind="stable")
     rows = batch_size
-    view = metrics.eval_view(model)
+    view = eval_view(model)
     texts: list[str | None] = [None] * len(prompts)
     with _progress(-(-len(prompts) // rows), desc) as bar:
         for chunk in _chunks(order, rows):

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.data.batching import length_buckets, pick_bucket
+from jraise.loglik import token_log_probs
 from jraise.model.transformer import default_positions, init_cache
 
 
@@ -75,7 +76,7 @@ def shared_prefix_lengths(sequences: Sequence[tuple[np.ndarray, np.ndarray]], of
 def _scored(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, np.float32).copy()
     if len(mask):
-        mask[0] = 0.0  # token 0 is never predicted (as in `metrics.masked_log_prob_sums`)
+        mask[0] = 0.0  # token 0 is never predicted (as in `jraise.loglik.masked_log_prob_sums`)
     return mask
 
 
@@ -175,8 +176,7 @@ def _option_sums(graphdef, state, prefix_ids, prefix_mask, suffix_ids, suffix_ma
     hidden, _ = model.hidden_with_cache(ids, positions.astype(jnp.int32), cache, p, key_valid)
     # [rows, s, V]: suffix token 0 from the prefill's last position, token t from suffix position t - 1
     logits = model.logits_from_hidden(jnp.concatenate([last, hidden[:, :-1]], axis=1)).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
-    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    log_probs = token_log_probs(logits, ids)
     mask = score_mask.reshape(rows, s) * attention
     return jnp.sum(log_probs * mask, axis=-1).reshape(b, n), jnp.sum(mask, axis=-1).reshape(b, n)
 

@@ -12,10 +12,10 @@ Data flow (LESS, Xia et al. 2024, arXiv 2402.04333)::
       --precondition-->        optional, one example at a time (e.g. `adam_preconditioner`)
       --flatten + project-->   features [G, d] float32          (`gradient_features`)
 
-The examples are processed ``chunk`` at a time: ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))``
-over the rows of one chunk, ``lax.map`` over the chunks. G is padded up to whole chunks by
-repeating row 0 (a real example, so the loss stays finite), and the padding is dropped from the
-results. `gradient_features` projects each chunk before the next is computed, so at most
+The examples are processed ``chunk`` at a time by `jraise.grads.per_example.chunked_grads`, the
+mechanism jraise's own features use: ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`` over the
+rows of one chunk, ``lax.map`` over the chunks, G padded up to whole chunks by repeating row 0 (a
+real example, so the loss stays finite) and the padding dropped from the results. `gradient_features` projects each chunk before the next is computed, so at most
 ``chunk`` gradients (``chunk x P`` numbers, P = the parameter count) exist at once; the full
 ``[G, P]`` matrix is never formed.
 
@@ -38,9 +38,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jraise.grads.per_example import adam_precondition
+from jraise.grads.per_example import adam_precondition, chunked_grads
 from jraise.grads.projection import ProjectionConfig, project_tree, project_tree_factored
 
 __all__ = ["AdamPreconditioner", "adam_preconditioner", "gradient_features", "per_example_grads"]
@@ -101,33 +100,6 @@ def _prepare(loss_fn: Callable, params: Pytree, batch: Pytree, chunk) -> int:
     return count
 
 
-# ----------------------------------------------------------------------------- chunking
-
-
-def _chunks(batch: Pytree, count: int, chunk: int) -> Pytree:
-    """Leaves [G, ...] -> [n, c, ...] with c = min(chunk, G) and n c >= G, padded with row 0."""
-    size = min(chunk, count)
-    n_chunks = -(-count // size)
-    pad = n_chunks * size - count
-
-    def lay_out(x):
-        x = jnp.asarray(x)
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
-        return x.reshape(n_chunks, size, *x.shape[1:])
-
-    return jax.tree.map(lay_out, batch)
-
-
-def _unchunk(tree: Pytree, count: int) -> Pytree:
-    """Leaves [n, c, ...] -> [G, ...]: chunks concatenated, padding rows dropped."""
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:count], tree)
-
-
-def _chunk_grads(loss_fn: Callable) -> Callable:
-    return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
-
-
 # ----------------------------------------------------------------------------- public
 
 
@@ -150,9 +122,8 @@ def per_example_grads(loss_fn: Callable, params: Pytree, batch: Pytree, *, chunk
         disagree on G (the message names the leaves and their shapes); ``loss_fn`` does not return
         a floating scalar.
     """
-    count = _prepare(loss_fn, params, batch, chunk)
-    grads = _chunk_grads(loss_fn)
-    return _unchunk(lax.map(lambda rows: grads(params, rows), _chunks(batch, count, chunk)), count)
+    _prepare(loss_fn, params, batch, chunk)
+    return chunked_grads(loss_fn, params, batch, chunk)
 
 
 def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, projection: ProjectionConfig,
@@ -180,20 +151,17 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
     if not isinstance(projection, ProjectionConfig):
         raise TypeError(f"projection must be a jraise.grads.projection.ProjectionConfig, "
                         f"got {type(projection).__name__}")
-    count = _prepare(loss_fn, params, batch, chunk)
-    grads = _chunk_grads(loss_fn)
+    _prepare(loss_fn, params, batch, chunk)
     transform = None if precondition is None else jax.vmap(precondition)
     project_fn = project_tree_factored if projection.mode == "factored" else project_tree
     key = projection.key()
 
-    def one_chunk(rows):
-        tree = grads(params, rows)
+    def one_chunk(tree):
         if transform is not None:
             tree = transform(tree)
-        return project_fn(tree, key, projection.dim, projection.kind, projection.block_rows)
+        return project_fn(tree, key, projection.dim, projection.kind, projection.block_rows)  # [c, d]
 
-    features = lax.map(one_chunk, _chunks(batch, count, chunk))  # [n_chunks, c, d]
-    return features.reshape(-1, projection.dim)[:count]
+    return chunked_grads(loss_fn, params, batch, chunk, one_chunk)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("mu", "nu"),

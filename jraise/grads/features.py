@@ -1,11 +1,11 @@
-"""Gradient features of a pool at one checkpoint, written to a resumable `FeatureStore`.
+"""Gradient features of a pool at one checkpoint: arrays in, the projected feature matrix out.
 
 pool (or preference pool) + model weights [+ the checkpoint's Adam moments]
   -> fixed-size groups of examples of one length bucket (static shapes: a handful of programs)
   -> `make_per_example_fn`: per-example gradient -> [Adam preconditioning] -> flatten -> JL project
      (factored mode: the preconditioned tree -> a Kronecker JL projection per 2-D leaf)
-  -> rows of the store, in pool order, shard by shard (a killed run resumes at the first missing
-     shard and ends bit-identical: every step is deterministic).
+  -> rows [len(rows), d] in the order asked for (`compute_features`); every step is deterministic,
+     so the same rows give the same features bit for bit.
 
 Sides (LESS/ROSE):
 
@@ -16,15 +16,14 @@ Sides (LESS/ROSE):
   model without its trained LoRA values, i.e. the base model) or the reference-free margin
   (``loss="margin"``), plain gradient.
 
-The store's identity records everything the features depend on (pool fingerprint, model, weights,
-loss, Adam, projection), so features of another pool or seed are never mixed in silently.
+No file I/O here: `jraise.jobs.influence.feature_store` writes these features shard by shard into
+a resumable `jraise.data.feature_store.FeatureStore`, whose identity records everything they
+depend on (`FeatureConfig.to_dict` among it).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,7 @@ from jraise.data.batching import (
     pick_bucket,
     preference_batch,
 )
+from jraise.data.feature_store import DEFAULT_SHARD_ROWS
 from jraise.data.pool import InstructionPool, PreferencePool
 from jraise.grads.per_example import (
     DPO_BETA,
@@ -53,7 +53,6 @@ from jraise.grads.projection import (
     project,
     project_tree_factored,
 )
-from jraise.grads.store import DEFAULT_SHARD_ROWS, FeatureStore
 
 Pytree = object
 
@@ -133,11 +132,6 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
     return jax.jit(fn)
 
 
-# Identity keys added after stores were first written, with what their absence in a saved
-# identity means (stores from before `ProjectionConfig.mode` hold dense features; train stores
-# from before `adam_first_moment` kept the first moment).
-IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense", "adam_first_moment": True}
-
 # Compiled feature programs, keyed by model structure, loss and config, so repeated calls (one
 # per shard, checkpoint or side) compile once.
 _PROGRAMS = CompiledCache(8)
@@ -168,11 +162,12 @@ def _reference_logprobs(batch: dict, logprob_fn, reference, frozen, mesh=None) -
     return parallel.shard_batch(out, mesh, what="reference log-probabilities")
 
 
-def _placed_inputs(trainable, frozen, reference, moments, mesh):
+def placed_inputs(trainable, frozen, reference, moments, mesh):
     """(trainable, frozen, reference, moments) as the feature program reads them on ``mesh``:
     weights by the parameter rules (FSDP at rest), Adam moments replicated (they enter the
-    per-device program whole). Placing already-placed inputs costs nothing, so `feature_store`
-    places once and each `compute_features` call finds them in place."""
+    per-device program whole). Placing already-placed inputs costs nothing, so a caller running
+    many `compute_features` calls (`jraise.jobs.influence.feature_store`) places once and each call
+    finds them in place."""
     trainable, frozen, reference = parallel.shard_params((trainable, frozen, reference), mesh)
     return trainable, frozen, reference, parallel.shard_replicated(moments, mesh)
 
@@ -206,7 +201,7 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     if loss == "dpo":
         logprob_fn = _PROGRAMS.get((graphdef, "logprob", dtypes_key(dtypes)),
                                    lambda: make_sequence_logprob_fn(graphdef, dtypes))
-    trainable, frozen, reference, moments = _placed_inputs(trainable, frozen, reference, moments, mesh)
+    trainable, frozen, reference, moments = placed_inputs(trainable, frozen, reference, moments, mesh)
     key = parallel.shard_replicated(config.projection.key(), mesh)
     extra = (*moments, key) if moments is not None else key
     buckets = length_buckets(pool.lengths, config.n_buckets)
@@ -223,50 +218,6 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
         real = index != PAD_INDEX
         out[[position[int(i)] for i in index[real]]] = feats[real]
     return out
-
-
-def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, pool, config: FeatureConfig,
-                  identity: dict, loss: str = "sft", moments: tuple | None = None, reference=None, dtypes=None,
-                  progress: bool = True, adam_first_moment: bool = True) -> FeatureStore:
-    """Fills (or finishes) the store at ``store_dir`` with the pool's L2-normalised features.
-
-    ``identity`` names the weights (model, run, checkpoint step); the pool fingerprint, loss, Adam
-    flags (``adam_first_moment``: see `compute_features`) and `FeatureConfig` are added here.
-    Reopening with any of them different is an error. A store written before
-    ``ProjectionConfig.mode`` (or ``adam_first_moment``) existed lacks that key: it reopens under
-    ``mode="dense"`` (and the first moment kept), the values it was written with
-    (`IDENTITY_ABSENT_MEANS`).
-    """
-    full_identity = {**identity, "pool_fingerprint": pool.fingerprint, "loss": loss,
-                     "adam": moments is not None, "features": config.to_dict()}
-    if moments is not None:
-        full_identity["adam_first_moment"] = adam_first_moment
-    # Multi-process runs: every process computes every shard (the programs are collective), only
-    # process 0 writes. Process 0 creates the store first; all read the list of missing shards
-    # before any is written, so they run the same sequence of programs.
-    writer = parallel.is_writer()
-
-    def open_store() -> FeatureStore:
-        return FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
-                                           identity=full_identity, shard_rows=config.shard_rows,
-                                           absent_means=IDENTITY_ABSENT_MEANS)
-
-    store = open_store() if writer else None
-    parallel.barrier("jraise-feature-store-created")
-    if store is None:
-        store = open_store()
-    missing = store.missing_shards()
-    parallel.barrier("jraise-feature-store-planned")
-    trainable, frozen, reference, moments = _placed_inputs(trainable, frozen, reference, moments,
-                                                           parallel.active_mesh())
-
-    def compute(start: int, stop: int) -> np.ndarray:
-        return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
-                                reference, dtypes, adam_first_moment)
-
-    store.fill(compute, progress=progress and writer, shards=missing, write=writer)
-    parallel.barrier("jraise-feature-store-filled")
-    return store
 
 
 def zero_reference(trainable) -> Pytree:

@@ -1,7 +1,9 @@
 """Per-example gradients of the trainable subset: one jitted, vmapped, chunked program.
 
-Data flow: a batch of G examples [G, L] -> `jax.lax.map(..., batch_size=c)` over rows, which
-vmaps ``c`` rows at a time -> per row, `jax.grad` of a per-example loss with respect to the
+Data flow: a batch of G examples [G, L] -> `chunked_grads` (one mechanism for every per-example
+gradient in jraise, model-agnostic ones included): rows laid out as whole chunks of ``c``,
+`jax.lax.map` over the chunks, `jax.vmap` over a chunk's rows -> per row, `jax.grad` of a
+per-example loss with respect to the
 trainable state (LoRA adapters when attached, else every parameter; see
 `jraise.train.step.split_trainable`) -> an optional per-example ``transform`` of that gradient
 pytree (Adam preconditioning, flattening, a JL projection) -> stacked results [G, ...].
@@ -28,7 +30,8 @@ Batch keys: SFT and logprob read ``input_ids``, ``attention_mask``, ``loss_mask`
 ``example_mask``; DPO and margin read the ``chosen_``/``rejected_``-prefixed triples of
 `jraise.data.batching.preference_batch` plus ``example_mask`` (and ``ref_chosen``,
 ``ref_rejected`` [G] for DPO). A padding row (``example_mask`` 0) has a zero loss, so a zero
-gradient.
+gradient. Every loss runs the model with dropout off (`jraise.loglik.response_nll`), so a gradient
+feature is a function of the weights and the data.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jraise.train.step import cast_to, example_nll
+from jax import lax
+
+from jraise.loglik import response_nll
+from jraise.train.step import cast_to
 
 LOSSES = ("sft", "logprob", "dpo", "margin")
 DPO_BETA = 0.1  # ROSE's beta
@@ -48,36 +54,25 @@ DPO_BETA = 0.1  # ROSE's beta
 Pytree = Any
 
 
-def _deterministic(model: nnx.Module) -> nnx.Module:
-    """The model with dropout off: gradient features are a function of the weights and the data."""
-    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
-        return nnx.view(model, only=nnx.Dropout, deterministic=True)
-    return model
-
-
-def _row_nll(model, input_ids, attention_mask, loss_mask, example_mask):
-    """(summed response NLL, response tokens) of ONE row given as [L] arrays."""
-    logits = model(input_ids[None], attention_mask[None])
-    nll, tokens = example_nll(logits, input_ids[None], loss_mask[None], example_mask[None])
+def _row_nll(model: nnx.Module, row: Mapping[str, jax.Array], prefix: str) -> tuple[jax.Array, jax.Array]:
+    """(summed response NLL, response tokens) of ONE row (arrays without a batch axis), dropout off;
+    ``prefix`` picks the side of a preference pair ("", "chosen_", "rejected_")."""
+    batch = {k: row[f"{prefix}{k}"][None] for k in ("input_ids", "attention_mask", "loss_mask")}
+    nll, tokens = response_nll(model, {**batch, "example_mask": row["example_mask"][None]})
     return nll[0], tokens[0]
-
-
-def _side(row: Mapping[str, jax.Array], prefix: str) -> tuple:
-    return (row[f"{prefix}input_ids"], row[f"{prefix}attention_mask"], row[f"{prefix}loss_mask"],
-            row["example_mask"])
 
 
 def example_loss(model: nnx.Module, row: Mapping[str, jax.Array], loss: str, beta: float = DPO_BETA) -> jax.Array:
     """The scalar loss ``loss`` (see `LOSSES`) of one example ``row`` (arrays without a batch axis)."""
     if loss == "sft":
-        nll, tokens = _row_nll(model, *_side(row, ""))
+        nll, tokens = _row_nll(model, row, "")
         return nll / jnp.maximum(tokens, 1.0)
     if loss == "logprob":
-        nll, _ = _row_nll(model, *_side(row, ""))
+        nll, _ = _row_nll(model, row, "")
         return -nll
     if loss in ("dpo", "margin"):
-        chosen = -_row_nll(model, *_side(row, "chosen_"))[0]
-        rejected = -_row_nll(model, *_side(row, "rejected_"))[0]
+        chosen = -_row_nll(model, row, "chosen_")[0]
+        rejected = -_row_nll(model, row, "rejected_")[0]
         if loss == "margin":
             return rejected - chosen
         z = beta * ((chosen - row["ref_chosen"]) - (rejected - row["ref_rejected"]))
@@ -85,46 +80,84 @@ def example_loss(model: nnx.Module, row: Mapping[str, jax.Array], loss: str, bet
     raise ValueError(f"unknown per-example loss {loss!r}; choose from {', '.join(LOSSES)}")
 
 
-def example_grad_fn(graphdef: nnx.GraphDef, loss: str, dtypes: Pytree | None = None,
+def example_loss_fn(graphdef: nnx.GraphDef, loss: str, dtypes: Pytree | None = None,
                     beta: float = DPO_BETA) -> Callable:
-    """``grad(trainable, frozen, row) -> gradient pytree`` (like ``trainable``) of one example."""
+    """``loss_of(trainable, frozen, row) -> scalar``: `example_loss` of one example with the model
+    rebuilt from its trainable and frozen states (trainable cast to ``dtypes``)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown per-example loss {loss!r}; choose from {', '.join(LOSSES)}")
 
     def loss_of(trainable, frozen, row):
-        model = _deterministic(nnx.merge(graphdef, cast_to(trainable, dtypes), frozen, copy=True))
+        model = nnx.merge(graphdef, cast_to(trainable, dtypes), frozen, copy=True)
         return example_loss(model, row, loss, beta)
 
-    return jax.grad(loss_of)
+    return loss_of
+
+
+def example_grad_fn(graphdef: nnx.GraphDef, loss: str, dtypes: Pytree | None = None,
+                    beta: float = DPO_BETA) -> Callable:
+    """``grad(trainable, frozen, row) -> gradient pytree`` (like ``trainable``) of one example."""
+    return jax.grad(example_loss_fn(graphdef, loss, dtypes, beta))
 
 
 def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 8,
                         transform: Callable[[Pytree], Pytree] | None = None, dtypes: Pytree | None = None,
                         beta: float = DPO_BETA, jit: bool = True) -> Callable:
-    """A jitted ``fn(trainable, frozen, batch, extra) -> [G, ...]`` of per-example results.
+    """A jitted ``fn(trainable, frozen, batch, extra) -> [G, ...]`` of per-example results: jraise's
+    `CausalLM` as a ``loss_fn(params, example)`` for `chunked_grads`.
 
     ``batch``: arrays with a leading example axis G (see the module docstring for keys; extra keys
     are ignored). ``transform(grad, extra)`` maps one example's gradient pytree to what is kept
     (default: the gradient itself); ``extra`` is any pytree it needs (Adam moments, a projection
-    key), passed through unbatched. Rows are processed ``chunk`` at a time (`jax.lax.map` with
-    ``batch_size=chunk``): G need not be a multiple of ``chunk``. ``jit=False`` returns the plain
-    function, to be composed inside a caller's jit.
+    key), passed through unbatched. Rows are processed ``chunk`` at a time; G need not be a
+    multiple of ``chunk`` (the last chunk is padded with row 0, whose results are dropped).
+    ``jit=False`` returns the plain function, to be composed inside a caller's jit.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    grad_fn = example_grad_fn(graphdef, loss, dtypes, beta)
+    loss_of = example_loss_fn(graphdef, loss, dtypes, beta)
     keys = _batch_keys(loss)
 
     def fn(trainable, frozen, batch, extra=None):
         rows = {k: batch[k] for k in keys}
-
-        def one(row):
-            grad = grad_fn(trainable, frozen, row)
-            return grad if transform is None else transform(grad, extra)
-
-        return jax.lax.map(one, rows, batch_size=chunk)
+        keep = None if transform is None else jax.vmap(lambda grad: transform(grad, extra))
+        return chunked_grads(lambda params, row: loss_of(params, frozen, row), trainable, rows, chunk, keep)
 
     return jax.jit(fn) if jit else fn
+
+
+def chunked_grads(loss_fn: Callable, params: Pytree, batch: Pytree, chunk: int,
+                  on_chunk: Callable[[Pytree], Pytree] | None = None) -> Pytree:
+    """``on_chunk`` of the gradients of ``loss_fn(params, example)`` for every row of ``batch``,
+    ``chunk`` rows at a time, stacked over the G rows.
+
+    The rows are laid out as ``n = ceil(G / c)`` chunks of ``c = min(chunk, G)`` (the last padded
+    with copies of row 0: a real example, so its loss stays finite); `jax.lax.map` runs the chunks
+    one after another and, inside one, ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`` gives the
+    chunk's gradients (leaves ``[c, *param.shape]``), which ``on_chunk`` maps to a pytree of
+    ``[c, ...]`` leaves (default: kept as they are) before the next chunk is computed. Padding rows
+    are dropped from the result (leaves ``[G, ...]``). No checks here: see
+    `jraise.grads.agnostic.per_example_grads` for the checked public form.
+    """
+    count = jax.tree.leaves(batch)[0].shape[0]
+    size = min(chunk, count)
+    n_chunks = -(-count // size)
+    pad = n_chunks * size - count
+
+    def lay_out(x):
+        x = jnp.asarray(x)
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+        return x.reshape(n_chunks, size, *x.shape[1:])
+
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+
+    def one_chunk(rows):
+        tree = grads(params, rows)
+        return tree if on_chunk is None else on_chunk(tree)
+
+    out = lax.map(one_chunk, jax.tree.map(lay_out, batch))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:count], out)
 
 
 def _batch_keys(loss: str) -> tuple[str, ...]:
@@ -139,9 +172,9 @@ def make_sequence_logprob_fn(graphdef: nnx.GraphDef, dtypes: Pytree | None = Non
     summed response-token log-probability per row (the DPO reference terms), dropout off."""
 
     def fn(trainable, frozen, input_ids, attention_mask, loss_mask, example_mask):
-        model = _deterministic(nnx.merge(graphdef, cast_to(trainable, dtypes), frozen))
-        logits = model(input_ids, attention_mask)
-        nll, _ = example_nll(logits, input_ids, loss_mask, example_mask)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+                 "example_mask": example_mask}
+        nll, _ = response_nll(nnx.merge(graphdef, cast_to(trainable, dtypes), frozen), batch)
         return -nll
 
     return jax.jit(fn)

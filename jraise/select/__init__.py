@@ -5,7 +5,7 @@ fingerprint); the dynamic selectors (RAISE, SSPL) are a `Selector`, a pair of pu
 called every step::
 
     sel = jraise.select.rose(train_features, val_features, ckpt_weights, pool.fingerprint, groups=subtasks)
-    sel.indices, sel.scores, sel.to_jsonl(pool, path)
+    sel.indices, sel.scores  # jraise.data.selections.write_selection(sel, pool, path): the files
 
     selector = jraise.select.raise_selector(actor, static, layout, per_cluster=b)  # or:
     selector = jraise.select.self_paced_selector(n_examples, batch_size, n_buckets=4)
@@ -15,9 +15,8 @@ called every step::
 (``raise_policy`` is the older name of `raise_selector`; SSPL needs ``losses``, the current
 model's per-example losses [N], at least on the first step.) Baselines (random, full_data,
 longest, perplexity, ifd, rds) return a `Selection` too; `self_paced_finetune` runs SSPL end to
-end. File-level jobs (what the CLI runs): `baselines.run_baseline`,
-`self_paced.run_self_paced`, `influence_run.run_influence_selection` (LESS/ROSE end to end),
-`rl.run` (RAISE), `beyond_iid` (EE-CPO mixture, DT-CSFT curriculum), `intervention` (Gamma).
+end. Nothing here reads or writes files or loads a model from a path: the file-level jobs (what
+the CLI runs) are `jraise.jobs`, the file formats `jraise.data`.
 """
 
 from jraise.select.base import Selection, top_fraction

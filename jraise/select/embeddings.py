@@ -1,29 +1,23 @@
-"""Pooled model embeddings of a pool, and categories derived from them by K-means.
+"""Pooled model embeddings of a pool, and clusters of them by K-means.
 
 `pooled_embeddings`: each example's final (normed) hidden states averaged over its real tokens
 (prompt and response), computed in length-bucketed batches by one jitted program per bucket.
-`derive_categories`: embeddings -> PCA to ``dims`` -> z-score -> K-means (k-means++) -> labels
-``derived-<j>``, for data without a ``category`` field (Beyond IID), and the semantic part of
-RAISE's state. Derived categories are always marked as derived in what is written.
+`cluster_embeddings`: embeddings -> PCA to ``dims`` -> z-score -> K-means (k-means++) -> labels,
+for data without a ``category`` field (Beyond IID; `jraise.jobs.embeddings.derive_categories`
+names them ``derived-<j>`` and writes them marked as derived), and the semantic part of RAISE's
+state.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jraise.atomic import atomic_write_text
 from jraise.data.batching import PAD_INDEX, iterate_batches, length_buckets
-from jraise.data.pool import InstructionPool, with_skipped
+from jraise.data.pool import InstructionPool
 from jraise.select.clustering import kmeans, pca, zscore
-
-DERIVED_PREFIX = "derived-"
 
 
 @nnx.jit
@@ -50,17 +44,3 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, dims: int = 32, seed: int
     scores = pca(jnp.asarray(embeddings), min(dims, n, d))
     _, labels, _ = kmeans(zscore(scores), k, jax.random.key(seed))
     return np.asarray(labels)
-
-
-def derive_categories(model, pool: InstructionPool, k: int, dims: int = 32, seed: int = 0,
-                      out: str | os.PathLike | None = None) -> list[str]:
-    """``derived-<j>`` per example; with ``out``, writes JSON {"derived": true, "k", "seed",
-    "pool_fingerprint", "categories": {id: category}} (what ``--categories`` options read), plus
-    ``"skipped"`` when the pool was loaded with bad records skipped (`skipped_summary`)."""
-    labels = cluster_embeddings(pooled_embeddings(model, pool), k, dims, seed)
-    cats = [f"{DERIVED_PREFIX}{int(j)}" for j in labels]
-    if out is not None:
-        document = {"derived": True, "method": "kmeans(pooled hidden state)", "k": k, "dims": dims, "seed": seed,
-                    "pool_fingerprint": pool.fingerprint, "categories": dict(zip(pool.ids, cats))}
-        atomic_write_text(Path(out), json.dumps(with_skipped(document, pool), indent=1) + "\n")
-    return cats

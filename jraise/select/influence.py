@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jraise.grads.store import ShardedMatrix, normalise_rows
+from jraise.data.feature_store import ShardedMatrix, normalise_rows
 from jraise.select.base import Selection, top_fraction
 
 METHODS = ("less", "rose")

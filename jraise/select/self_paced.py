@@ -16,25 +16,20 @@ RAISE paper (Reinforced Adaptive Instruction Selection), in its bucketed form:
 `self_paced_selector` packages that rule as a `jraise.select.Selector` (pure ``init`` / ``select``)
 for a user's own JAX loop, which refreshes the losses whenever it likes and passes them in
 ``StepInfo(losses=...)``. `self_paced_finetune` runs the loop with the repository's own jitted
-train step (losses refreshed every ``refresh_every`` steps, by one batched jitted pass), and
-`run_self_paced` is the file-level job behind ``jraise select sspl``.
+train step (losses refreshed every ``refresh_every`` steps, by one batched jitted pass); the
+file-level job behind ``jraise select sspl`` is `jraise.jobs.self_paced.run_self_paced`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jraise.atomic import atomic_write_text
 from jraise.data.batching import (
     PAD_INDEX,
     length_buckets,
@@ -235,38 +230,3 @@ def self_paced_finetune(model, pool: InstructionPool, steps: int, batch_size: in
             echo(f"sspl: step {step}/{steps}, batch loss {float(metrics['loss']):.4f}")
     assign_trainable(model, trainable)
     return model, chosen
-
-
-def run_self_paced(model_dir: str | os.PathLike, pool_file: str | os.PathLike, out_dir: str | os.PathLike,
-                   steps: int, batch_size: int, lr: float, refresh_every: int = 10, n_buckets: int = 4,
-                   seed: int = 0, max_len: int = 2048, tokenizer_dir: str | os.PathLike | None = None,
-                   echo: Callable[[str], None] | None = print, skip_bad: bool = False, dedupe: bool = False) -> Path:
-    """Self-paced fine-tuning of the model in ``model_dir`` on ``pool_file``; writes
-    ``out_dir/final`` (HF model with tokenizer files) and ``out_dir/selections.json`` (the pool
-    indices of every step, the pool fingerprint and the options). Returns the final model's dir.
-
-    A bad record of the pool is an error naming file, line and field, unless ``skip_bad``: then
-    it is dropped, ``echo`` gets a line saying how many, and ``selections.json`` lists them under
-    ``"skipped"``; the indices count the kept records."""
-    from jraise.data.pool import load_pool, skip_lines, with_skipped
-    from jraise.model import load_model, load_tokenizer
-    from jraise.model.hf import check_model_inputs
-    from jraise.train import export_model
-
-    model_dir, out = Path(model_dir), Path(out_dir)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
-    tok = load_tokenizer(tok_dir)
-    max_len = check_model_inputs(model_dir, tok, max_len, echo=echo)
-    pool = load_pool(pool_file, tok, max_len=max_len, skip_bad=skip_bad, dedupe=dedupe)
-    if echo is not None:
-        for line in skip_lines(pool, where=out / "selections.json"):
-            echo(line)
-    model, _ = load_model(model_dir)
-    model, indices = self_paced_finetune(model, pool, steps, batch_size, lr, refresh_every=refresh_every,
-                                         n_buckets=n_buckets, seed=seed, echo=echo)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "refresh_every": refresh_every,
-              "n_buckets": n_buckets, "seed": seed, "max_len": max_len, "model": str(model_dir)}
-    record = {"method": "sspl", "pool_fingerprint": pool.fingerprint, "config": config, "indices": indices.tolist()}
-    atomic_write_text(out / "selections.json", json.dumps(with_skipped(record, pool)) + "\n")
-    return export_model(model, out / "final", tok_dir)

@@ -1,8 +1,9 @@
 """jraise.train: supervised fine-tuning (full or LoRA) with a pure jitted step, and Orbax checkpoints.
 
-`step` holds the pure pieces (response-token loss, accumulated AdamW step, eval step, optimizer
-and schedule), `loop` the training loop (`train`, `TrainConfig`), `checkpoint` the Orbax layer
-(`load_checkpoint`, `restore_model`, `export_model`, `adam_moments` readers for LESS).
+`step` holds the pure pieces (accumulated AdamW step, eval step, optimizer and schedule; the
+response-token loss itself is `jraise.loglik.example_nll`), `loop` the training loop (`train`,
+`TrainConfig`), `checkpoint` the Orbax layer (`load_checkpoint`, `restore_model`, `export_model`,
+`adam_moments` readers for LESS).
 """
 
 from jraise.train.checkpoint import (
@@ -27,14 +28,12 @@ from jraise.train.step import (
     accumulated_grads,
     adam_moments,
     assign_trainable,
-    example_nll,
     lr_schedule,
     make_eval_step,
     make_optimizer,
     make_train_step,
     param_dtypes,
     split_trainable,
-    token_nll,
     trainable_filter,
 )
 
@@ -49,7 +48,6 @@ __all__ = [
     "checkpoint_steps",
     "epoch_orders",
     "evaluate_loss",
-    "example_nll",
     "export_model",
     "list_checkpoints",
     "load_checkpoint",
@@ -62,7 +60,6 @@ __all__ = [
     "param_dtypes",
     "restore_model",
     "split_trainable",
-    "token_nll",
     "train",
     "trainable_filter",
 ]

@@ -21,15 +21,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jraise.model.lora import ATTENTION_TARGETS, MLP_TARGETS
-from jraise.model.transformer import CausalLM, Projection
 from jraise.train.step import assign_trainable, make_optimizer
+
+if TYPE_CHECKING:  # jraise.model is imported where a model is built, so `jraise.train.step` users need not load it
+    from jraise.model.transformer import CausalLM
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -134,6 +135,9 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tupl
 def lora_settings(model: nnx.Module) -> dict | None:
     """The `LoRAConfig` fields of the adapters attached to ``model`` (None without adapters),
     read back from the projections so a checkpoint can re-attach identical adapters."""
+    from jraise.model.lora import ATTENTION_TARGETS, MLP_TARGETS
+    from jraise.model.transformer import Projection
+
     adapted = [(path, node) for path, node in nnx.iter_graph(model)
                if isinstance(node, Projection) and node.lora_a is not None]
     if not adapted:
@@ -158,6 +162,7 @@ def restore_model(run_dir: str | os.PathLike, base: str | os.PathLike | CausalLM
     """
     from jraise.model.hf import load_model
     from jraise.model.lora import LoRAConfig, add_lora, has_lora
+    from jraise.model.transformer import CausalLM
 
     trainable, _, meta = load_checkpoint(run_dir, step)
     if isinstance(base, CausalLM):

@@ -62,7 +62,7 @@ from jraise.data.batching import PAD_INDEX, epoch_order, iterate_batches, length
 from jraise.data.pool import InstructionPool
 from jraise.errors import JraiseError
 from jraise.lock import directory_lock
-from jraise.model.peft import save_peft_adapter
+from jraise.loglik import per_example_sums
 from jraise.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_manager,
@@ -308,15 +308,12 @@ def per_example_nll(eval_step: Callable, trainable, frozen, pool: InstructionPoo
                     buckets, order) -> tuple[np.ndarray, np.ndarray]:
     """(summed response NLL, response tokens), float64 [N] each, of every pool example under
     ``eval_step`` (from `make_eval_step`), batched in ``order`` and padded to ``buckets``."""
-    nll = np.zeros(len(pool), np.float64)
-    tokens = np.zeros(len(pool), np.float64)
-    for batch in iterate_batches(pool, order, batch_size, buckets):
+
+    def score(batch):
         inputs = parallel.shard_batch({k: batch[k] for k in MODEL_KEYS}, what="evaluation batch")
-        row_nll, row_tokens = eval_step(trainable, frozen, inputs)
-        real = batch["index"] != PAD_INDEX
-        nll[batch["index"][real]] = parallel.to_host(row_nll)[real]
-        tokens[batch["index"][real]] = parallel.to_host(row_tokens)[real]
-    return nll, tokens
+        return parallel.tree_to_host(eval_step(trainable, frozen, inputs))
+
+    return per_example_sums(iterate_batches(pool, order, batch_size, buckets), score, len(pool))
 
 
 def evaluate_loss(eval_step: Callable, trainable, frozen, pool: InstructionPool, batch_size: int,
@@ -601,6 +598,8 @@ def _train_locked(model: nnx.Module, pool: InstructionPool, config: TrainConfig,
     if completed and export:
         final_dir = export_model(model, run_dir / FINAL_DIR, tokenizer_dir)
         if lora is not None:
+            from jraise.model.peft import save_peft_adapter
+
             adapter_dir = save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model)
     return TrainResult(model=model, steps=step, metrics_path=metrics_path, run_dir=run_dir, final_dir=final_dir,
                        completed=completed, lr_history=tuple(lr_history), last_eval=last_eval,

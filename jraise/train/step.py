@@ -1,7 +1,8 @@
-"""Pure, jitted supervised fine-tuning steps: response-token loss, gradient accumulation, AdamW.
+"""Pure, jitted supervised fine-tuning steps: gradient accumulation, AdamW, the eval step.
 
 Data flow: an `InstructionPool` batch (from `jraise.data.batching`) -> model logits -> response-token
-cross entropy -> gradients of the trainable subset -> one optax AdamW update.
+cross entropy (`jraise.loglik.example_nll`) -> gradients of the trainable subset -> one optax AdamW
+update.
 
 State is split three ways at the jit boundary (`nnx.split` / `nnx.merge`): the graph definition
 (static, closed over), the *trainable* state (a nested dict of float32 arrays: the LoRA adapters when
@@ -30,41 +31,12 @@ import optax
 from flax import nnx
 
 from jraise import parallel
+from jraise.loglik import example_nll, response_nll
 
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "example_mask")  # what the model step reads
 
 Pytree = Any
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per position, as logsumexp(logits) - logits[target].
-
-    The target logit is picked by a one-hot multiply-sum rather than a gather: the gather's
-    backward pass is a scatter-add, slow on CPU, while the one-hot product fuses into the reduce.
-    logits [..., V] float32, targets [...] int -> [...] float32.
-    """
-    logits = logits.astype(jnp.float32)
-    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    picked = jnp.sum(logits * one_hot, axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - picked
-
-
-def example_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                example_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row: (summed NLL of its response tokens, number of response tokens), [B] each.
-
-    ``loss_mask[:, t] == 1`` marks token t as a response token predicted from position t-1, so
-    position t-1's logits score token t; ``loss_mask[:, 0]`` never counts. Padding rows
-    (``example_mask == 0``) score (0, 0).
-    """
-    nll = token_nll(logits[:, :-1], input_ids[:, 1:])
-    weights = loss_mask[:, 1:].astype(jnp.float32) * example_mask[:, None].astype(jnp.float32)
-    return jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +242,6 @@ def make_eval_step(graphdef: nnx.GraphDef, dtypes: Pytree | None = None) -> Call
     with dropout switched off."""
 
     def eval_step(trainable, frozen, batch):
-        model = nnx.merge(graphdef, cast_to(trainable, dtypes), frozen)
-        if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
-            model = nnx.view(model, only=nnx.Dropout, deterministic=True)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        return example_nll(logits, batch["input_ids"], batch["loss_mask"], batch["example_mask"])
+        return response_nll(nnx.merge(graphdef, cast_to(trainable, dtypes), frozen), batch)
 
     return jax.jit(eval_step)

@@ -149,7 +149,7 @@ def dup_testbed(tmp_path_factory):
 
 def test_pool_with_copies_trains_selects_and_evaluates(dup_testbed, tmp_path):
     from jraise.eval import evaluate
-    from jraise.select.baselines import run_baseline
+    from jraise.jobs.baselines import run_baseline
     from jraise.train import TrainConfig, train
 
     tb, n = dup_testbed, dup_testbed["n"]

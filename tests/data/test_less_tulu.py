@@ -331,3 +331,13 @@ def test_the_chat_format_is_the_default_and_ids_do_not_depend_on_the_format(tmp_
     tulu = load_pool(path, tok, record_format="less-tulu")
     assert tulu.fingerprint != default.fingerprint
     assert tulu.ids == default.ids and tulu.categories == default.categories and tulu.records == default.records
+
+
+def test_less_tulu_takes_its_record_types_from_records_not_formats():
+    """The arrows run one way: formats -> less_tulu -> records (formats dispatches to less_tulu)."""
+    import subprocess
+    import sys
+
+    code = "import sys, jraise.data.less_tulu; print(' '.join(m for m in sys.modules if m.startswith('jraise')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "jraise.data.records" in loaded and "jraise.data.formats" not in loaded

@@ -18,7 +18,6 @@ from jraise.eval.metrics import (
     choose_options,
     gsm8k_answer,
     loss_summary,
-    next_token_log_probs,
     option_scores,
     response_token_nll,
     sequence_log_probs,
@@ -71,18 +70,6 @@ def direct_nll(model, tokens, mask):
     logp = causal_log_probs(model, tokens)
     nll = [-logp[t - 1, tokens[t]] for t in range(1, len(tokens)) if mask[t]]
     return sum(nll), len(nll)
-
-
-def test_next_token_log_probs_matches_numpy():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
-    ids = rng.integers(0, 7, size=(2, 5))
-    got = np.asarray(next_token_log_probs(logits, ids))
-    expected = np.zeros((2, 5))
-    for b in range(2):
-        for t in range(1, 5):
-            expected[b, t] = log_softmax(logits[b, t - 1])[ids[b, t]]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_response_nll_ignores_padding_rows_and_matches_direct(model, pool):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jraise.data.batching import make_batch
-from jraise.grads.features import FeatureConfig, compute_features, feature_store
+from jraise.grads.features import FeatureConfig, compute_features
+from jraise.jobs.influence import feature_store
 from jraise.grads.per_example import adam_precondition, example_grad_fn
 from jraise.grads.projection import (
     ProjectionConfig,

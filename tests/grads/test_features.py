@@ -8,11 +8,11 @@ import pytest
 from jraise.grads.features import (
     FeatureConfig,
     compute_features,
-    feature_store,
     zero_reference,
 )
 from jraise.grads.per_example import adam_precondition, example_grad_fn
 from jraise.grads.projection import ProjectionConfig, dense_matrix, flatten_tree
+from jraise.jobs.influence import feature_store
 from jraise.train.step import split_trainable
 
 
@@ -100,9 +100,9 @@ def test_the_first_moment_flag_is_part_of_a_train_stores_identity(setup):
 def test_killed_extraction_resumes_bit_identical(setup, monkeypatch):
     root, pool, _, graphdef, trainable, frozen = setup
     full = feature_store(root / "full", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, progress=False)
-    from jraise.grads import features
+    from jraise.jobs import influence
 
-    real = features.compute_features
+    real = influence.compute_features
     calls = []
 
     def dying(*args, **kwargs):
@@ -111,10 +111,10 @@ def test_killed_extraction_resumes_bit_identical(setup, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(features, "compute_features", dying)
+    monkeypatch.setattr(influence, "compute_features", dying)
     with pytest.raises(KeyboardInterrupt):
         feature_store(root / "part", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, progress=False)
-    monkeypatch.setattr(features, "compute_features", real)
+    monkeypatch.setattr(influence, "compute_features", real)
     resumed = feature_store(root / "part", graphdef, trainable, frozen, pool, CONFIG, {"ckpt": 1}, progress=False)
     assert full.n_shards == resumed.n_shards == 4
     for i in range(full.n_shards):

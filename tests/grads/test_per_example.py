@@ -12,9 +12,10 @@ from jraise.grads.per_example import (
     make_per_example_fn,
     make_sequence_logprob_fn,
 )
+from jraise.loglik import example_nll
 from jraise.model import init_model, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
-from jraise.train.step import example_nll, split_trainable
+from jraise.train.step import split_trainable
 
 VOCAB, L = 40, 12
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
-from jraise.grads.features import FeatureConfig, feature_store
+from jraise.grads.features import FeatureConfig
+from jraise.jobs.influence import feature_store
 from jraise.grads.projection import ProjectionConfig
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora

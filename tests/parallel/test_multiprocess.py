@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from parallel_setup import feature_setup, store_features, train_run, trained_params
 
-from jraise.grads.store import FeatureStore
+from jraise.data.feature_store import FeatureStore
 from jraise.model import load_model
 
 HERE = Path(__file__).parent

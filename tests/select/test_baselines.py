@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from jraise.cli import app
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
+from jraise.data.selections import write_selection
+from jraise.jobs.baselines import run_baseline
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.select.base import Selection
 from jraise.select.baselines import (
@@ -23,9 +25,8 @@ from jraise.select.baselines import (
     random_selection,
     ranked_selection,
     rds,
-    run_baseline,
-    start_token_of,
 )
+from jraise.select.rl.features import start_token_of
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_full_data_and_longest(setup, tmp_path):
     pool = setup["pool"]
     full = full_data(pool)
     assert full.indices.tolist() == list(range(len(pool))) and full.scores is None and full.method == "full"
-    paths = full.write(pool, tmp_path / "full.jsonl")
+    paths = write_selection(full, pool, tmp_path / "full.jsonl")
     assert "scores" not in paths and len((tmp_path / "full.jsonl").read_text().splitlines()) == len(pool)
 
     sel = longest(pool, 0.5)

@@ -8,8 +8,8 @@ import pytest
 
 from jraise.data.order import read_order
 from jraise.data.testbed import CATEGORY_PREREQUISITES, write_testbed
-from jraise.select.beyond_iid import curriculum_job, mixture_job, read_categorised
-from jraise.select.interactions import save_gamma
+from jraise.data.gamma import save_gamma
+from jraise.jobs.beyond_iid import curriculum_job, mixture_job, read_categorised
 
 CATS = ["first", "last", "upper", "reverse", "reverse_upper"]
 

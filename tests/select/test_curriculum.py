@@ -21,7 +21,7 @@ from jraise.select.curriculum import (
     replicated_prerequisite_matrix,
     replicated_taxonomy,
 )
-from jraise.select.interactions import load_digitized_fixture
+from jraise.data.gamma import load_digitized_fixture
 
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "beyond_iid_gamma_qwen.json"
 needs_fixture = pytest.mark.skipif(

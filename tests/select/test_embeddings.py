@@ -9,9 +9,10 @@ import numpy as np
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
-from jraise.select.beyond_iid import read_categorised
+from jraise.jobs.beyond_iid import read_categorised
+from jraise.jobs.embeddings import derive_categories
 from jraise.select.clustering import kmeans, pca, zscore
-from jraise.select.embeddings import derive_categories, pooled_embeddings
+from jraise.select.embeddings import pooled_embeddings
 
 
 def _blobs(k=4, per=30, d=6, seed=0):

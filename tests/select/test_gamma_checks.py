@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from jraise.select.beyond_iid import curriculum_job, mixture_job
+from jraise.jobs.beyond_iid import curriculum_job, mixture_job
 from jraise.select.curriculum import dependency_tiers
-from jraise.select.interactions import load_gamma, save_gamma
+from jraise.data.gamma import load_gamma, save_gamma
 from jraise.select.mixture import ee_cpo_plan
 
 NAMES = ["math", "code", "summ"]

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jraise.grads.store import FeatureStore
+from jraise.data.feature_store import FeatureStore
+from jraise.data.selections import selection_to_jsonl, write_selection
 from jraise.select.base import Selection, top_fraction
 from jraise.select.influence import checkpoint_weights, influence_scores, less, rose
 
@@ -91,7 +92,7 @@ def test_selection_files(tmp_path):
     train = [_unit(rng.normal(size=(len(pool), 8)))]
     sel = rose(train, [rng.normal(size=(2, 8))], [1.0], pool.fingerprint, fraction=0.1, proj_dim=8)
     assert sel.method == "rose" and len(sel.indices) == 4
-    written = sel.write(pool, tmp_path / "out" / "sel.jsonl")
+    written = write_selection(sel, pool, tmp_path / "out" / "sel.jsonl")
     lines = [json.loads(x) for x in written["selection"].read_text().splitlines()]
     assert lines == [pool.records[i] for i in sel.indices]
     meta = json.loads(written["meta"].read_text())
@@ -99,7 +100,7 @@ def test_selection_files(tmp_path):
     np.testing.assert_array_equal(np.load(written["scores"]), sel.scores)
     other = less(train, [rng.normal(size=(2, 8))], [1.0], "another-pool")
     with pytest.raises(ValueError, match="this selection was made on pool"):
-        other.to_jsonl(pool, tmp_path / "x.jsonl")
+        selection_to_jsonl(other, pool, tmp_path / "x.jsonl")
     assert isinstance(other, Selection)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
-from jraise.select.influence_run import (
+from jraise.jobs.influence import (
     InfluenceRunConfig,
     epoch_checkpoints,
     run_influence_selection,

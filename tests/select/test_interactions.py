@@ -1,4 +1,4 @@
-"""Tests for the Beyond-IID interaction matrix (jraise.select.interactions)."""
+"""Tests for the Beyond-IID interaction matrix (jraise.select.interactions) and its files (jraise.data.gamma)."""
 
 import json
 from pathlib import Path
@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jraise.select.interactions import (
+from jraise.data.gamma import (
     ORIENTATION,
     cluster_order,
-    interaction_matrix,
     load_digitized_fixture,
     load_gamma,
     save_gamma,
 )
+from jraise.select.interactions import interaction_matrix
 
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "beyond_iid_gamma_qwen.json"
 needs_fixture = pytest.mark.skipif(

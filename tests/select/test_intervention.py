@@ -18,6 +18,7 @@ from flax import nnx
 
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
+from jraise.jobs.intervention import measure_interactions
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 from jraise.select.intervention import (
@@ -25,7 +26,6 @@ from jraise.select.intervention import (
     evaluate_runs,
     interaction_from_runs,
     intervention_sets,
-    measure_interactions,
     pool_categories,
     run_orders,
     train_interventions,

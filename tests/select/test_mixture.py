@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jraise.select.interactions import load_digitized_fixture
+from jraise.data.gamma import load_digitized_fixture
 from jraise.select.mixture import (
     count_bounds,
     edit_budget,

@@ -9,7 +9,8 @@ from jraise.cli import app
 from jraise.data.pool import load_preference_pool
 from jraise.eval.report import _prompt_token_ids, greedy_completions, prompt_messages
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
-from jraise.select.preference_pairs import model_answer_pairs, write_model_answer_pairs
+from jraise.jobs.preference_pairs import write_model_answer_pairs
+from jraise.select.preference_pairs import model_answer_pairs
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_cli_sspl_writes_the_model_and_the_selections(testbed):
 def test_run_self_paced_skip_bad_records_the_skipped_lines(testbed, tmp_path):
     from jraise.data.formats import RecordError
     from jraise.model import save_model
-    from jraise.select.self_paced import run_self_paced
+    from jraise.jobs.self_paced import run_self_paced
 
     tok, paths = testbed["tok"], testbed["paths"]
     config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -9,16 +9,15 @@ import optax
 import pytest
 from flax import nnx
 
+from jraise.loglik import example_nll
 from jraise.model import init_model, preset_config
 from jraise.train import (
     adam_moments,
-    example_nll,
     lr_schedule,
     make_optimizer,
     make_train_step,
     param_dtypes,
     split_trainable,
-    token_nll,
 )
 
 VOCAB = 48
@@ -68,16 +67,6 @@ def tiny():
     # SGD with lr 1 makes the update equal to minus the gradient, so the step's gradient is visible.
     step = make_train_step(graphdef, optax.sgd(1.0), param_dtypes(model), donate=False)
     return model, graphdef, trainable, frozen, step
-
-
-def test_token_nll_is_log_softmax():
-    rng = np.random.RandomState(0)
-    logits = (rng.randn(3, 5, VOCAB) * 3).astype(np.float32)
-    targets = rng.randint(0, VOCAB, (3, 5))
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    expected = -np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(jax.jit(token_nll)(logits, targets)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_step_gradient_equals_direct_grad(tiny):

@@ -39,10 +39,10 @@ user state M_0 every episode (so put a fresh optimizer state in it), and keeps o
 Shared with the LLM path (the same functions, not copies): `stage_features`, `fused_state`,
 `choose_batch` (scoring + Gumbel-top-b / top-b + Plackett-Luce log-probability), `add_selections`,
 `Rollout`, `replay`, the whole PPO update (`trainer.ppo_update_fn`: GAE, `ppo_loss`, `value_loss`,
-Adam epochs), `RaiseConfig`, `PolicyBundle`, `AcquisitionMLP` / `Critic`, `sampling.cluster_layout`,
+Adam epochs), `RaiseConfig`, `PolicyBundle`, `RaiseProgress`, `AcquisitionMLP` / `Critic`, `sampling.cluster_layout`,
 `clustering.pca` / `zscore`. Parallel code: the step and episode bodies here (they call the user's
 functions where `episode.make_fused_step` calls jraise's LLM update and validation loss) and the
-episode loop of `train_raise_policy` (the loop of `trainer.train_policy` without its file I/O).
+episode loop of `train_raise_policy` (the loop of `trainer.train_policy`, around jraise's LLM episode).
 
 Keys: episode k (0-based) samples with ``fold_in(key, k)`` and step t with ``fold_in(that, t)``,
 as in `train_policy` with ``key = jax.random.key(seed)``. No file I/O here: checkpoint from the
@@ -52,7 +52,6 @@ as in `train_policy` with ``key = jax.random.key(seed)``. No file I/O here: chec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -67,7 +66,7 @@ from jraise.select.rl.policy import STAGE_DIM, AcquisitionMLP, Critic, PolicyCon
 from jraise.select.rl.sampling import ClusterLayout
 from jraise.select.rl.sampling import cluster_layout as _padded_layout
 from jraise.select.rl.selector import add_selections, choose_batch
-from jraise.select.rl.trainer import PolicyBundle, RaiseConfig, ppo_update_fn
+from jraise.select.rl.trainer import PolicyBundle, RaiseConfig, RaiseProgress, ppo_update_fn
 
 __all__ = [
     "PolicyBundle",
@@ -104,18 +103,6 @@ def cluster_layout(labels, n_clusters: int | None = None) -> ClusterLayout:
     if n_clusters is None and labels.size and np.issubdtype(labels.dtype, np.integer):
         n_clusters = int(labels.max()) + 1
     return _padded_layout(labels, 1 if n_clusters is None else n_clusters)
-
-
-@dataclass(frozen=True)
-class RaiseProgress:
-    """Where policy training stands after ``len(history)`` episodes: actor and critic parameters
-    (``{"actor": nnx.State, "critic": nnx.State}``), their Adam state, the per-episode records.
-    Given to ``on_episode`` after each episode; passed back as ``resume`` it continues the run
-    exactly (episode k's key depends only on ``key`` and k)."""
-
-    params: dict
-    opt_state: Any
-    history: list[dict] = field(default_factory=list)
 
 
 def make_raise_step(learner_step: LearnerStep, val_loss_fn: ValLossFn, actor_graphdef, config: EpisodeConfig,

@@ -33,6 +33,7 @@ from flax import nnx, struct
 from jraise import parallel
 from jraise.data.batching import make_batch
 from jraise.data.pool import InstructionPool
+from jraise.loglik import response_nll
 from jraise.select.rl.policy import fused_state, stage_features
 from jraise.select.rl.sampling import (
     ClusterLayout,
@@ -40,7 +41,7 @@ from jraise.select.rl.sampling import (
     plackett_luce_logp,
 )
 from jraise.select.rl.selector import add_selections, choose_batch
-from jraise.train.step import accumulated_grads, cast_to, example_nll
+from jraise.train.step import accumulated_grads, cast_to
 
 
 @struct.dataclass
@@ -99,11 +100,7 @@ class Rollout:
 
 def validation_loss(graphdef, dtypes, trainable, frozen, val: dict) -> jax.Array:
     """Mean response-token NLL of the fixed validation batch (dropout off)."""
-    model = nnx.merge(graphdef, cast_to(trainable, dtypes), frozen, copy=True)
-    if any(isinstance(node, nnx.Dropout) for _, node in nnx.iter_graph(model)):
-        model = nnx.view(model, only=nnx.Dropout, deterministic=True)
-    nll, tokens = example_nll(model(val["input_ids"], val["attention_mask"]), val["input_ids"], val["loss_mask"],
-                              val["example_mask"])
+    nll, tokens = response_nll(nnx.merge(graphdef, cast_to(trainable, dtypes), frozen, copy=True), val)
     return nll.sum() / jnp.maximum(tokens.sum(), 1.0)
 
 

@@ -1,4 +1,4 @@
-"""RAISE's static per-instruction features from an auxiliary model, cached on disk.
+"""RAISE's static per-instruction features from an auxiliary model, and its clusters.
 
 Per example (all from one auxiliary model, any model `load_model` reads; default: the model being
 fine-tuned):
@@ -11,22 +11,17 @@ fine-tuned):
 
 Both blocks are z-scored column by column, giving the [N, 36] static matrix of the fused state.
 Clusters for the per-cluster selection are K-means (k-means++) over the z-scored semantic block.
-The cache (``.npz``) stores the pool fingerprint and the auxiliary model's name; a mismatch is an
-error naming both, so features of another pool are never reused silently.
+Caching the matrix on disk (the policy directory's ``static.npz``) is
+`jraise.jobs.raise_policy.cached_static_features`.
 """
 
 from __future__ import annotations
-
-import io
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jraise.atomic import atomic_write_bytes
 from jraise.data.batching import PAD_INDEX, length_buckets, pack_rows, pick_bucket
 from jraise.data.pool import InstructionPool
 from jraise.select.clustering import kmeans, pca, zscore
@@ -128,23 +123,3 @@ def cluster_pool(static: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarr
     """[N] K-means labels over the semantic block of the static matrix."""
     _, labels, _ = kmeans(jnp.asarray(static[:, 4:]), n_clusters, jax.random.key(seed))
     return np.asarray(labels)
-
-
-def cached_static_features(cache: str | os.PathLike, model, model_name: str, pool: InstructionPool, start_token: int,
-                           dims: int = SEMANTIC_DIMS) -> np.ndarray:
-    """`static_features`, read from ``cache`` when it holds this pool's and model's, else computed
-    and written there atomically."""
-    cache = Path(cache)
-    if cache.is_file():
-        with np.load(cache) as saved:
-            found = (str(saved["pool_fingerprint"]), str(saved["model"]), int(saved["dims"]))
-            if found != (pool.fingerprint, model_name, dims):
-                raise ValueError(f"{cache}: cached features are for pool {found[0][:12]}..., model {found[1]!r}, "
-                                 f"dims {found[2]}, not pool {pool.fingerprint[:12]}..., model {model_name!r}, dims "
-                                 f"{dims}; delete the file or use another cache path")
-            return saved["static"]
-    static = static_features(model, pool, start_token, dims)
-    buffer = io.BytesIO()
-    np.savez(buffer, static=static, pool_fingerprint=pool.fingerprint, model=model_name, dims=dims)
-    atomic_write_bytes(cache, buffer.getvalue())
-    return static

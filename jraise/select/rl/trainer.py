@@ -1,4 +1,4 @@
-"""Training the RAISE selection policy with PPO over fused episodes.
+"""Training the RAISE selection policy with PPO over fused episodes of jraise's LLM step.
 
     for episode k = 1..K:
         every episode starts from the same LLM weights M_0 and a fresh optimizer state
@@ -6,28 +6,26 @@
         values   = critic replayed over the rollout; advantages by GAE (terminal: V_T = 0)
         policy  <- ``ppo_epochs`` Adam steps on  clipped surrogate (per-cluster ratios)
                    + value_coef * value loss - entropy_coef * first-pick entropy       [one jit]
-        checkpoint (Orbax): actor+critic weights, their Adam state, the episode count, the
-        reward history; the reward curve as JSONL and PNG
+        on_episode(RaiseProgress(policy weights, their Adam state, the history so far))
 
-Resuming restarts after the last finished episode with the same policy, optimizer state and
-keys (episode k's key is ``fold_in(key(seed), k)``), so a resumed run equals an uninterrupted one.
+Episode k's key is ``fold_in(key(seed), k)``, so a run given back the `RaiseProgress` of its
+last finished episode (``resume``) continues exactly as an uninterrupted one. No file I/O here:
+`jraise.jobs.raise_policy.train_policy_in_dir` checkpoints from ``on_episode`` into a policy
+directory and resumes from it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jraise.atomic import atomic_write_bytes, atomic_write_text
 from jraise.select.rl.episode import EpisodeConfig, make_episode, replay
 from jraise.select.rl.policy import AcquisitionMLP, Critic, PolicyConfig
 from jraise.select.rl.ppo import gae, ppo_loss, value_loss
@@ -69,6 +67,18 @@ class PolicyBundle:
     config: PolicyConfig
 
 
+@dataclass(frozen=True)
+class RaiseProgress:
+    """Where policy training stands after ``len(history)`` episodes: actor and critic parameters
+    (``{"actor": nnx.State, "critic": nnx.State}``), their Adam state, the per-episode records.
+    Given to ``on_episode`` after each episode; passed back as ``resume`` it continues the run
+    exactly (episode k's key depends only on the run's key and k)."""
+
+    params: dict
+    opt_state: Any
+    history: list[dict] = field(default_factory=list)
+
+
 def new_policy(config: PolicyConfig, seed: int) -> PolicyBundle:
     return PolicyBundle(AcquisitionMLP(config, rngs=nnx.Rngs(seed)), Critic(config, rngs=nnx.Rngs(seed + 1)), config)
 
@@ -105,45 +115,31 @@ def ppo_update_fn(actor_graphdef, critic_graphdef, opt: optax.GradientTransforma
     return jax.jit(update)
 
 
-def _checkpointer(out_dir: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(out_dir.resolve() / "checkpoints",
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+def default_policy_config(config: RaiseConfig) -> PolicyConfig:
+    """The policy `train_policy` trains when given none: jraise's sizes at the config's stage and tau."""
+    return PolicyConfig(stage=config.stage, tau=config.tau)
 
 
-def _plot(history: list[dict], path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.plot([h["episode"] for h in history], [h["return"] for h in history], marker="o")
-    ax.set_xlabel("episode")
-    ax.set_ylabel("return = val loss(M0) - val loss(MT)")
-    ax.set_title("RAISE policy training")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, config: RaiseConfig,
-                 out_dir: str | os.PathLike, policy_config: PolicyConfig | None = None, progress: bool = True,
-                 echo=None) -> tuple[PolicyBundle, list[dict]]:
-    """Trains the policy for ``config.episodes`` episodes (resuming from ``out_dir``); returns the
-    policy and the per-episode history (return, val losses, losses). ``model`` is M_0 (LoRA
-    adapters attached means LoRA updates); ``pool`` a `DevicePool`, ``val`` a fixed batch dict."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    policy_config = policy_config or PolicyConfig(stage=config.stage, tau=config.tau)
+def check_policy_inputs(static: jax.Array, layout, config: RaiseConfig, policy_config: PolicyConfig) -> None:
+    """Refuses a cluster with fewer than ``config.per_cluster`` rows and static features of
+    another width than the policy's (``policy_config.static_dim``)."""
     layout.check_budget(config.per_cluster)
     if static.shape[1] != policy_config.static_dim:
         raise ValueError(f"static features have {static.shape[1]} columns, the policy expects {policy_config.static_dim}")
-    atomic_write_text(out / "raise_config.json", json.dumps({"raise": asdict(config), "policy": asdict(policy_config)},
-                                                            indent=2) + "\n")
+
+
+def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, config: RaiseConfig,
+                 policy_config: PolicyConfig | None = None, progress: bool = True, echo=None, *,
+                 resume: RaiseProgress | None = None,
+                 on_episode: Callable[[RaiseProgress], None] | None = None) -> tuple[PolicyBundle, list[dict]]:
+    """Trains the policy for ``config.episodes`` episodes; returns the policy and the per-episode
+    history (return, val losses, losses). ``model`` is M_0 (LoRA adapters attached means LoRA
+    updates); ``pool`` a `DevicePool`, ``val`` a fixed batch dict. ``policy_config`` defaults to
+    `default_policy_config`. ``resume``: a `RaiseProgress` from ``on_episode``; training continues
+    after its episodes. ``on_episode`` is called with the `RaiseProgress` after every episode,
+    before the progress bar and ``echo`` report it."""
+    policy_config = policy_config or default_policy_config(config)
+    check_policy_inputs(static, layout, config, policy_config)
     graphdef, trainable0, frozen = split_trainable(model)
     tx, _ = make_optimizer(config.llm_lr, total_steps=config.steps, schedule=config.llm_schedule)
     policy = new_policy(policy_config, config.seed)
@@ -155,16 +151,10 @@ def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, 
     episode_fn = make_episode(graphdef, tx, param_dtypes(model), actor_graphdef, config.episode_config(True))
     update_fn = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
 
-    manager = _checkpointer(out)
     history: list[dict] = []
-    start = 0
-    if manager.latest_step() is not None:
-        target = {"params": params, "opt_state": opt_state}
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            policy=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)),
-            meta=ocp.args.JsonRestore()))
-        params, opt_state = restored.policy["params"], restored.policy["opt_state"]
-        history, start = list(restored.meta["history"]), int(restored.meta["episodes_done"])
+    if resume is not None:
+        params, opt_state, history = resume.params, resume.opt_state, list(resume.history)
+    start = len(history)
     base_key = jax.random.key(config.seed)
     bar = tqdm(total=config.episodes, initial=start, desc="raise", unit="episode", disable=None if progress else True)
     for k in range(start, config.episodes):
@@ -176,12 +166,8 @@ def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, 
                   "val_loss_final": float(rollout.val_losses[-1]), "train_loss_mean": float(train_losses.mean()),
                   **{m: float(v) for m, v in metrics.items()}}
         history.append(record)
-        manager.save(k + 1, args=ocp.args.Composite(
-            policy=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave({"episodes_done": k + 1, "history": history})))
-        manager.wait_until_finished()
-        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        _plot(history, out / "reward_curve.png")
+        if on_episode is not None:
+            on_episode(RaiseProgress(params, opt_state, list(history)))
         bar.update(1)
         bar.set_postfix(ret=f"{record['return']:.4f}")
         if echo is not None:
@@ -190,26 +176,3 @@ def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, 
     nnx.update(policy.actor, params["actor"])
     nnx.update(policy.critic, params["critic"])
     return policy, history
-
-
-def load_policy(out_dir: str | os.PathLike) -> PolicyBundle:
-    """The trained policy of a `train_policy` directory (latest checkpoint)."""
-    out = Path(out_dir)
-    config_file = out / "raise_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{out}: not a RAISE policy directory (no raise_config.json)")
-    saved = json.loads(config_file.read_text())
-    pc = saved["policy"]
-    policy_config = PolicyConfig(**{**pc, "hidden": tuple(pc["hidden"]), "critic_hidden": tuple(pc["critic_hidden"])})
-    policy = new_policy(policy_config, 0)
-    manager = _checkpointer(out)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"{out}: no policy checkpoint")
-    params = {"actor": nnx.split(policy.actor)[1], "critic": nnx.split(policy.critic)[1]}
-    target = {"params": params, "opt_state": optax.adam(saved["raise"]["policy_lr"]).init(params)}
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        policy=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)),
-        meta=ocp.args.JsonRestore()))
-    nnx.update(policy.actor, restored.policy["params"]["actor"])
-    nnx.update(policy.critic, restored.policy["params"]["critic"])
-    return policy

@@ -11,15 +11,12 @@ import pytest
 from jraise.data.pool import load_pool
 from jraise.data.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
+from jraise.jobs.raise_policy import cached_static_features, load_policy, train_policy_in_dir
 from jraise.select.rl.episode import device_pool
-from jraise.select.rl.features import (
-    cached_static_features,
-    cluster_pool,
-    static_features,
-)
+from jraise.select.rl.features import cluster_pool, static_features
 from jraise.select.rl.sampling import cluster_layout
 from jraise.select.rl.selector import StepInfo, raise_policy
-from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
+from jraise.select.rl.trainer import RaiseConfig
 
 CATS = ["first", "add", "reverse"]
 TARGET = "add"  # digits: training on the letter tasks does not help it, so the reward separates them
@@ -63,9 +60,9 @@ def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     config = RaiseConfig(episodes=20, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=3e-3, entropy_coef=0.0)
     out = root / "policy"
     half = RaiseConfig(**{**config.__dict__, "episodes": 10})
-    train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, half, out, progress=False)
-    policy, history = train_policy(model, jnp.asarray(static), layout, device_pool(pool), val, config, out,
-                                   progress=False)
+    train_policy_in_dir(model, jnp.asarray(static), layout, device_pool(pool), val, half, out, progress=False)
+    policy, history = train_policy_in_dir(model, jnp.asarray(static), layout, device_pool(pool), val, config, out,
+                                          progress=False)
     assert [h["episode"] for h in history] == list(range(1, 21))
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert len((out / "history.jsonl").read_text().splitlines()) == 20
@@ -84,11 +81,11 @@ def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
 
 
 def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path):
-    """``skip_bad`` through `train_raise_policy` (clusters.json) and `finetune_with_policy`
+    """``skip_bad`` through `train_raise_policy_job` (clusters.json) and `finetune_with_policy`
     (selections.json): the kept pool is the clean one, so the policy's fingerprint matches."""
     from jraise.data.formats import RecordError
     from jraise.model import save_model
-    from jraise.select.rl.run import finetune_with_policy, train_raise_policy
+    from jraise.jobs.raise_policy import finetune_with_policy, train_raise_policy_job
 
     root, tok = setup[0], setup[1]
     config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -99,8 +96,9 @@ def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path):
     val = tmp_path / "val.jsonl"
     val.write_text("\n".join((root / "tb" / "val.jsonl").read_text().splitlines()[:6]) + "\n")
     echoed = []
-    train_raise_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy",
-                       RaiseConfig(episodes=1, steps=2), batch_size=4, max_len=128, echo=echoed.append, skip_bad=True)
+    train_raise_policy_job(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy",
+                           RaiseConfig(episodes=1, steps=2), batch_size=4, max_len=128, echo=echoed.append,
+                           skip_bad=True)
     meta = json.loads((tmp_path / "policy" / "clusters.json").read_text())
     assert len(meta["labels"]) == 24 and meta["skipped"]["count"] == 1
     assert meta["skipped"]["problems"][0]["line"] == 6 and meta["skipped"]["problems"][0]["reason"] == "malformed-json"

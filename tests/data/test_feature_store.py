@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jraise.grads.store import (
+from jraise.data.feature_store import (
     FeatureStore,
     ShardedMatrix,
     StoreMeta,
@@ -158,7 +158,7 @@ def test_killed_writer_temp_file_is_ignored_and_cleaned(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         import numpy as np
-        from jraise.grads.store import FeatureStore
+        from jraise.data.feature_store import FeatureStore
         store = FeatureStore.create_or_open({str(store.dir)!r}, n=10, dim=8, identity={IDENTITY!r}, shard_rows=4)
         os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
         store.write_shard(1, np.ones((4, 8)))

@@ -1,8 +1,8 @@
 """LESS / ROSE end to end: warmup -> gradient features per checkpoint -> scores -> selection.
 
 Every stage writes into ``work_dir`` and is resumable: the warmup is a `jraise.train` run (resumes
-from its latest checkpoint), each feature matrix a `FeatureStore` (resumes at its first missing
-shard, checks its identity), and the selection files are written atomically at the end. Re-running
+from its latest checkpoint), each feature matrix a `jraise.data.feature_store.FeatureStore` filled by
+`feature_store` (resumes at its first missing shard, checks its identity), and the selection files are written atomically at the end. Re-running
 the same command after a crash finishes the job; re-running it after success recomputes only the
 scores (seconds).
 
@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from jraise import parallel
+from jraise.data.feature_store import FeatureStore
 from jraise.data.pool import load_pool, load_preference_pool, skip_lines
-from jraise.grads.features import FeatureConfig, feature_store, zero_reference
+from jraise.data.selections import write_selection
+from jraise.grads.features import FeatureConfig, compute_features, placed_inputs, zero_reference
 from jraise.grads.projection import MODES, ProjectionConfig
 from jraise.lock import directory_lock
 from jraise.select.base import Selection
@@ -103,6 +105,56 @@ class InfluenceRunConfig:
     def features(self) -> FeatureConfig:
         return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed, mode=self.projection_mode),
                              chunk=self.chunk, group=self.group)
+
+
+# Identity keys added after stores were first written, with what their absence in a saved
+# identity means (stores from before `ProjectionConfig.mode` hold dense features; train stores
+# from before `adam_first_moment` kept the first moment).
+IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense", "adam_first_moment": True}
+
+
+def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, pool, config: FeatureConfig,
+                  identity: dict, loss: str = "sft", moments: tuple | None = None, reference=None, dtypes=None,
+                  progress: bool = True, adam_first_moment: bool = True) -> FeatureStore:
+    """Fills (or finishes) the store at ``store_dir`` with the pool's L2-normalised features.
+
+    ``identity`` names the weights (model, run, checkpoint step); the pool fingerprint, loss, Adam
+    flags (``adam_first_moment``: see `compute_features`) and `FeatureConfig` are added here.
+    Reopening with any of them different is an error. A store written before
+    ``ProjectionConfig.mode`` (or ``adam_first_moment``) existed lacks that key: it reopens under
+    ``mode="dense"`` (and the first moment kept), the values it was written with
+    (`IDENTITY_ABSENT_MEANS`).
+    """
+    full_identity = {**identity, "pool_fingerprint": pool.fingerprint, "loss": loss,
+                     "adam": moments is not None, "features": config.to_dict()}
+    if moments is not None:
+        full_identity["adam_first_moment"] = adam_first_moment
+    # Multi-process runs: every process computes every shard (the programs are collective), only
+    # process 0 writes. Process 0 creates the store first; all read the list of missing shards
+    # before any is written, so they run the same sequence of programs.
+    writer = parallel.is_writer()
+
+    def open_store() -> FeatureStore:
+        return FeatureStore.create_or_open(Path(store_dir), n=len(pool), dim=config.projection.dim,
+                                           identity=full_identity, shard_rows=config.shard_rows,
+                                           absent_means=IDENTITY_ABSENT_MEANS)
+
+    store = open_store() if writer else None
+    parallel.barrier("jraise-feature-store-created")
+    if store is None:
+        store = open_store()
+    missing = store.missing_shards()
+    parallel.barrier("jraise-feature-store-planned")
+    trainable, frozen, reference, moments = placed_inputs(trainable, frozen, reference, moments,
+                                                          parallel.active_mesh())
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        return compute_features(graphdef, trainable, frozen, pool, np.arange(start, stop), config, loss, moments,
+                                reference, dtypes, adam_first_moment)
+
+    store.fill(compute, progress=progress and writer, shards=missing, write=writer)
+    parallel.barrier("jraise-feature-store-filled")
+    return store
 
 
 def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> Path:
@@ -199,7 +251,7 @@ def run_influence_selection(model_dir: str | os.PathLike, pool_file: str | os.Pa
     and ``out``.meta.json. Validation subtasks are the val records' ``category`` (else one group).
     With ``config.skip_bad`` bad records of either file are dropped and reported (one ``echo`` line
     per file, ``"skipped"`` in the meta file); the selection's indices count the kept records.
-    The three selection files appear together or not at all (`Selection.write`). ``work_dir``
+    The three selection files appear together or not at all (`write_selection`). ``work_dir``
     is locked for the call (`jraise.lock.directory_lock`): a second process on it stops with an
     error naming the holder.
     """
@@ -263,6 +315,6 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
     selection = select_by_influence(config.method, train_mats, val_feats, weights, pool.fingerprint, config.fraction,
                                     groups, config={**asdict(config), "warmup_run": str(run_dir),
                                                     "checkpoints": [c["step"] for c in checkpoints]})
-    paths = selection.write(pool, out, inputs=(val,))
+    paths = write_selection(selection, pool, out, inputs=(val,))
     echo(f"selected {len(selection.indices)} of {len(pool)} -> {paths['selection']}")
     return selection

@@ -33,15 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_group
-from jraise.data.formats import (
-    _ProblemLog,
-    parse_record,
-    read_records,
-    resolve_duplicates,
-)
+from jraise.data.formats import parse_record, read_records, resolve_duplicates
+from jraise.data.gamma import load_gamma
 from jraise.data.order import order_text
+from jraise.data.records import ProblemLog
 from jraise.select.curriculum import dependency_tiers, dt_csft_stages, example_tiers, replicated_taxonomy
-from jraise.select.interactions import load_gamma
 from jraise.select.mixture import ee_cpo_plan, realise_subset
 
 
@@ -61,7 +57,7 @@ def read_categorised(path: str | os.PathLike, categories_file: str | os.PathLike
     or from ``categories_file``: JSON {id: category}, or a `derive_categories` file whose
     "categories" holds that mapping; the file wins). Errors name the file and line. Exact copies
     get copy ids, or with ``dedupe`` only the first is kept (as `jraise.data.pool.load_pool`)."""
-    problems = _ProblemLog(skip_bad=False)
+    problems = ProblemLog(skip_bad=False)
     sources, _ = read_records(path, problems)
     parsed = resolve_duplicates([parse_record(s) for s in sources], problems, dedupe).records
     given = json.loads(Path(categories_file).read_text()) if categories_file is not None else {}

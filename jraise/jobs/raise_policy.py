@@ -1,9 +1,12 @@
 """RAISE on files: `jraise select raise` (train a policy) and `jraise train --selector raise`.
 
-POLICY_DIR holds: ``static.npz`` (cached static features, with the pool fingerprint),
-``clusters.json`` (K-means labels and b per cluster; ``skipped``: the bad records dropped
-with ``skip_bad``), ``raise_config.json``, ``checkpoints/``
-(Orbax: policy weights and Adam state per episode), ``history.jsonl`` and ``reward_curve.png``.
+POLICY_DIR holds: ``static.npz`` (cached static features, with the pool fingerprint and the
+auxiliary model's name: `cached_static_features`), ``clusters.json`` (K-means labels and b per
+cluster; ``skipped``: the bad records dropped with ``skip_bad``), ``raise_config.json`` (the
+`RaiseConfig` and `PolicyConfig`), ``checkpoints/`` (Orbax: policy weights and Adam state per
+episode), ``history.jsonl`` and ``reward_curve.png``. `train_policy_in_dir` writes and resumes the
+last four around the pure `jraise.select.rl.trainer.train_policy`; `load_policy` reads the policy
+back and `load_selector` makes it a `Selector` over the pool it was trained on.
 
 Fine-tuning with a trained policy runs the deterministic fused episode (top-b per cluster every
 step, the stage from the live validation loss) for the requested number of steps, from the base
@@ -13,27 +16,149 @@ model, then exports the model; the budget protocol is the step count (equal for 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from jraise import parallel
-from jraise.atomic import atomic_write_text
-from jraise.data.pool import load_pool, skip_lines, with_skipped
+from jraise.atomic import atomic_write_bytes, atomic_write_text
+from jraise.data.pool import InstructionPool, load_pool, skip_lines, with_skipped
 from jraise.lock import directory_lock
 from jraise.model.fingerprint import model_label
 from jraise.select.rl.episode import EpisodeConfig, device_pool, make_episode
 from jraise.select.rl.features import (
-    cached_static_features,
+    SEMANTIC_DIMS,
     cluster_pool,
     start_token_of,
+    static_features,
 )
+from jraise.select.rl.policy import PolicyConfig
 from jraise.select.rl.sampling import cluster_layout
-from jraise.select.rl.trainer import RaiseConfig, load_policy, train_policy
+from jraise.select.rl.trainer import (
+    PolicyBundle,
+    RaiseConfig,
+    RaiseProgress,
+    check_policy_inputs,
+    default_policy_config,
+    new_policy,
+    train_policy,
+)
+
+
+def _checkpointer(out_dir: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(out_dir.resolve() / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.plot([h["episode"] for h in history], [h["return"] for h in history], marker="o")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("return = val loss(M0) - val loss(MT)")
+    ax.set_title("RAISE policy training")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_policy_in_dir(model: nnx.Module, static: jax.Array, layout, pool, val: dict, config: RaiseConfig,
+                        out_dir: str | os.PathLike, policy_config: PolicyConfig | None = None, progress: bool = True,
+                        echo=None) -> tuple[PolicyBundle, list[dict]]:
+    """`train_policy` with its policy directory: writes ``raise_config.json``, resumes from the
+    latest checkpoint in ``out_dir``, and after every episode saves a checkpoint (policy weights,
+    their Adam state, the episode count and the history), ``history.jsonl`` and
+    ``reward_curve.png``. Returns the policy and the whole history."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy_config = policy_config or default_policy_config(config)
+    check_policy_inputs(static, layout, config, policy_config)
+    atomic_write_text(out / "raise_config.json", json.dumps({"raise": asdict(config), "policy": asdict(policy_config)},
+                                                            indent=2) + "\n")
+    manager = _checkpointer(out)
+    resume = None
+    if manager.latest_step() is not None:
+        target = _checkpoint_target(new_policy(policy_config, config.seed), config.policy_lr)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            policy=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)),
+            meta=ocp.args.JsonRestore()))
+        resume = RaiseProgress(restored.policy["params"], restored.policy["opt_state"],
+                               list(restored.meta["history"]))
+
+    def save(progress: RaiseProgress) -> None:
+        done = len(progress.history)
+        manager.save(done, args=ocp.args.Composite(
+            policy=ocp.args.StandardSave({"params": progress.params, "opt_state": progress.opt_state}),
+            meta=ocp.args.JsonSave({"episodes_done": done, "history": progress.history})))
+        manager.wait_until_finished()
+        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
+        _plot(progress.history, out / "reward_curve.png")
+
+    return train_policy(model, static, layout, pool, val, config, policy_config, progress, echo, resume=resume,
+                        on_episode=save)
+
+
+def _checkpoint_target(policy: PolicyBundle, policy_lr: float) -> dict:
+    """The structure a checkpoint holds for ``policy``: its parameters and their Adam state."""
+    params = {"actor": nnx.split(policy.actor)[1], "critic": nnx.split(policy.critic)[1]}
+    return {"params": params, "opt_state": optax.adam(policy_lr).init(params)}
+
+
+def load_policy(out_dir: str | os.PathLike) -> PolicyBundle:
+    """The trained policy of a `train_policy_in_dir` directory (latest checkpoint)."""
+    out = Path(out_dir)
+    config_file = out / "raise_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{out}: not a RAISE policy directory (no raise_config.json)")
+    saved = json.loads(config_file.read_text())
+    pc = saved["policy"]
+    policy_config = PolicyConfig(**{**pc, "hidden": tuple(pc["hidden"]), "critic_hidden": tuple(pc["critic_hidden"])})
+    policy = new_policy(policy_config, 0)
+    manager = _checkpointer(out)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"{out}: no policy checkpoint")
+    target = _checkpoint_target(policy, saved["raise"]["policy_lr"])
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        policy=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)),
+        meta=ocp.args.JsonRestore()))
+    nnx.update(policy.actor, restored.policy["params"]["actor"])
+    nnx.update(policy.critic, restored.policy["params"]["critic"])
+    return policy
+
+
+def cached_static_features(cache: str | os.PathLike, model, model_name: str, pool: InstructionPool, start_token: int,
+                           dims: int = SEMANTIC_DIMS) -> np.ndarray:
+    """`static_features`, read from ``cache`` when it holds this pool's and model's, else computed
+    and written there atomically."""
+    cache = Path(cache)
+    if cache.is_file():
+        with np.load(cache) as saved:
+            found = (str(saved["pool_fingerprint"]), str(saved["model"]), int(saved["dims"]))
+            if found != (pool.fingerprint, model_name, dims):
+                raise ValueError(f"{cache}: cached features are for pool {found[0][:12]}..., model {found[1]!r}, "
+                                 f"dims {found[2]}, not pool {pool.fingerprint[:12]}..., model {model_name!r}, dims "
+                                 f"{dims}; delete the file or use another cache path")
+            return saved["static"]
+    static = static_features(model, pool, start_token, dims)
+    buffer = io.BytesIO()
+    np.savez(buffer, static=static, pool_fingerprint=pool.fingerprint, model=model_name, dims=dims)
+    atomic_write_bytes(cache, buffer.getvalue())
+    return static
 
 
 def _load(model_dir: Path, pool_file, val_file, max_len: int, skip_bad: bool = False, echo=None, where=None,
@@ -68,9 +193,9 @@ def _lora(model, lora_rank: int, seed: int):
     return model
 
 
-def train_raise_policy(model_dir, pool_file, val_file, out_dir, config: RaiseConfig, clusters: int = 1,
-                       batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print,
-                       skip_bad: bool = False, dedupe: bool = False) -> Path:
+def train_raise_policy_job(model_dir, pool_file, val_file, out_dir, config: RaiseConfig, clusters: int = 1,
+                           batch_size: int = 16, lora_rank: int = 0, max_len: int = 2048, echo=print,
+                           skip_bad: bool = False, dedupe: bool = False) -> Path:
     """Static features -> clusters -> PPO policy training into ``out_dir`` (resumable).
 
     ``skip_bad``: drop bad records of the pool and the validation file instead of stopping at
@@ -101,8 +226,8 @@ def _train_policy_locked(model_dir: Path, pool_file, val_file, out: Path, config
          "lora_rank": lora_rank, "labels": labels.tolist()}, pool, val_pool)) + "\n")
     echo(f"raise: pool {len(pool)}, {clusters} cluster(s) of sizes {np.bincount(labels).tolist()}, "
          f"batch {batch_size}, {config.episodes} episodes of {config.steps} steps")
-    train_policy(model, jnp.asarray(static), cluster_layout(labels, clusters), device_pool(pool), _val_batch(val_pool),
-                 config, out, echo=echo)
+    train_policy_in_dir(model, jnp.asarray(static), cluster_layout(labels, clusters), device_pool(pool),
+                        _val_batch(val_pool), config, out, echo=echo)
     return out
 
 
