@@ -115,7 +115,7 @@ class BeyondIIDStudyConfig:
     max_new_tokens: int = 12
 
     def __post_init__(self):
-        from jraise.data.testbed import ALL_CATEGORIES
+        from jraise.testbed import ALL_CATEGORIES
 
         problems = []
         unknown = [c for c in self.categories if c not in ALL_CATEGORIES]
@@ -169,7 +169,7 @@ def settings_key(config: BeyondIIDStudyConfig) -> str:
 def composition_pairs(categories: Sequence[str]) -> list[tuple[str, str]]:
     """(prerequisite, composite) pairs of the testbed's composition graph with both ends in
     ``categories``, in ``categories`` order."""
-    from jraise.data.testbed import CATEGORY_PREREQUISITES
+    from jraise.testbed import CATEGORY_PREREQUISITES
 
     chosen = set(categories)
     return [(p, c) for c in categories for p in CATEGORY_PREREQUISITES[c] if p in chosen]
@@ -328,7 +328,7 @@ def run_seed(seed: int, base_dir: Path, work: Path, gamma_root: Path, config: Be
     The arms' data orders are saved as ``<work>/seed<s>/orders/<arm>.npy`` (pool indices) next to
     the seed's testbed, so their invariants can be checked from outside."""
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import load_tokenizer
     from jraise.select.curriculum import adjacency_edges, dependency_taxonomy, dt_csft_schedule, example_tiers
     from jraise.select.intervention import pool_categories

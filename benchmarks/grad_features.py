@@ -574,7 +574,7 @@ def main(argv=None):
     import numpy as np
 
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.grads.features import FeatureConfig
     from jraise.grads.projection import (
         ProjectionConfig,

@@ -57,7 +57,7 @@ def main(argv=None):
     import jax
 
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import CATEGORIES, write_testbed
+    from jraise.testbed import CATEGORIES, write_testbed
     from jraise.model import init_model, load_tokenizer, parameter_count, preset_config
     from jraise.model.lora import LoRAConfig, add_lora
     from jraise.select.intervention import (

@@ -37,7 +37,7 @@ def _child(args) -> None:
 
     from jraise import parallel
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.grads.features import FeatureConfig, compute_features
     from jraise.grads.projection import ProjectionConfig
     from jraise.model import init_model, load_tokenizer, preset_config

@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     from flax import nnx
 
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.select.rl.episode import (
         EpisodeConfig,

@@ -74,7 +74,7 @@ def _hf_option_logprobs(torch, model, prompt_ids: list[int], conts: list[list[in
 
 
 def _hf_predictions(torch, model, tok, records, kind, normaliser, max_new_tokens):
-    from jraise.eval.metrics import answers_match
+    from jraise.eval.normalise import answers_match
 
     predictions, correct = [], []
     for rec in records:

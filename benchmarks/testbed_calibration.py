@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.eval import evaluate
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.train import TrainConfig, train

@@ -115,7 +115,7 @@ def main(argv=None):
 
     from jraise.data.batching import epoch_order, iterate_batches, length_buckets
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import (
         init_model,
         load_tokenizer,

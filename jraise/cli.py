@@ -205,7 +205,7 @@ def testbed_cmd(
                    "fact, fact_add, fact_compare, tag, fact_tag, fact_pair are opt-in)."),
 ):
     """Write the built-in synthetic testbed (known categories, planted noise)."""
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     cats = [c.strip() for c in categories.split(",")] if categories else None
     paths = write_testbed(out_dir, n_train=n_train, noise=noise, seed=seed, n_val_per_category=n_val,

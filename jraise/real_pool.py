@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
-from jraise.eval.metrics import gsm8k_answer, squad_answer
+from jraise.eval.normalise import gsm8k_answer, squad_answer
 from jraise.fetch.eval_sets import INSTRUCTIONS
 from jraise.fetch.packages import publish_directory
 

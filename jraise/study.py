@@ -175,7 +175,7 @@ def build_base(work: Path, config: StudyConfig, echo: Callable[[str], None] = pr
     """The shared base model directory (HF format, with the testbed tokenizer): reused when its
     recorded settings match, rebuilt from scratch when they differ, resumed when unfinished."""
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import CATEGORIES, write_testbed
+    from jraise.testbed import CATEGORIES, write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.model.config import PRESETS
     from jraise.train import TrainConfig, train
@@ -224,7 +224,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def seed_data(work: Path, config: StudyConfig, seed: int) -> dict[str, Path]:
     """The seed's noisy testbed plus target-only validation files ``val_target`` (SFT) and
     ``val_pref_target`` (preference pairs)."""
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     paths = write_testbed(work / f"seed{seed}" / "testbed", n_train=config.n_pool, noise=config.noise, seed=seed,
                           n_test_per_category=config.n_test)

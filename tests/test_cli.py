@@ -52,7 +52,7 @@ def test_init_model_with_a_bad_preset_fails_clearly(tmp_path):
 
 
 def test_select_mixture_and_curriculum_commands(tmp_path):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.data.gamma import save_gamma
 
     cats = ["first", "upper", "reverse_upper"]
@@ -85,7 +85,7 @@ def test_select_mixture_and_curriculum_commands(tmp_path):
 
 
 def test_select_raise_then_train_with_the_policy(tmp_path):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=2, n_test_per_category=1,
                           categories=["first", "add"])
@@ -128,7 +128,7 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
 
 
 def test_interactions_command_writes_gamma(tmp_path):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     paths = write_testbed(tmp_path / "tb", n_train=60, n_val_per_category=4, n_test_per_category=1,
                           categories=["first", "add", "upper"])
@@ -145,7 +145,7 @@ def test_interactions_command_writes_gamma(tmp_path):
 
 
 def test_categories_command_skip_bad(tmp_path):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     paths = write_testbed(tmp_path / "tb", n_train=12, n_val_per_category=1, n_test_per_category=1,
                           categories=["first", "add"])

@@ -34,7 +34,7 @@ def _short_error(proc, *named):
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     """A pool of 12 records with awkward ids, its first 4 twice (exact copies: 16 examples), and a tiny model."""
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config, save_model
 
     root = tmp_path_factory.mktemp("order_copies")

@@ -56,7 +56,7 @@ def _main(args, capsys) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     """A 40-record testbed and a tiny model directory (with its tokenizer)."""
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config, save_model
 
     root = tmp_path_factory.mktemp("outputs")

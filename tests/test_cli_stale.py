@@ -46,7 +46,7 @@ def _write_model(path, tok, seed: int):
 def less_run(tmp_path_factory):
     """A finished LESS selection (in process) whose work directory later runs reuse; --max-len
     above the tiny model's 256 positions."""
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("stale")
     paths = write_testbed(root / "tb", n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,

@@ -137,7 +137,6 @@ import numpy as np
 from jraise.data import less_tulu
 from jraise.data.records import (
     COPY_MARK,
-    MAX_REPORTED_PROBLEMS,  # noqa: F401  (jraise.data.pool imports it from here)
     Conversation,
     Encoded,
     EncodedRecord,
@@ -148,6 +147,7 @@ from jraise.data.records import (
     ProblemLog,
     RecordError,
     SourceRecord,
+    user_prompt,
     is_absent,
     type_name,
 )
@@ -439,7 +439,7 @@ def _alpaca(rec: dict, loc: Location) -> tuple[dict, Conversation]:
     instruction = _text(rec, "instruction", loc, "empty-prompt")
     document = _optional_text(rec, "input", loc) or ""
     output = _text(rec, "output", loc, "empty-response")
-    user = instruction + ("\n\n" + document if document else "")
+    user = user_prompt(instruction, document)
     content = {"instruction": instruction, "input": document, "output": output}
     conv = Conversation(
         (("user", user), ("assistant", output)), 0, "input" if document else "instruction", "output"

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.formats import MAX_REPORTED_PROBLEMS, EncodedRecord, LoadReport, load_encoded
+from jraise.data.formats import load_encoded
+from jraise.data.records import MAX_REPORTED_PROBLEMS, EncodedRecord, LoadReport
 
 FINGERPRINT_VERSION = 2
 

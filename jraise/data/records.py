@@ -242,3 +242,12 @@ class EncodedRecord:
     location: Location
     sides: tuple[Encoded, ...]
     truncated: bool
+
+
+# Joins instruction and input into one user message (Alpaca convention).
+PROMPT_SEPARATOR = "\n\n"
+
+
+def user_prompt(instruction: str, input_text: str = "") -> str:
+    """Instruction and input as one user message: joined by a blank line; input omitted if empty."""
+    return f"{instruction}{PROMPT_SEPARATOR}{input_text}" if input_text else instruction

@@ -1,4 +1,5 @@
-"""Scoring pieces for evaluation: response loss, option log-likelihoods, option choice, answer matching.
+"""Scoring pieces for evaluation: response loss, option log-likelihoods, option choice (answer
+matching is `jraise.eval.normalise`).
 
 Everything here is a pure function of arrays or strings; the two that run the model
 (`response_token_nll`, `sequence_log_probs`) are jitted with static shapes, so a caller that pads
@@ -24,15 +25,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jraise.data.testbed import normalise_answer
 from jraise.loglik import eval_view, scored_log_prob_sums
 
 NO_CATEGORY = "(none)"  # the per-category key of examples without a category (JSON keys are strings)
@@ -170,87 +169,3 @@ def choose_options(scores: Sequence[float], offsets: Sequence[int]) -> np.ndarra
     if offsets[0] != 0 or offsets[-1] != len(scores) or (np.diff(offsets) < 1).any():
         raise ValueError("offsets must start at 0, end at len(scores) and give every question an option")
     return np.array([int(np.argmax(scores[a:b])) for a, b in itertools.pairwise(offsets)], dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact match
-
-# A number as people write it: optional sign, digits with thousands commas, optional decimals.
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
-GSM8K_ANSWER_MARK = "####"
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """The final numeric answer in ``text``, canonical, or None when there is no number.
-
-    Takes the text after the last ``####`` when present (GSM8K's reference format), then the last
-    number in it; drops thousands commas, a leading '+', and trailing decimal zeros, so "1,234.50"
-    and "1234.5" agree and "72.00" is "72".
-    """
-    if GSM8K_ANSWER_MARK in text:
-        text = text.rsplit(GSM8K_ANSWER_MARK, 1)[1]
-    numbers = _NUMBER.findall(text)
-    if not numbers:
-        return None
-    number = numbers[-1].replace(",", "").lstrip("+")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return "0" if number in ("-0", "") else number
-
-
-def _testbed(text: str, category: str | None) -> str:
-    return normalise_answer(text, category)
-
-
-def _gsm8k(text: str, category: str | None) -> str | None:
-    return gsm8k_answer(text)
-
-
-def _exact(text: str, category: str | None) -> str:
-    return text
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = re.compile(r"[^\w\s]")
-
-
-def squad_answer(text: str, category: str | None = None) -> str:
-    """SQuAD's answer normalisation (Rajpurkar et al. 2016; the NQ-open metric): lower case,
-    punctuation removed, the articles a / an / the removed, whitespace runs collapsed."""
-    text = _PUNCTUATION.sub(" ", text.casefold())
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-# name -> normaliser(text, category) -> canonical answer, or None when no answer can be read off.
-#   testbed: `jraise.data.testbed.normalise_answer` (whitespace runs collapsed, ends stripped,
-#            case folded for testbed categories whose task is not about case);
-#   gsm8k:   `gsm8k_answer` (the last number, after '####' when present);
-#   exact:   the decoded text unchanged;
-#   squad:   `squad_answer` (case, punctuation and articles dropped: NQ-open, TruthfulQA).
-NORMALISERS: Mapping[str, Callable[[str, str | None], str | None]] = {
-    "testbed": _testbed,
-    "gsm8k": _gsm8k,
-    "exact": _exact,
-    "squad": squad_answer,
-}
-
-Normaliser = str | Callable[[str, str | None], str | None]
-
-
-def resolve_normaliser(normaliser: Normaliser) -> Callable[[str, str | None], str | None]:
-    if callable(normaliser):
-        return normaliser
-    if normaliser not in NORMALISERS:
-        raise ValueError(f"unknown answer normaliser {normaliser!r}; known: {', '.join(NORMALISERS)}")
-    return NORMALISERS[normaliser]
-
-
-def answers_match(prediction: str, reference: str, category: str | None = None, normaliser: Normaliser = "testbed") -> bool:
-    """Whether the normalised prediction equals the normalised reference.
-
-    A reference with no readable answer (the normaliser gives None) is never matched, so two
-    answer-less texts do not count as agreeing.
-    """
-    norm = resolve_normaliser(normaliser)
-    ref = norm(reference, category)
-    return ref is not None and norm(prediction, category) == ref

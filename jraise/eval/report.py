@@ -7,7 +7,7 @@ Three kinds (`KINDS`), each over the records it applies to:
   same chat template, loss mask and EOS handling), batched in length buckets.
 * ``exact_match``: greedy generation from the chat-formatted prompt
   (``add_generation_prompt=True``), decoded with ``skip_special_tokens=True`` and compared with
-  the reference after a normaliser (`jraise.eval.metrics.NORMALISERS`), on the records without
+  the reference after a normaliser (`jraise.eval.normalise.NORMALISERS`), on the records without
   ``options``.
 * ``multiple_choice``: records with ``options`` (a list of strings) and ``answer`` (the index, or
   the text of one option); each option is scored as the assistant reply to the prompt and the
@@ -57,9 +57,8 @@ from jraise.atomic import atomic_write_text
 from jraise.data.batching import iterate_batches, length_buckets, pick_bucket
 from jraise.data.formats import TemplateError, encode_rendered, read_records, render_conversation
 from jraise.data.pool import InstructionPool, load_pool, skipped_summary
-from jraise.data.records import Conversation, Location, RecordError, SourceRecord
-from jraise.data.testbed import user_prompt
-from jraise.eval import metrics
+from jraise.data.records import Conversation, Location, RecordError, SourceRecord, user_prompt
+from jraise.eval import metrics, normalise
 from jraise.eval.shared_prefix import batch_sums, plan_batches, scatter
 from jraise.loglik import eval_view, per_example_sums
 from jraise.model.generate import generate, left_pad
@@ -92,7 +91,7 @@ class LossOptions:
 @dataclass(frozen=True)
 class ExactMatchOptions:
     """Greedy decoding of at most ``max_new_tokens`` tokens, ``batch_size`` prompts at a time,
-    answers compared after ``normaliser`` (a `metrics.NORMALISERS` name or a callable
+    answers compared after ``normaliser`` (a `normalise.NORMALISERS` name or a callable
     ``(text, category) -> str | None``). ``max_len``: the longest prompt plus ``max_new_tokens``
     (None: the model's ``max_position_embeddings``); a longer prompt is never generated from: it
     is an error naming the record and field (`check_prompt_lengths`), or with ``skip_bad`` the
@@ -100,7 +99,7 @@ class ExactMatchOptions:
 
     max_new_tokens: int = 32
     batch_size: int = 16
-    normaliser: metrics.Normaliser = "testbed"
+    normaliser: normalise.Normaliser = "testbed"
     n_buckets: int = 4
     max_len: int | None = None
     skip_bad: bool = False
@@ -109,7 +108,7 @@ class ExactMatchOptions:
         _check_positive(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_buckets=self.n_buckets)
         if self.max_len is not None:
             _check_positive(max_len=self.max_len)
-        metrics.resolve_normaliser(self.normaliser)  # fail now, not after the generation
+        normalise.resolve_normaliser(self.normaliser)  # fail now, not after the generation
 
 
 @dataclass(frozen=True)
@@ -438,7 +437,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Sequence[int]], max_n
     return texts
 
 
-def _normaliser_name(normaliser: metrics.Normaliser) -> str:
+def _normaliser_name(normaliser: normalise.Normaliser) -> str:
     return normaliser if isinstance(normaliser, str) else getattr(normaliser, "__name__", "custom")
 
 
@@ -500,8 +499,8 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
     references, categories = [references[k] for k in kept], [categories[k] for k in kept]
     texts = greedy_completions(model, tokenizer, [prompt_ids[k] for k in kept], options.max_new_tokens,
                                options.batch_size, options.n_buckets, desc="exact match", max_prompt_len=limit)
-    norm = metrics.resolve_normaliser(options.normaliser)
-    correct = [any(metrics.answers_match(t, r, c, norm) for r in refs)
+    norm = normalise.resolve_normaliser(options.normaliser)
+    correct = [any(normalise.answers_match(t, r, c, norm) for r in refs)
                for t, refs, c in zip(texts, references, categories)]
     result = metrics.accuracy_summary(correct, categories)
     result["normaliser"] = _normaliser_name(options.normaliser)
@@ -675,7 +674,7 @@ def evaluate(
     out_path: str | os.PathLike | None = None,
     *,
     max_len: int | None = None,
-    normaliser: metrics.Normaliser = "testbed",
+    normaliser: normalise.Normaliser = "testbed",
     length_normalise: bool = False,
     include_eos: bool = True,
     keep_predictions: bool = False,

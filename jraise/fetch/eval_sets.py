@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from jraise.eval.metrics import gsm8k_answer
+from jraise.eval.normalise import gsm8k_answer
 
 _OPTION_LINE = re.compile(r"^([A-Z])\. ?(.*)$")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
@@ -50,7 +50,7 @@ class EvalSet:
     """A source file and how its rows become records.
 
     `kind` is "mc" or "gen"; `normaliser` is the exact-match normaliser a "gen" set is scored
-    with (`jraise.eval.metrics.NORMALISERS`).
+    with (`jraise.eval.normalise.NORMALISERS`).
     """
 
     name: str

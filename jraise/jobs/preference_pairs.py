@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jraise.eval import metrics
+from jraise.eval import normalise
 from jraise.eval.report import default_max_len, load_eval_records
 from jraise.select.preference_pairs import model_answer_pairs
 
 
 def write_model_answer_pairs(model_dir: str | os.PathLike, val_file: str | os.PathLike, out: str | os.PathLike, *,
                              max_new_tokens: int = 32, batch_size: int = 16,
-                             normaliser: metrics.Normaliser = "testbed", tokenizer_dir: str | os.PathLike | None = None,
+                             normaliser: normalise.Normaliser = "testbed", tokenizer_dir: str | os.PathLike | None = None,
                              max_len: int | None = None, skip_bad: bool = False) -> dict:
     """`model_answer_pairs` for the records of ``val_file`` (any format `jraise.data.formats` reads)
     with the model of ``model_dir``: the pairs go to ``out`` (JSONL) and the report, with the model

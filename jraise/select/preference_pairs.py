@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from jraise.eval import metrics
+from jraise.eval import metrics, normalise
 from jraise.eval.report import (
     _category,
     _normaliser_name,
@@ -47,7 +47,7 @@ def _pair_prompt(messages: list[dict]) -> str | list[dict]:
 
 
 def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 32, batch_size: int = 16,
-                       normaliser: metrics.Normaliser = "testbed", source: str = "records",
+                       normaliser: normalise.Normaliser = "testbed", source: str = "records",
                        require_pairs: bool = True, max_len: int | None = None,
                        skip_bad: bool = False) -> tuple[list[dict], dict]:
     """Preference pairs ``{"id"?, "prompt", "chosen", "rejected", "category"?}`` from SFT ``records``:
@@ -80,7 +80,7 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
     answers: list[str | None] = [None] * len(records)
     for k, answer in zip(kept, generated):
         answers[k] = answer
-    norm = metrics.resolve_normaliser(normaliser)
+    norm = normalise.resolve_normaliser(normaliser)
     pairs, skipped = [], {reason: [] for reason in SKIP_REASONS}
     per_category: dict[str, Counter] = {}
     for i, (record, messages, reference, answer) in enumerate(zip(records, prompts, references, answers)):
@@ -89,7 +89,7 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
         counts["records"] += 1
         rejected = answer.strip() if answer is not None else None
         reason = ("over-long" if rejected is None else "empty" if not rejected
-                  else "correct" if metrics.answers_match(rejected, reference, category, norm) else None)
+                  else "correct" if normalise.answers_match(rejected, reference, category, norm) else None)
         if reason is not None:
             skipped[reason].append(i)
             counts[reason] += 1

@@ -133,7 +133,7 @@ def test_preference_pool_copies_and_dedupe(tmp_path, tok):
 
 @pytest.fixture(scope="module")
 def dup_testbed(tmp_path_factory):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import init_model, preset_config
 
     root = tmp_path_factory.mktemp("dups")

@@ -14,14 +14,13 @@ from jraise.data.pool import load_pool
 from jraise.eval.metrics import (
     NO_CATEGORY,
     accuracy_summary,
-    answers_match,
     choose_options,
-    gsm8k_answer,
     loss_summary,
     option_scores,
     response_token_nll,
     sequence_log_probs,
 )
+from jraise.eval.normalise import answers_match, gsm8k_answer
 from jraise.model import build_char_tokenizer, init_model, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import CATEGORIES, write_testbed
+from jraise.testbed import CATEGORIES, write_testbed
 from jraise.eval import evaluate, write_json_atomic
 from jraise.eval.metrics import NO_CATEGORY
 from jraise.model import init_model, load_tokenizer, preset_config
@@ -257,7 +257,7 @@ def test_exact_match_accepts_any_listed_reference(eos_model, tok):
 
 
 def test_squad_normaliser_drops_case_punctuation_and_articles():
-    from jraise.eval.metrics import answers_match, squad_answer
+    from jraise.eval.normalise import answers_match, squad_answer
 
     assert squad_answer("  The Indus  River. ") == "indus river" == squad_answer("indus river")
     assert squad_answer("A bidet!") == "bidet" and squad_answer("an apple, the pear") == "apple pear"

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pytest
 
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.eval import metrics, report
 from jraise.eval.report import evaluate_multiple_choice, option_log_probs
 from jraise.eval.shared_prefix import batch_sums, plan_batches, scatter, shared_prefix_lengths

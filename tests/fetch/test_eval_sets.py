@@ -78,7 +78,7 @@ def test_convert_rows_counts_drops_and_numbers_ids_by_source_row():
 
 
 def test_every_set_has_a_kind_and_generative_sets_a_normaliser():
-    from jraise.eval.metrics import NORMALISERS
+    from jraise.eval.normalise import NORMALISERS
 
     assert len({s.name for s in EVAL_SETS}) == len(EVAL_SETS)
     for spec in EVAL_SETS:

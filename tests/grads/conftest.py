@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool, load_preference_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 

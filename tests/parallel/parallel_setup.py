@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.grads.features import FeatureConfig
 from jraise.jobs.influence import feature_store
 from jraise.grads.projection import ProjectionConfig

@@ -83,7 +83,7 @@ def _cli(*args, devices=2):
 
 
 def test_cli_mesh_option_trains_the_same_model(tmp_path):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import load_model
 
     paths = write_testbed(tmp_path / "tb", n_train=32, n_val_per_category=1, n_test_per_category=1)

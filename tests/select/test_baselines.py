@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from jraise.cli import app
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.data.selections import write_selection
 from jraise.jobs.baselines import run_baseline
 from jraise.model import init_model, load_tokenizer, preset_config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jraise.data.order import read_order
-from jraise.data.testbed import CATEGORY_PREREQUISITES, write_testbed
+from jraise.testbed import CATEGORY_PREREQUISITES, write_testbed
 from jraise.data.gamma import save_gamma
 from jraise.jobs.beyond_iid import curriculum_job, mixture_job, read_categorised
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.jobs.beyond_iid import read_categorised
 from jraise.jobs.embeddings import derive_categories

@@ -82,7 +82,7 @@ def test_top_fraction_is_deterministic_with_ties():
 
 def test_selection_files(tmp_path):
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import load_tokenizer
 
     paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=1, n_test_per_category=1)

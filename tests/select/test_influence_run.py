@@ -19,7 +19,7 @@ SMALL = dict(fraction=0.1, warmup_fraction=0.25, warmup_epochs=2, warmup_lr=1e-3
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("influence")
     paths = write_testbed(root / "tb", n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.jobs.intervention import measure_interactions
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
@@ -304,7 +304,7 @@ def test_run_axis_sharded_over_devices_matches_sequential(tmp_path, devices):
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from jraise.data.pool import load_pool
-        from jraise.data.testbed import write_testbed
+        from jraise.testbed import write_testbed
         from jraise.model import init_model, load_tokenizer, preset_config
         from jraise.select.intervention import InterventionConfig, evaluate_runs, run_mesh, train_interventions
         assert jax.device_count() == {devices}

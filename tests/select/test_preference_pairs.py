@@ -15,7 +15,7 @@ from jraise.select.preference_pairs import model_answer_pairs
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("pairs")
     paths = write_testbed(root / "tb", n_train=10, n_val_per_category=3, n_test_per_category=1,

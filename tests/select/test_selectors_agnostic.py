@@ -170,7 +170,7 @@ PINNED_SSPL_INDICES = [[23, 9, 4, 10], [10, 5, 29, 13], [22, 4, 29, 5], [4, 24, 
 
 def test_self_paced_finetune_picks_are_pinned(tmp_path):
     from jraise.data.pool import load_pool
-    from jraise.data.testbed import write_testbed
+    from jraise.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.select.self_paced import self_paced_finetune
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from jraise.cli import app
 from jraise.data.batching import length_buckets
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_model, load_tokenizer, preset_config
 from jraise.select.rl.features import difficulty_features
 from jraise.select.self_paced import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import (
     build_char_tokenizer,
     init_model,

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jraise.data.batching import epoch_order
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 from jraise.train import (

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
 from jraise.train import TrainConfig, checkpoint_steps, train
 from jraise.train import loop

@@ -2,7 +2,7 @@
 on test exact match, and the untrained model scores (near) zero. Small preset, 300 steps each."""
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.eval import evaluate
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.train import TrainConfig, train

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.data.testbed import write_testbed
+from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.jobs.raise_policy import cached_static_features, load_policy, train_policy_in_dir
 from jraise.select.rl.episode import device_pool

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jraise.data import testbed as tb
-from jraise.data.testbed import (
+from jraise import testbed as tb
+from jraise.data.records import PROMPT_SEPARATOR
+from jraise.testbed import (
     ALL_CATEGORIES,
     CASE_SENSITIVE_CATEGORIES,
     CATEGORIES,
@@ -401,7 +402,7 @@ def test_val_pref_pairs_mirror_val(splits):
     for pair, record in zip(splits["val_pref"], splits["val"], strict=True):
         assert pair["prompt"] == user_prompt(record["instruction"], record["input"])
         assert pair["category"] == record["category"]
-        instruction, _, input_text = pair["prompt"].partition(tb.PROMPT_SEPARATOR)
+        instruction, _, input_text = pair["prompt"].partition(PROMPT_SEPARATOR)
         assert pair["chosen"] == ORACLES[pair["category"]](instruction, input_text)
         assert pair["rejected"] and pair["rejected"] != pair["chosen"]
 

@@ -90,14 +90,14 @@ from pathlib import Path
 from types import MappingProxyType
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text, temp_sibling
+from jraise.data.records import PROMPT_SEPARATOR, user_prompt
+from jraise.eval.normalise import TESTBED_CASE_FOLDED, normalise_answer
 from jraise.model.tokenizer import build_char_tokenizer
 
 SPLITS = ("pool", "val", "val_pref", "test")
 NOISE_KINDS = ("wrong", "truncated", "other_task", "empty")
 # Stands in for an "empty" response; no task ever has it as its correct answer.
 DEGENERATE_OUTPUT = "?"
-# Joins instruction and input into one user message (Alpaca convention).
-PROMPT_SEPARATOR = "\n\n"
 
 MIN_WORD_LENGTH, MAX_WORD_LENGTH = 3, 6
 MAX_NUMBER = 100  # numbers in tasks are < MAX_NUMBER
@@ -715,34 +715,13 @@ CATEGORY_PREREQUISITES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 CASE_SENSITIVE_CATEGORIES: frozenset[str] = frozenset(
     s.name for s in CATEGORY_SPECS.values() if s.case_sensitive
 )
+if set(CATEGORY_SPECS) - CASE_SENSITIVE_CATEGORIES != TESTBED_CASE_FOLDED:  # the normaliser's rule is the specs'
+    raise RuntimeError("jraise.eval.normalise.TESTBED_CASE_FOLDED disagrees with the testbed's case-sensitive specs")
 
 
 # --------------------------------------------------------------------------------------------
 # Public helpers
 # --------------------------------------------------------------------------------------------
-
-_WHITESPACE_RUN = re.compile(r"\s+")
-
-
-def normalise_answer(answer: str, category: str | None = None) -> str:
-    """Canonical form of an answer for exact-match scoring.
-
-    Strips the ends and collapses every internal whitespace run to one space. Case is folded only
-    for a known testbed category whose task does not concern case (every one but those in
-    `CASE_SENSITIVE_CATEGORIES`, e.g. `upper`, where the capitals are the point). With no
-    category, or one the testbed does not know, comparison stays case-sensitive (the strict
-    choice for data from elsewhere).
-    """
-    text = _WHITESPACE_RUN.sub(" ", answer).strip()
-    if category in CATEGORY_SPECS and category not in CASE_SENSITIVE_CATEGORIES:
-        text = text.casefold()
-    return text
-
-
-def user_prompt(instruction: str, input_text: str = "") -> str:
-    """Instruction and input as one user message: joined by a blank line; input omitted if empty."""
-    return f"{instruction}{PROMPT_SEPARATOR}{input_text}" if input_text else instruction
-
 
 def _template_literals(fmt: str) -> str:
     """The literal text of a `str.format` string (placeholders removed)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from jraise.data import testbed as tb
-from jraise.data.testbed import (
+from jraise import testbed as tb
+from jraise.testbed import (
     ALL_CATEGORIES,
     CATEGORIES,
     CATEGORY_PREREQUISITES,
