@@ -22,14 +22,17 @@ def dtypes_key(dtypes) -> tuple | None:
 
 
 class CompiledCache:
-    """``cache.get(key, build)``: ``build()``'s result for ``key``, built once (at most ``size`` kept)."""
+    """``cache.get(key, build)``: ``build()``'s result for ``key``, built once (at most ``size``
+    kept, the least recently used dropped first)."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self._entries: dict[Hashable, Any] = {}
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        if key not in self._entries:
+        if key in self._entries:
+            self._entries[key] = self._entries.pop(key)  # most recently used last
+        else:
             if len(self._entries) >= self.size:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[key] = build()

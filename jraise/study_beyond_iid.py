@@ -27,6 +27,8 @@ both methods (measured once, cached under ``<work>/seed<s>/gamma/``):
   uses the study's step budget like the dynamic methods do, read in order without reshuffling.
 
 Both rows report the Gamma measurement's seconds (shared) plus their own as selection time.
+`ee_cpo_remix`, EE-CPO's re-mix of D0 inside a pool, is also the EE-CPO arm of the standalone
+Beyond-IID study (`jraise.beyond_iid_study`).
 """
 
 from __future__ import annotations
@@ -84,31 +86,51 @@ def seed_gamma(base_dir: Path, pool, paths: dict, config, seed: int, work: Path)
     return result
 
 
-def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys: list) -> tuple[np.ndarray, dict]:
-    """(pool indices of the re-mixed D0, the plan's counts) by EE-CPO with target importance."""
+def ee_cpo_remix(gamma: np.ndarray, names: list[str], d0: np.ndarray, categories: list, keys: list, seed: int, *,
+                 edit_fraction: float, max_change_fraction: float | None, min_per_category: int = 5,
+                 importance: np.ndarray | None = None):
+    """EE-CPO's re-mix of a subset D0 of a pool (Beyond IID, arXiv 2409.07045, section 3).
+
+    In: ``gamma`` (C, C) over the category ``names``; ``d0`` pool indices; per pool record its
+    category (``categories``) and content key (``keys``: an addition never duplicates a kept
+    record's content, so what a category can gain is its distinct new texts outside D0). Edit
+    budget T = `edit_budget` (|D0|, ``edit_fraction``); no category changed by more than
+    ceil(``max_change_fraction`` x T) (None: no cap); at least ``min_per_category`` per category;
+    ``importance`` alpha (None: D0's own proportions, the paper's default). Records are removed
+    from and added to a category at random (``seed``; no quality score).
+
+    Out: (sorted pool indices of the re-mixed set, |D0| of them, the `MixturePlan`; its
+    ``max_change`` is the cap used)."""
     from jraise.select.mixture import edit_budget, ee_cpo_plan, realise_subset, usable_extra
 
-    names = measured["names"]
-    gamma = np.asarray(measured["gamma"], np.float64)
-    d0 = np.asarray(measured["base_indices"], np.int64)
+    d0 = np.asarray(d0, np.int64)
     rest = np.setdiff1d(np.arange(len(categories)), d0)
     index = {n: k for k, n in enumerate(names)}
     n0 = np.bincount([index[categories[i]] for i in d0], minlength=len(names))
     extra = usable_extra(names, [keys[i] for i in d0], [categories[i] for i in rest], [keys[i] for i in rest])
-    importance = np.array([1.0 if n in config.targets else 0.0 for n in names])
-    if not importance.any():
-        raise ValueError(f"none of the targets {list(config.targets)} is a category of the pool")
-    t = edit_budget(len(d0), config.ee_cpo_edit)
-    cap = None if config.ee_cpo_max_change is None else math.ceil(config.ee_cpo_max_change * t)
-    plan = ee_cpo_plan(gamma, n0, edit_fraction=config.ee_cpo_edit, min_per_category=5, available_extra=extra,
-                       importance=importance, max_change=cap)
+    t = edit_budget(len(d0), edit_fraction)
+    cap = None if max_change_fraction is None else math.ceil(max_change_fraction * t)
+    plan = ee_cpo_plan(np.asarray(gamma, np.float64), n0, edit_fraction=edit_fraction,
+                       min_per_category=min_per_category, available_extra=extra, importance=importance,
+                       max_change=cap)
     keep, add = realise_subset([categories[i] for i in d0], plan.counts_after, [categories[i] for i in rest], None,
                                seed, names=names, current_keys=[keys[i] for i in d0],
                                candidate_keys=[keys[i] for i in rest])
-    chosen = np.sort(np.concatenate([d0[keep], rest[add]]))
+    return np.sort(np.concatenate([d0[keep], rest[add]])), plan
+
+
+def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys: list) -> tuple[np.ndarray, dict]:
+    """(pool indices of the re-mixed D0, the plan's counts) by EE-CPO with target importance."""
+    names = measured["names"]
+    importance = np.array([1.0 if n in config.targets else 0.0 for n in names])
+    if not importance.any():
+        raise ValueError(f"none of the targets {list(config.targets)} is a category of the pool")
+    chosen, plan = ee_cpo_remix(measured["gamma"], names, measured["base_indices"], categories, keys, seed,
+                                edit_fraction=config.ee_cpo_edit, max_change_fraction=config.ee_cpo_max_change,
+                                importance=importance)
     return chosen, {"counts_before": dict(zip(names, plan.counts_before.tolist())),
                     "counts_after": dict(zip(names, plan.counts_after.tolist())), "edits": plan.edits,
-                    "max_change": cap, "coefficients": dict(zip(names, plan.coefficients.tolist()))}
+                    "max_change": plan.max_change, "coefficients": dict(zip(names, plan.coefficients.tolist()))}
 
 
 def dt_csft_order(measured: dict, categories: list[str], config, seed: int) -> tuple[np.ndarray, dict]:

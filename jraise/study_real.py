@@ -16,11 +16,15 @@ reference rows), with three things swapped for real ones by `RealBench`:
   other category: it measures how categories act on each other); nothing reads ``noise.jsonl``
   or ``test.jsonl`` but the study's own truth and scores.
 * **Scores.** Per category of ``test.jsonl``: multiple-choice accuracy by option
-  log-likelihood (EOS included, unnormalised) or exact match after greedy decoding with the set's
+  log-likelihood (EOS included, unnormalised), or exact match after greedy decoding with the set's
   normaliser (ASDiv: the number; NQ-open, TruthfulQA: SQuAD's normalisation, any accepted
-  answer). ``target_acc`` is
-  the mean over the targets, ``all_acc`` the mean over every category (macro: targets have
-  ``n_test`` records, the others ``n_test_other``).
+  answer). The ``generative`` categories (default: the targets BoolQ and SIQA) are asked as their
+  instruction asks, "Answer yes or no." / "Answer with the text of the correct option", and
+  scored by SQuAD-normalised exact match of the right option's text (`as_generative`): the base
+  model answers in sentences ("No, the movie is not ..."), and what a fine-tune on the right
+  records teaches shows in this score. ``target_acc`` is the mean over the targets, ``all_acc``
+  the mean over every category (macro: targets have ``n_test`` records, the others
+  ``n_test_other``).
 
 ROSE runs twice: ``rose`` on the pool's real preference pairs (chosen = the right answer, rejected =
 a wrong option), ``rose_model`` on model-answer pairs (rejected = the base model's greedy answer).

@@ -1,36 +1,28 @@
-"""benchmarks/beyond_iid_study.py: a tiny real run end to end (files, Gamma, equal budgets of the
-compared arms, DT-CSFT's every-record-three-times order, score ranges, resume) and its pure helpers."""
+"""jraise.beyond_iid_study and its command line benchmarks/beyond_iid_study.py: a tiny real run end
+to end (files, Gamma, equal budgets of the compared arms, DT-CSFT's every-record-three-times order,
+score ranges), the script resuming it, and the pure helpers."""
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jraise import beyond_iid_study as bis
 from jraise.data.gamma import load_gamma
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "beyond_iid_study.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("beyond_iid_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["beyond_iid_study"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bis = _module()
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("beyond_iid")
     argv = ["--quick", "--work", str(tmp / "work"), "--out-dir", str(tmp / "out")]
-    document = bis.main(argv)
+    command = " ".join(["python benchmarks/beyond_iid_study.py", *argv])
+    document, _ = bis.write_study(bis.BeyondIIDStudyConfig(**bis.QUICK), tmp / "work", tmp / "out", command)
     return {"doc": document, "work": tmp / "work", "out": tmp / "out", "argv": argv}
 
 
@@ -110,12 +102,20 @@ def test_orders_on_disk_show_every_record_exactly_three_times(quick_run):
     assert len(ee) == len(base) and set(np.unique(ee, return_counts=True)[1].tolist()) == {3}
 
 
-def test_second_run_reads_finished_seed_back(quick_run):
+def test_the_command_line_resumes_the_run_and_reads_the_finished_seed_back(quick_run):
+    # `--quick` on the command line is the configuration the fixture ran, so nothing is recomputed.
     rows_file = quick_run["work"] / "rows.jsonl"
     before = rows_file.read_text()
-    again = bis.main(quick_run["argv"])
+    run = subprocess.run([sys.executable, str(SCRIPT), *quick_run["argv"]], check=False, capture_output=True,
+                         text=True, timeout=600, cwd=quick_run["work"].parent)
+    assert run.returncode == 0, run.stderr
     assert rows_file.read_text() == before
+    assert "seed 0: finished earlier" in run.stdout and "# Beyond IID on the built-in testbed" in run.stdout
+    again = json.loads((quick_run["out"] / "beyond_iid_study.json").read_text())
     assert again["rows"][0]["seconds"] == quick_run["doc"]["rows"][0]["seconds"]
+    assert again["command"] == " ".join(["python benchmarks/beyond_iid_study.py", *quick_run["argv"]])
+    assert again["config"] == json.loads(json.dumps(quick_run["doc"]["config"]))
+    assert (quick_run["out"] / "beyond_iid_study.md").read_text() in run.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,4 +174,4 @@ def test_config_errors_name_the_problem():
         bis.BeyondIIDStudyConfig(gamma_budget="tokens")
     with pytest.raises(ValueError, match="different lengths"):
         bis.BeyondIIDStudyConfig(gamma_budget="epochs", gamma_mode="vmap")
-    assert bis._gamma_mode(bis.BeyondIIDStudyConfig(gamma_budget="epochs")) == "sequential"
+    assert bis.resolved_gamma_mode(bis.BeyondIIDStudyConfig(gamma_budget="epochs")) == "sequential"

@@ -1,10 +1,9 @@
-"""benchmarks/paper_configs.py: the shipped paper configurations validate and dry-run without
-weights; the architecture arithmetic matches published counts and the real jraise model; bad
-configurations fail naming the file, the step and the option; run mode checks inputs first and
-stops at the first failing step."""
+"""jraise.paper_configs and its command line benchmarks/paper_configs.py: the shipped paper
+configurations validate and dry-run without weights; the architecture arithmetic matches published
+counts and the real jraise model; bad configurations fail naming the file, the step and the option;
+run mode checks inputs first and stops at the first failing step."""
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,21 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from jraise import paper_configs as pc
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_configs.py"
 CONFIG_DIR = ROOT / "benchmarks" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("paper_configs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_configs"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = _module()
 
 
 def _config(name):
@@ -191,7 +181,7 @@ def test_a_misspelled_option_names_the_file_the_step_and_the_option(tmp_path, ca
     message = str(err.value)
     assert str(path) in message and f"step {i}" in message and "--fractoin" in message
     assert "did you mean --fraction" in message
-    assert pc.main([str(path), "--dry-run"]) == 2
+    assert pc.run_configs([path], dry_run=True) == 2
     stderr = capsys.readouterr().err
     assert str(path) in stderr and f"step {i}" in stderr and "--fractoin" in stderr
 
@@ -280,8 +270,7 @@ def _tiny_setup(tmp_path):
 def test_dry_run_reports_present_paths_counts_and_architecture_mismatches(tmp_path, capsys):
     _, models, data = _tiny_setup(tmp_path)
     path = CONFIG_DIR / "raise_llama32_1b_alpaca.json"
-    assert pc.main([str(path), "--dry-run", "--models", str(models), "--data", str(data),
-                    "--work", str(tmp_path / "w")]) == 0
+    assert pc.run_configs([path], dry_run=True, models=models, data=data, work=tmp_path / "w") == 0
     out = capsys.readouterr().out
     assert f"present  {models / 'Llama-3.2-1B'}" in out
     assert f"present  {data / 'alpaca' / 'alpaca_data.json'}" in out
@@ -292,12 +281,25 @@ def test_dry_run_reports_present_paths_counts_and_architecture_mismatches(tmp_pa
 
 def test_run_mode_refuses_missing_inputs_before_running_anything(tmp_path, capsys):
     path = CONFIG_DIR / "less_llama2_7b_tulu.json"
-    code = pc.main([str(path), "--models", str(tmp_path / "m"), "--data", str(tmp_path / "d"),
-                    "--work", str(tmp_path / "w")])
+    code = pc.run_configs([path], models=tmp_path / "m", data=tmp_path / "d", work=tmp_path / "w")
     assert code == 2
     err = capsys.readouterr().err
     assert "cannot run" in err and f"missing: {tmp_path / 'm' / 'Llama-2-7b-hf'}" in err
     assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="one configuration at a time"):
+        pc.run_configs([path, path])
+
+
+def test_the_command_line_runs_one_configuration_at_a_time_and_reports_invalid_ones(tmp_path):
+    two = subprocess.run([sys.executable, str(SCRIPT), str(CONFIGS[0]), str(CONFIGS[1])], check=False,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert two.returncode == 2 and "run one configuration at a time" in two.stderr
+    config = _config("rose_shp_se_hh.json")
+    config["method"] = "lesss"
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(_write(tmp_path, config)), "--dry-run"], check=False,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid configuration" in bad.stderr and "unknown method 'lesss'" in bad.stderr
+    assert not bad.stdout
 
 
 def test_run_steps_runs_in_order_and_stops_at_the_first_failure(tmp_path):

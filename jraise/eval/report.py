@@ -135,7 +135,7 @@ def _check_positive(**values: int) -> None:
 # Records: prompts, references, options
 
 
-def _where(source: str, index: int, record: dict, field: str | None = None) -> str:
+def record_where(source: str, index: int, record: dict, field: str | None = None) -> str:
     ident = f" (id {record['id']!r})" if isinstance(record, dict) and record.get("id") not in (None, "") else ""
     return f"{source}: record index {index}{ident}" + (f": field {field!r}" if field else "")
 
@@ -224,7 +224,7 @@ def choice_options(record: dict, where: str = "record") -> tuple[list[str], int]
     raise ValueError(f"{where}: field 'answer': expected an option index or an option's text, got {answer!r}")
 
 
-def _category(record: dict) -> str | None:
+def record_category(record: dict) -> str | None:
     category = record.get("category")
     return category if isinstance(category, str) and category else None
 
@@ -352,7 +352,7 @@ def _pool_of(records: Sequence[dict], record_index: Sequence[int], tokenizer, ma
         if copy_index is None:
             return source
         i = record_index[copy_index]
-        return str(locations[i]) if locations is not None else _where(source, i, records[i])
+        return str(locations[i]) if locations is not None else record_where(source, i, records[i])
 
     with tempfile.TemporaryDirectory(prefix="jraise-eval-") as tmp:
         path = Path(tmp) / "records.jsonl"
@@ -383,7 +383,7 @@ def _pool_of(records: Sequence[dict], record_index: Sequence[int], tokenizer, ma
 # Exact match
 
 
-def _prompt_token_ids(tokenizer, conversations: Sequence[list[dict]]) -> list[list[int]]:
+def prompt_token_ids(tokenizer, conversations: Sequence[list[dict]]) -> list[list[int]]:
     """Chat-formatted prompts ending in the assistant header, tokenised without added specials
     (the template writes any BOS it wants)."""
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
@@ -437,7 +437,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Sequence[int]], max_n
     return texts
 
 
-def _normaliser_name(normaliser: normalise.Normaliser) -> str:
+def normaliser_name(normaliser: normalise.Normaliser) -> str:
     return normaliser if isinstance(normaliser, str) else getattr(normaliser, "__name__", "custom")
 
 
@@ -467,7 +467,7 @@ def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], limit: int, record
             kept.append(k)
         elif not skip_bad:
             i = record_index[k]
-            raise ValueError(f"{_where(source, i, records[i], prompt_field(records[i]))}: over-long: the prompt is "
+            raise ValueError(f"{record_where(source, i, records[i], prompt_field(records[i]))}: over-long: the prompt is "
                              f"{len(ids)} tokens, past the {limit} a prompt may have (max_len less max_new_tokens); "
                              "raise --max-len, or leave such records out with --skip-bad")
     return kept
@@ -485,10 +485,10 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
     prompts, references, categories = [], [], []
     for i in record_index:
         record = records[i]
-        prompts.append(prompt_messages(record, _where(source, i, record)))
-        references.append(reference_answers(record, _where(source, i, record)))
-        categories.append(_category(record))
-    prompt_ids = _prompt_token_ids(tokenizer, prompts)
+        prompts.append(prompt_messages(record, record_where(source, i, record)))
+        references.append(reference_answers(record, record_where(source, i, record)))
+        categories.append(record_category(record))
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
     limit = prompt_token_limit(model, options.max_len, options.max_new_tokens)
     kept = check_prompt_lengths(prompt_ids, limit, records, record_index, source, options.skip_bad)
     kept_set = set(kept)
@@ -503,7 +503,7 @@ def evaluate_exact_match(model, tokenizer, records: Sequence[dict], options: Exa
     correct = [any(normalise.answers_match(t, r, c, norm) for r in refs)
                for t, refs, c in zip(texts, references, categories)]
     result = metrics.accuracy_summary(correct, categories)
-    result["normaliser"] = _normaliser_name(options.normaliser)
+    result["normaliser"] = normaliser_name(options.normaliser)
     if skipped:
         result["skipped"] = {"over-long": skipped}
     if keep_predictions:
@@ -598,12 +598,12 @@ def evaluate_multiple_choice(model, tokenizer, records: Sequence[dict],
         raise ValueError(f"{source}: no records with 'options' to evaluate by multiple choice")
     prompts, choices, answers, categories, wheres = [], [], [], [], []
     for i in record_index:
-        record, where = records[i], _where(source, i, records[i])
+        record, where = records[i], record_where(source, i, records[i])
         opts, answer = choice_options(record, where)
         prompts.append(prompt_messages(record, where))
         choices.append(opts)
         answers.append(answer)
-        categories.append(_category(record))
+        categories.append(record_category(record))
         wheres.append(where)
     sums, counts, offsets = option_log_probs(model, tokenizer, prompts, choices, options.include_eos,
                                              options.batch_size, options.n_buckets, wheres)
@@ -704,7 +704,7 @@ def evaluate(
     plain = [i for i, r in enumerate(records) if r.get("options") is None]
     choice = [i for i, r in enumerate(records) if r.get("options") is not None]
     config = {"loss": asdict(loss_options), "exact_match": asdict(em_options), "multiple_choice": asdict(mc_options)}
-    config["exact_match"]["normaliser"] = _normaliser_name(normaliser)
+    config["exact_match"]["normaliser"] = normaliser_name(normaliser)
     result = {"format_version": FORMAT_VERSION, "source": source, "n_records": len(records), "kinds": list(kinds),
               "config": {kind: config[kind] for kind in kinds}}
     if "loss" in kinds:

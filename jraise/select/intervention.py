@@ -70,7 +70,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +83,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jraise.compile_cache import CompiledCache, dtypes_key
 from jraise.data.batching import (
     PAD_INDEX,
     iterate_batches,
@@ -433,36 +433,21 @@ def make_stacked_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
 # Jitted step functions and their ahead-of-time compiled programs, keyed by model structure,
 # optimizer, dtypes and (for programs) the exact argument shapes and shardings, so repeated calls
 # (tests, benchmark rounds, measure after train) compile once.
-_FUNCTIONS: OrderedDict = OrderedDict()
-_PROGRAMS: OrderedDict = OrderedDict()
-_CACHE_SIZE = 16
-
-
-def _remember(cache: OrderedDict, key, build: Callable):
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    value = build()
-    cache[key] = value
-    if len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-    return value
-
-
-def _dtype_key(dtypes: Pytree) -> tuple:
-    return tuple((jax.tree_util.keystr(p), str(d)) for p, d in jax.tree_util.tree_leaves_with_path(dtypes))
+# Compiled programs of the runs, shared by repeated measurements on the same model and settings.
+_FUNCTIONS = CompiledCache(16)
+_PROGRAMS = CompiledCache(16)
 
 
 def _step_function(kind: str, graphdef, opt_args: dict, dtypes) -> tuple:
     """(tx, jitted step) with kind "vmap" (stacked) or "sequential" (plain `make_train_step`)."""
-    key = (kind, graphdef, tuple(sorted(opt_args.items())), _dtype_key(dtypes))
+    key = (kind, graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes))
 
     def build():
         tx, _ = make_optimizer(**opt_args)
         maker = make_stacked_train_step if kind == "vmap" else make_train_step
         return tx, maker(graphdef, tx, dtypes)
 
-    return _remember(_FUNCTIONS, key, build)
+    return _FUNCTIONS.get(key, build)
 
 
 def _signature(args) -> tuple:
@@ -472,7 +457,7 @@ def _signature(args) -> tuple:
 
 def _compiled(kind: str, graphdef, opt_args: dict, dtypes, jitted, args) -> tuple[Callable, float]:
     """(compiled program for these argument shapes, seconds spent compiling it; 0 if cached)."""
-    key = (kind, graphdef, tuple(sorted(opt_args.items())), _dtype_key(dtypes), _signature(args))
+    key = (kind, graphdef, tuple(sorted(opt_args.items())), dtypes_key(dtypes), _signature(args))
     spent = [0.0]
 
     def build():
@@ -481,7 +466,7 @@ def _compiled(kind: str, graphdef, opt_args: dict, dtypes, jitted, args) -> tupl
         spent[0] = time.perf_counter() - start
         return program
 
-    return _remember(_PROGRAMS, key, build), spent[0]
+    return _PROGRAMS.get(key, build), spent[0]
 
 
 def _batch_spec(lead: tuple[int, ...], accum: int, rows: int, length: int, sharding) -> dict:
@@ -658,8 +643,8 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
 
 def _stacked_eval_function(graphdef, dtypes) -> Callable:
     """jit(vmap(eval step)): per-row (NLL, response tokens) [R, B] of R runs on one shared batch."""
-    key = ("eval", graphdef, _dtype_key(dtypes))
-    return _remember(_FUNCTIONS, key, lambda: jax.jit(
+    key = ("eval", graphdef, dtypes_key(dtypes))
+    return _FUNCTIONS.get(key, lambda: jax.jit(
         jax.vmap(make_eval_step(graphdef, dtypes), in_axes=(0, None, None))))
 
 

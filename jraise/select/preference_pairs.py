@@ -25,14 +25,14 @@ from collections.abc import Sequence
 
 from jraise.eval import metrics, normalise
 from jraise.eval.report import (
-    _category,
-    _normaliser_name,
-    _prompt_token_ids,
-    _where,
     check_prompt_lengths,
     greedy_completions,
+    normaliser_name,
     prompt_messages,
+    prompt_token_ids,
     prompt_token_limit,
+    record_category,
+    record_where,
     reference_answer,
 )
 
@@ -67,12 +67,12 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"{source}: record index {i}: expected a dict, got {type(record).__name__}")
-        prompts.append(prompt_messages(record, _where(source, i, record)))
-        reference = reference_answer(record, _where(source, i, record))
+        prompts.append(prompt_messages(record, record_where(source, i, record)))
+        reference = reference_answer(record, record_where(source, i, record))
         if not reference.strip():
-            raise ValueError(f"{_where(source, i, record, 'output')}: the reference answer is blank")
+            raise ValueError(f"{record_where(source, i, record, 'output')}: the reference answer is blank")
         references.append(reference)
-    prompt_ids = _prompt_token_ids(tokenizer, prompts)
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
     limit = prompt_token_limit(model, max_len, max_new_tokens)
     kept = check_prompt_lengths(prompt_ids, limit, records, range(len(records)), source, skip_bad)
     generated = greedy_completions(model, tokenizer, [prompt_ids[k] for k in kept], max_new_tokens, batch_size,
@@ -84,7 +84,7 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
     pairs, skipped = [], {reason: [] for reason in SKIP_REASONS}
     per_category: dict[str, Counter] = {}
     for i, (record, messages, reference, answer) in enumerate(zip(records, prompts, references, answers)):
-        category = _category(record)
+        category = record_category(record)
         counts = per_category.setdefault(metrics.category_key(category), Counter())
         counts["records"] += 1
         rejected = answer.strip() if answer is not None else None
@@ -111,5 +111,5 @@ def model_answer_pairs(model, tokenizer, records: Sequence[dict], *, max_new_tok
               "per_category": {c: {k: n[k] for k in ("records", "pairs", *shown)}
                                for c, n in sorted(per_category.items())},
               "max_new_tokens": max_new_tokens, "max_prompt_tokens": limit,
-              "normaliser": _normaliser_name(normaliser)}
+              "normaliser": normaliser_name(normaliser)}
     return pairs, report

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from jraise.cli import app
 from jraise.data.pool import load_preference_pool
-from jraise.eval.report import _prompt_token_ids, greedy_completions, prompt_messages
+from jraise.eval.report import prompt_token_ids, greedy_completions, prompt_messages
 from jraise.model import init_model, load_tokenizer, preset_config, save_model
 from jraise.jobs.preference_pairs import write_model_answer_pairs
 from jraise.select.preference_pairs import model_answer_pairs
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     save_model(model, config, root / "model")
     tok.save_pretrained(str(root / "model"))
     records = [json.loads(line) for line in paths["val"].read_text().splitlines()]
-    answers = greedy_completions(model, tok, _prompt_token_ids(tok, [prompt_messages(r) for r in records]), 8)
+    answers = greedy_completions(model, tok, prompt_token_ids(tok, [prompt_messages(r) for r in records]), 8)
     return root, paths, tok, model, records, answers
 
 

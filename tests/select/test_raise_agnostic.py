@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jraise.select.rl import agnostic, features
+from jraise.select.rl import features, trainer
 from jraise.select.rl.agnostic import (
     RaiseConfig,
     cluster_layout,
@@ -123,7 +123,7 @@ def test_cluster_layout_round_trips_labels():
 
 def test_episode_scan_equals_python_loop_of_steps():
     config = EpisodeConfig(steps=T, per_cluster=B_PER)
-    policy = agnostic._fresh_policy(PolicyConfig(output_scale=1.0), jax.random.key(1))
+    policy = trainer.fresh_policy(PolicyConfig(output_scale=1.0), jax.random.key(1))
     graphdef, actor_state = nnx.split(policy.actor)
     key = jax.random.key(5)
     state, rollout, losses = make_raise_episode(learner_step, val_loss_fn, graphdef, config)(
@@ -224,7 +224,7 @@ def test_policy_learns_to_prefer_the_clean_rows_inside_clusters():
         p = jax.nn.softmax(jnp.where(LAYOUT.valid, LAYOUT.gather(actor(state)), -jnp.inf), axis=1)
         return float((p * LAYOUT.gather(jnp.asarray(~HARMFUL, jnp.float32))).sum(axis=1).mean())
 
-    initial = agnostic._fresh_policy(policy.config, jax.random.key(0))
+    initial = trainer.fresh_policy(policy.config, jax.random.key(0))
     before, after = clean_mass(initial.actor), clean_mass(policy.actor)
     assert abs(before - 0.5) < 0.05
     assert after > before + 0.1, (before, after, [round(h["return"], 3) for h in history])

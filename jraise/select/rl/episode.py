@@ -22,7 +22,9 @@ reproduces the scan exactly (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,53 +106,112 @@ def validation_loss(graphdef, dtypes, trainable, frozen, val: dict) -> jax.Array
     return nll.sum() / jnp.maximum(tokens.sum(), 1.0)
 
 
-def make_fused_step(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
-    """``step(actor_state, carry, t, key, static, layout, pool, val, frozen) -> (carry, outputs)``
-    with carry = (trainable, opt_state, counts [N], val_loss []). Pure; jit or scan it."""
+LearnerStep = Callable[[Any, jax.Array], Any]
+ValLossFn = Callable[[Any], jax.Array]
 
-    def step(actor_state, carry, t, key, static, layout: ClusterLayout, pool: DevicePool, val, frozen):
-        trainable, opt_state, counts, val_before = carry
+
+def make_raise_step(learner_step: LearnerStep, val_loss_fn: ValLossFn, actor_graphdef, config: EpisodeConfig,
+                    learner_has_aux: bool = False):
+    """``step(actor_state, carry, t, key, static, layout) -> (carry, outputs)``, pure; jit or scan it.
+
+    carry = (learner state, counts [N] float32, validation loss of M_{t-1} [] float32); outputs:
+    picked [C, b], indices [B] int32, logp [C], reward [], val_loss [], stage [2], and train_loss []
+    when ``learner_has_aux`` (then ``learner_step`` returns ``(state, loss)``). ``t`` is 1-based;
+    the sampling key is ``fold_in(key, t)``. See the module docstring for the equations.
+    """
+
+    def step(actor_state, carry, t, key, static, layout: ClusterLayout):
+        state, counts, val_before = carry
         actor = nnx.merge(actor_graphdef, actor_state)
         stage = stage_features(t, config.steps, val_before, config.stage)
         picked, logp, indices = choose_batch(actor, static, counts, stage, layout, jax.random.fold_in(key, t),
                                              config.per_cluster, config.tau, config.stochastic)
+        if learner_has_aux:
+            state, train_loss = learner_step(state, indices)
+        else:
+            state, train_loss = learner_step(state, indices), None
+        val_after = jnp.asarray(val_loss_fn(state), jnp.float32)
+        counts = add_selections(counts, indices)
+        outputs = {"picked": picked, "indices": indices, "logp": logp, "reward": val_before - val_after,
+                   "val_loss": val_after, "stage": stage}
+        if learner_has_aux:
+            outputs["train_loss"] = jnp.asarray(train_loss, jnp.float32)
+        return (state, counts, val_after), outputs
+
+    return step
+
+
+def make_raise_episode(learner_step: LearnerStep, val_loss_fn: ValLossFn, actor_graphdef, config: EpisodeConfig,
+                       learner_has_aux: bool = False):
+    """A jitted ``episode(actor_state, learner_state, static, layout, key) -> (learner_state,
+    Rollout, train_losses)``: `make_raise_step` scanned over t = 1..T from ``learner_state`` (M_0).
+
+    ``train_losses`` is [T] float32 when ``learner_has_aux``, else None. ``static`` [N, S] float32,
+    ``layout`` a `ClusterLayout` over the same N rows; ``config.stochastic`` False takes top-b.
+    """
+    step = make_raise_step(learner_step, val_loss_fn, actor_graphdef, config, learner_has_aux)
+
+    def episode(actor_state, learner_state, static, layout, key):
+        val0 = jnp.asarray(val_loss_fn(learner_state), jnp.float32)
+        counts = jnp.zeros((static.shape[0],), jnp.float32)
+
+        def body(carry, t):
+            return step(actor_state, carry, t, key, static, layout)
+
+        (learner_state, _, _), out = jax.lax.scan(body, (learner_state, counts, val0),
+                                                  jnp.arange(1, config.steps + 1))
+        rollout = Rollout(out["picked"], out["indices"], out["logp"], out["reward"], out["val_loss"], out["stage"],
+                          val0)
+        return learner_state, rollout, out.get("train_loss")
+
+    return jax.jit(episode)
+
+
+def llm_learner(graphdef, tx, dtypes) -> tuple[LearnerStep, ValLossFn]:
+    """jraise's LLM as a RAISE learner: ``(learner_step, val_loss_fn)`` over the state
+    ``(trainable, opt_state, frozen, pool, val)``; ``learner_step`` returns ``(state, train loss)``
+    (use it with ``learner_has_aux=True``). One step: the batch of ``indices`` from the device
+    pool, one accumulated-gradient optimizer step (``tx``) of the trainable part; the validation
+    loss is `validation_loss` of the fixed batch ``val``."""
+
+    def learner_step(state, indices):
+        trainable, opt_state, frozen, pool, val = state
         batch = jax.tree.map(lambda x: x[None], pool.rows(indices))
         grads, loss, _, _ = accumulated_grads(graphdef, dtypes, trainable, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        val_after = validation_loss(graphdef, dtypes, trainable, frozen, val)
-        counts = add_selections(counts, indices)
-        outputs = {"picked": picked, "indices": indices, "logp": logp, "reward": val_before - val_after,
-                   "val_loss": val_after, "stage": stage, "train_loss": loss}
-        return (trainable, opt_state, counts, val_after), outputs
+        return (optax.apply_updates(trainable, updates), opt_state, frozen, pool, val), loss
+
+    def val_loss_fn(state):
+        trainable, _, frozen, _, val = state
+        return validation_loss(graphdef, dtypes, trainable, frozen, val)
+
+    return learner_step, val_loss_fn
+
+
+def make_fused_step(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
+    """``step(actor_state, carry, t, key, static, layout, pool, val, frozen) -> (carry, outputs)``
+    with carry = (trainable, opt_state, counts [N], val_loss []): `make_raise_step` around
+    `llm_learner`. Pure; jit or scan it."""
+    generic = make_raise_step(*llm_learner(graphdef, tx, dtypes), actor_graphdef, config, learner_has_aux=True)
+
+    def step(actor_state, carry, t, key, static, layout: ClusterLayout, pool: DevicePool, val, frozen):
+        trainable, opt_state, counts, val_before = carry
+        (state, counts, val_after), outputs = generic(
+            actor_state, ((trainable, opt_state, frozen, pool, val), counts, val_before), t, key, static, layout)
+        return (state[0], state[1], counts, val_after), outputs
 
     return step
 
 
 def make_episode(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
     """A jitted ``episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key)
-    -> (trainable, opt_state, Rollout, train_losses [T])``: `make_fused_step` scanned over t = 1..T.
+    -> (trainable, opt_state, Rollout, train_losses [T])``: `make_raise_episode` around `llm_learner`.
 
     With an active `jraise.parallel` mesh the inputs are placed on it first: LLM weights and Adam
     state by the parameter rules (FSDP / tensor), the token pool and static features split by
     example over data x fsdp (kept whole when the mesh does not divide N), the rest replicated.
     """
-    step = make_fused_step(graphdef, tx, dtypes, actor_graphdef, config)
-
-    def episode(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key):
-        val0 = validation_loss(graphdef, dtypes, trainable, frozen, val)
-        counts = jnp.zeros((static.shape[0],), jnp.float32)
-
-        def body(carry, t):
-            return step(actor_state, carry, t, key, static, layout, pool, val, frozen)
-
-        (trainable, opt_state, _, _), out = jax.lax.scan(body, (trainable, opt_state, counts, val0),
-                                                         jnp.arange(1, config.steps + 1))
-        rollout = Rollout(out["picked"], out["indices"], out["logp"], out["reward"], out["val_loss"], out["stage"],
-                          val0)
-        return trainable, opt_state, rollout, out["train_loss"]
-
-    jitted = jax.jit(episode)
+    jitted = make_raise_episode(*llm_learner(graphdef, tx, dtypes), actor_graphdef, config, learner_has_aux=True)
 
     def run(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key):
         mesh = parallel.active_mesh()
@@ -158,7 +219,9 @@ def make_episode(graphdef, tx, dtypes, actor_graphdef, config: EpisodeConfig):
             trainable, opt_state, frozen = parallel.shard_params((trainable, opt_state, frozen), mesh)
             static, pool = parallel.shard_examples((static, pool), mesh)
             actor_state, layout, val, key = parallel.shard_replicated((actor_state, layout, val, key), mesh)
-        return jitted(actor_state, trainable, opt_state, frozen, static, layout, pool, val, key)
+        state, rollout, train_losses = jitted(actor_state, (trainable, opt_state, frozen, pool, val), static, layout,
+                                              key)
+        return state[0], state[1], rollout, train_losses
 
     return run
 

@@ -20,14 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jraise.select.rl.episode import EpisodeConfig, make_episode, replay
-from jraise.select.rl.policy import AcquisitionMLP, Critic, PolicyConfig
+from jraise import parallel
+from jraise.select.rl.episode import EpisodeConfig, LearnerStep, ValLossFn, llm_learner, make_raise_episode, replay
+from jraise.select.rl.policy import STAGE_DIM, AcquisitionMLP, Critic, PolicyConfig
+from jraise.select.rl.sampling import ClusterLayout
 from jraise.select.rl.ppo import gae, ppo_loss, value_loss
 from jraise.train.step import make_optimizer, param_dtypes, split_trainable
 
@@ -120,59 +124,166 @@ def default_policy_config(config: RaiseConfig) -> PolicyConfig:
     return PolicyConfig(stage=config.stage, tau=config.tau)
 
 
-def check_policy_inputs(static: jax.Array, layout, config: RaiseConfig, policy_config: PolicyConfig) -> None:
-    """Refuses a cluster with fewer than ``config.per_cluster`` rows and static features of
-    another width than the policy's (``policy_config.static_dim``)."""
-    layout.check_budget(config.per_cluster)
+# fold_in data of the fresh policy's initialisation key; episodes use 0, 1, 2, ... so they never meet it.
+_INIT_FOLD = 2**31 - 1
+
+# The `RaiseConfig` fields `train_raise_policy` reads; llm_lr, llm_schedule (the learner is the
+# caller's) and seed (``key`` replaces it) are not read.
+CONFIG_FIELDS_READ = ("episodes", "steps", "per_cluster", "policy_lr", "ppo_epochs", "clip_eps", "gamma", "lam",
+                      "entropy_coef", "value_coef", "tau", "stage", "normalise_advantages")
+
+
+def fresh_policy(config: PolicyConfig, key: jax.Array) -> PolicyBundle:
+    actor_key, critic_key = jax.random.split(jax.random.fold_in(key, _INIT_FOLD))
+    return PolicyBundle(AcquisitionMLP(config, rngs=nnx.Rngs(actor_key)), Critic(config, rngs=nnx.Rngs(critic_key)),
+                        config)
+
+
+def check_policy_inputs(static: jax.Array, layout: ClusterLayout, config: RaiseConfig, policy_config: PolicyConfig) -> None:
+    """ValueError unless static features are [N, S] with the policy's S, the layout names rows of
+    them, T >= 1, the policy's stage and tau are the config's, and every cluster holds at least
+    ``config.per_cluster`` rows."""
+    if static.ndim != 2:
+        raise ValueError(f"static features must be [N, S], got shape {static.shape}")
     if static.shape[1] != policy_config.static_dim:
-        raise ValueError(f"static features have {static.shape[1]} columns, the policy expects {policy_config.static_dim}")
+        raise ValueError(f"static features have {static.shape[1]} columns, the policy expects "
+                         f"{policy_config.static_dim} (state_dim {policy_config.state_dim} = {STAGE_DIM} + S + 1)")
+    top = int(np.asarray(layout.members).max())
+    if top >= static.shape[0]:
+        raise ValueError(f"the cluster layout names pool row {top}, but static features have {static.shape[0]} rows")
+    if config.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if (policy_config.stage, policy_config.tau) != (config.stage, config.tau):
+        raise ValueError(f"policy config (stage {policy_config.stage!r}, tau {policy_config.tau}) differs from the "
+                         f"RAISE config (stage {config.stage!r}, tau {config.tau}); the deployed selector would "
+                         f"not see the states the policy was trained on")
+    layout.check_budget(config.per_cluster)
+
+
+def train_raise_policy(learner_step: LearnerStep, val_loss_fn: ValLossFn, learner_state, static, layout: ClusterLayout,
+                       config: RaiseConfig, key: jax.Array, *, policy_config: PolicyConfig | None = None,
+                       policy: PolicyBundle | None = None, learner_has_aux: bool = False,
+                       resume: RaiseProgress | None = None,
+                       on_episode: Callable[[RaiseProgress], None] | None = None) -> tuple[PolicyBundle, list[dict]]:
+    """Trains the RAISE selection policy with PPO around the user's learner; returns (policy, history).
+
+    Args:
+      learner_step: ``(state, indices) -> state`` (or ``-> (state, loss)`` with ``learner_has_aux``),
+        pure and jit-compatible: one update of the user's model on pool rows ``indices``, int32
+        [B = C x per_cluster]; -1 entries are padding the step must ignore (none occur when every
+        cluster has at least ``per_cluster`` rows, which is checked). Large arrays it reads (a
+        token pool, frozen weights) are best kept in ``state`` rather than closed over: a closure
+        makes them compile-time constants of the jitted episode.
+      val_loss_fn: ``state -> scalar``, pure: the validation loss; the reward is its decrease.
+      learner_state: M_0, any pytree; every episode starts from it (include a fresh optimizer state).
+      static: [N, S] static features (`static_features_from`), S = ``policy_config.static_dim``.
+      layout: `cluster_layout` of the N rows.
+      config: `RaiseConfig`; the fields read are `CONFIG_FIELDS_READ` (``llm_lr``,
+        ``llm_schedule`` and ``seed`` are not).
+      key: PRNG key; episode k (0-based) uses ``fold_in(key, k)``; a fresh policy is initialised
+        from ``fold_in(key, 2**31 - 1)``.
+      policy_config: the policy's sizes; default ``PolicyConfig(state_dim=S + 3, stage=config.stage,
+        tau=config.tau)``. Its stage and tau must equal the config's.
+      policy: optional initial `PolicyBundle` (default: a fresh one); it is not modified.
+      resume: a `RaiseProgress` from ``on_episode``: training continues after its episodes.
+      on_episode: called with the `RaiseProgress` after every episode (checkpoint or log there).
+
+    Returns:
+      A `PolicyBundle` (actor, critic, config), as `trainer.train_policy` returns: deploy it with
+      ``raise_selector(policy.actor, static, layout, config.per_cluster, stage=policy.config.stage,
+      tau=policy.config.tau)``. And the history, one dict per episode: episode (1-based), return
+      (sum of rewards = val_loss0 - val_loss_final), mean_reward (return / T), val_loss0,
+      val_loss_final, train_loss_mean (only with ``learner_has_aux``), and the last PPO epoch's
+      policy_loss, value_loss, entropy.
+    """
+    static = jnp.asarray(static, jnp.float32)
+    if policy is not None:
+        if policy_config is not None and policy_config != policy.config:
+            raise ValueError("policy_config differs from the given policy's config")
+        policy_config = policy.config
+    policy_config = policy_config or PolicyConfig(state_dim=static.shape[-1] + STAGE_DIM + 1, stage=config.stage,
+                                                  tau=config.tau)
+    check_policy_inputs(static, layout, config, policy_config)
+    if policy is None:
+        policy = fresh_policy(policy_config, key)
+    actor_graphdef, actor_state = nnx.split(policy.actor)
+    critic_graphdef, critic_state = nnx.split(policy.critic)
+    opt = optax.adam(config.policy_lr)
+    if resume is None:
+        params = {"actor": actor_state, "critic": critic_state}
+        opt_state, history = opt.init(params), []
+    else:
+        params, opt_state, history = resume.params, resume.opt_state, list(resume.history)
+    episode_fn = make_raise_episode(learner_step, val_loss_fn, actor_graphdef, config.episode_config(True),
+                                    learner_has_aux)
+    update_fn = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
+    for k in range(len(history), config.episodes):
+        _, rollout, train_losses = episode_fn(params["actor"], learner_state, static, layout,
+                                              jax.random.fold_in(key, k))
+        params, opt_state, metrics = update_fn(params, opt_state, static, layout, rollout)
+        ret = float(rollout.rewards.sum())
+        record = {"episode": k + 1, "return": ret, "mean_reward": ret / config.steps,
+                  "val_loss0": float(rollout.val_loss0), "val_loss_final": float(rollout.val_losses[-1])}
+        if train_losses is not None:
+            record["train_loss_mean"] = float(train_losses.mean())
+        record.update({m: float(v) for m, v in metrics.items()})
+        history.append(record)
+        if on_episode is not None:
+            on_episode(RaiseProgress(params, opt_state, list(history)))
+    trained = PolicyBundle(nnx.merge(actor_graphdef, params["actor"]), nnx.merge(critic_graphdef, params["critic"]),
+                           policy_config)
+    return trained, history
 
 
 def train_policy(model: nnx.Module, static: jax.Array, layout, pool, val: dict, config: RaiseConfig,
                  policy_config: PolicyConfig | None = None, progress: bool = True, echo=None, *,
                  resume: RaiseProgress | None = None,
                  on_episode: Callable[[RaiseProgress], None] | None = None) -> tuple[PolicyBundle, list[dict]]:
-    """Trains the policy for ``config.episodes`` episodes; returns the policy and the per-episode
-    history (return, val losses, losses). ``model`` is M_0 (LoRA adapters attached means LoRA
-    updates); ``pool`` a `DevicePool`, ``val`` a fixed batch dict. ``policy_config`` defaults to
-    `default_policy_config`. ``resume``: a `RaiseProgress` from ``on_episode``; training continues
-    after its episodes. ``on_episode`` is called with the `RaiseProgress` after every episode,
-    before the progress bar and ``echo`` report it."""
-    policy_config = policy_config or default_policy_config(config)
-    check_policy_inputs(static, layout, config, policy_config)
-    graphdef, trainable0, frozen = split_trainable(model)
-    tx, _ = make_optimizer(config.llm_lr, total_steps=config.steps, schedule=config.llm_schedule)
-    policy = new_policy(policy_config, config.seed)
-    actor_graphdef, actor_state = nnx.split(policy.actor)
-    critic_graphdef, critic_state = nnx.split(policy.critic)
-    params = {"actor": actor_state, "critic": critic_state}
-    opt = optax.adam(config.policy_lr)
-    opt_state = opt.init(params)
-    episode_fn = make_episode(graphdef, tx, param_dtypes(model), actor_graphdef, config.episode_config(True))
-    update_fn = ppo_update_fn(actor_graphdef, critic_graphdef, opt, config)
+    """`train_raise_policy` with jraise's LLM as the learner (`episode.llm_learner`): returns the
+    policy and the per-episode history (episode, return, val_loss0, val_loss_final,
+    train_loss_mean, policy_loss, value_loss, entropy).
 
-    history: list[dict] = []
-    if resume is not None:
-        params, opt_state, history = resume.params, resume.opt_state, list(resume.history)
-    start = len(history)
-    base_key = jax.random.key(config.seed)
+    ``model`` is M_0 (LoRA adapters attached means LoRA updates; every episode starts from its
+    weights and a fresh ``llm_lr`` optimizer state); ``pool`` a `DevicePool`, ``val`` a fixed
+    batch dict. ``policy_config`` defaults to `default_policy_config`; the policy starts from
+    `new_policy` (``config.seed``) and episode k samples with ``fold_in(key(config.seed), k)``.
+    ``resume``: a `RaiseProgress` from ``on_episode``; training continues after its episodes.
+    ``on_episode`` is called with the `RaiseProgress` after every episode, before the progress bar
+    and ``echo`` report it. With an active `jraise.parallel` mesh the learner's state is placed on
+    it as `episode.make_episode` places it.
+    """
+    policy_config = policy_config or default_policy_config(config)
+    graphdef, trainable, frozen = split_trainable(model)
+    tx, _ = make_optimizer(config.llm_lr, total_steps=config.steps, schedule=config.llm_schedule)
+    static = jnp.asarray(static, jnp.float32)
+    opt_state = tx.init(trainable)
+    mesh = parallel.active_mesh()
+    if mesh is not None:
+        trainable, opt_state, frozen = parallel.shard_params((trainable, opt_state, frozen), mesh)
+        static, pool = parallel.shard_examples((static, pool), mesh)
+        layout, val = parallel.shard_replicated((layout, val), mesh)
+    learner_step, val_loss_fn = llm_learner(graphdef, tx, param_dtypes(model))
+    start = 0 if resume is None else len(resume.history)
     bar = tqdm(total=config.episodes, initial=start, desc="raise", unit="episode", disable=None if progress else True)
-    for k in range(start, config.episodes):
-        trainable = jax.tree.map(jnp.array, trainable0)
-        _, _, rollout, train_losses = episode_fn(params["actor"], trainable, tx.init(trainable), frozen, static, layout,
-                                                 pool, val, jax.random.fold_in(base_key, k))
-        params, opt_state, metrics = update_fn(params, opt_state, static, layout, rollout)
-        record = {"episode": k + 1, "return": float(rollout.rewards.sum()), "val_loss0": float(rollout.val_loss0),
-                  "val_loss_final": float(rollout.val_losses[-1]), "train_loss_mean": float(train_losses.mean()),
-                  **{m: float(v) for m, v in metrics.items()}}
-        history.append(record)
+
+    def report(done: RaiseProgress) -> None:
+        done = RaiseProgress(done.params, done.opt_state, _jraise_records(done.history))
         if on_episode is not None:
-            on_episode(RaiseProgress(params, opt_state, list(history)))
+            on_episode(done)
+        record = done.history[-1]
         bar.update(1)
         bar.set_postfix(ret=f"{record['return']:.4f}")
         if echo is not None:
-            echo(f"episode {k + 1}: return {record['return']:.4f}")
+            echo(f"episode {record['episode']}: return {record['return']:.4f}")
+
+    policy, history = train_raise_policy(learner_step, val_loss_fn, (trainable, opt_state, frozen, pool, val), static,
+                                         layout, config, jax.random.key(config.seed), policy_config=policy_config,
+                                         policy=new_policy(policy_config, config.seed), learner_has_aux=True,
+                                         resume=resume, on_episode=report)
     bar.close()
-    nnx.update(policy.actor, params["actor"])
-    nnx.update(policy.critic, params["critic"])
-    return policy, history
+    return policy, _jraise_records(history)
+
+
+def _jraise_records(history: list[dict]) -> list[dict]:
+    """`train_policy`'s history records: `train_raise_policy`'s without ``mean_reward``."""
+    return [{k: v for k, v in h.items() if k != "mean_reward"} for h in history]
