@@ -413,10 +413,12 @@ def _influence_command(method: str):
         warmup_fraction: float = typer.Option(0.05), warmup_epochs: int = typer.Option(4),
         warmup_lr: float = typer.Option(2e-5), warmup_batch_size: int = typer.Option(128),
         proj_dim: int = typer.Option(8192, help="Projected feature dimension d."),
-        projection_mode: Literal["dense", "factored"] = typer.Option(
+        projection_mode: Literal["dense", "factored", "sjlt"] = typer.Option(
             "dense", help="dense: one JL matrix over the whole gradient (LESS); factored: a Kronecker (LoGra) "
-                          "projection per LoRA matrix, faster, different features (feature stores are kept "
-                          "apart by mode)."),
+                          "projection per LoRA matrix; sjlt: a sparse JL transform (CountSketch, GraSS) of the "
+                          "whole gradient. factored and sjlt are faster and give different features (feature "
+                          "stores are kept apart by mode)."),
+        sjlt_nnz: int = typer.Option(1, help="sjlt: nonzeros per gradient coordinate (s; must divide --proj-dim)."),
         lora_rank: int = typer.Option(128), lora_alpha: float = typer.Option(512.0),
         max_len: int = typer.Option(2048), seed: int = typer.Option(0),
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
@@ -442,7 +444,8 @@ def _influence_command(method: str):
         config = InfluenceRunConfig(method=method, fraction=fraction, val_loss=val_loss,
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                    max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode, seed=seed,
+                                    max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode,
+                                    sjlt_nnz=sjlt_nnz, seed=seed,
                                     skip_bad=skip_bad, adam_first_moment=adam_first_moment,
                                     record_format=record_format, dedupe=dedupe)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,

@@ -22,7 +22,8 @@ real example, so the loss stays finite) and the padding dropped from the results
 The projection is the one `ProjectionConfig` defines for jraise's own features: dense mode is
 `project_tree` (leaves raveled and concatenated in ``jax.tree_util`` order, as
 `flatten_batched_tree` does, times the implicit random matrix of `project`); factored mode is
-`project_tree_factored`. Features of the same pytree structure under the same config are
+`project_tree_factored`; sjlt mode is `project_tree_sjlt` (the same flattening, then the sparse
+JL transform of `project_sjlt`). Features of the same pytree structure under the same config are
 therefore comparable with jraise's (up to float32 summation order). All three functions are
 jit-able with ``loss_fn``, ``chunk`` and ``projection`` static (e.g. via ``functools.partial``);
 the shape checks read only static shapes.
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jraise.grads.per_example import adam_precondition, chunked_grads
-from jraise.grads.projection import ProjectionConfig, project_tree, project_tree_factored
+from jraise.grads.projection import ProjectionConfig, project_tree, project_tree_factored, project_tree_sjlt
 
 __all__ = ["AdamPreconditioner", "adam_preconditioner", "gradient_features", "per_example_grads"]
 
@@ -130,7 +131,8 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
                       precondition: Callable[[Pytree], Pytree] | None = None, chunk: int = 8) -> jax.Array:
     """Projected per-example gradients ``[G, projection.dim]`` float32 (not normalised).
 
-    Row g is ``project_tree`` (dense mode) or ``project_tree_factored`` (factored mode) of
+    Row g is ``project_tree`` (dense mode), ``project_tree_factored`` (factored mode) or
+    ``project_tree_sjlt`` (sjlt mode, with ``projection.sjlt_nnz``) of
     ``precondition(jax.grad(loss_fn)(params, example_g))`` (of the plain gradient when
     ``precondition`` is None), with the key ``projection.key()`` and the config's dim, kind and
     block_rows: the coordinates are the leaves raveled and concatenated in ``jax.tree_util`` order
@@ -153,13 +155,17 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
                         f"got {type(projection).__name__}")
     _prepare(loss_fn, params, batch, chunk)
     transform = None if precondition is None else jax.vmap(precondition)
-    project_fn = project_tree_factored if projection.mode == "factored" else project_tree
+    if projection.mode == "sjlt":
+        project_fn = partial(project_tree_sjlt, nnz=projection.sjlt_nnz)
+    else:
+        project_fn = partial(project_tree_factored if projection.mode == "factored" else project_tree,
+                             kind=projection.kind)
     key = projection.key()
 
     def one_chunk(tree):
         if transform is not None:
             tree = transform(tree)
-        return project_fn(tree, key, projection.dim, projection.kind, projection.block_rows)  # [c, d]
+        return project_fn(tree, key, projection.dim, block_rows=projection.block_rows)  # [c, d]
 
     return chunked_grads(loss_fn, params, batch, chunk, one_chunk)
 

@@ -3,7 +3,8 @@
 pool (or preference pool) + model weights [+ the checkpoint's Adam moments]
   -> fixed-size groups of examples of one length bucket (static shapes: a handful of programs)
   -> `make_per_example_fn`: per-example gradient -> [Adam preconditioning] -> flatten -> JL project
-     (factored mode: the preconditioned tree -> a Kronecker JL projection per 2-D leaf)
+     (factored mode: the preconditioned tree -> a Kronecker JL projection per 2-D leaf;
+     sjlt mode: the flattened gradient -> a sparse JL transform)
   -> rows [len(rows), d] in the order asked for (`compute_features`); every step is deterministic,
      so the same rows give the same features bit for bit.
 
@@ -51,6 +52,7 @@ from jraise.grads.projection import (
     ProjectionConfig,
     flatten_tree,
     project,
+    project_sjlt,
     project_tree_factored,
 )
 
@@ -68,8 +70,10 @@ class FeatureConfig:
     ``projection.mode``: ``"dense"`` projects the flattened gradient by one JL matrix;
     ``"factored"`` projects each 2-D leaf by its own Kronecker matrix (LoGra) and the other leaves
     densely (`jraise.grads.projection.project_tree_factored`): the same per-example gradients,
-    far fewer random numbers per group. The two give different (both unbiased) features; the
-    store's identity records the mode."""
+    far fewer random numbers per group; ``"sjlt"`` applies a sparse JL transform with
+    ``projection.sjlt_nnz`` nonzeros per gradient coordinate to the flattened gradient
+    (`jraise.grads.projection.project_sjlt`): O(group x P x s) work, flat in d. The modes give
+    different (all unbiased) features; the store's identity records the mode (and s for sjlt)."""
 
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     chunk: int = 8
@@ -124,6 +128,8 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
         key = extra[2] if adam else extra
         if factored:
             return project_tree_factored(per_example, key, proj.dim, proj.kind, proj.block_rows)
+        if proj.mode == "sjlt":
+            return project_sjlt(per_example, key, proj.dim, proj.sjlt_nnz, proj.block_rows)
         return project(per_example, key, proj.dim, proj.kind, proj.block_rows)
 
     if mesh is not None:

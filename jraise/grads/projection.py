@@ -64,7 +64,34 @@ Kronecker matrix has fewer independent entries, and each leaf gets only its shar
 for speed when P x d is large: screening a big pool, or a d the dense mode cannot afford; its
 speed and its agreement with exact scores are measured by ``benchmarks/grad_features.py`` (figures
 in BUILD_NOTES). Use the dense mode where the selection must be LESS's own. A store is keyed by its
-mode: dense and factored features are never mixed.
+mode: features of different modes are never mixed.
+
+Sparse mode (``ProjectionConfig.mode = "sjlt"``, `project_sjlt`, `project_tree_sjlt`): a sparse
+Johnson-Lindenstrauss transform with s = ``sjlt_nnz`` nonzeros per input coordinate, the OSNAP
+"block" construction (Nelson and Nguyen 2013, arXiv 1211.1002; s = 1 is the CountSketch of Clarkson
+and Woodruff 2013, arXiv 1207.6365), as GraSS (Hu et al. 2025, arXiv 2505.18976) uses it to
+compress per-sample gradients for data attribution. The d outputs are cut into s blocks of
+m = d / s consecutive coordinates; coordinate i of the flattened gradient has one nonzero in each
+block j, at output ``h_j(i) = j m + u_j(i)`` with ``u_j(i)`` uniform in [0, m), of value
+``sigma_j(i) / sqrt(s)`` with a uniform sign::
+
+    f(g) = sum_i sum_{j<s} g_i sigma_j(i) / sqrt(s) e_{h_j(i)}
+
+The s nonzeros of one coordinate are in different blocks, so they never collide (with s
+independent positions in [0, d) two of them could fall on the same output and partly cancel).
+Each block is an independent CountSketch into m dims, so ``E[S S^T] = I`` and, for hashes and signs
+fully independent across coordinates (they are), ``Var(<Sx, Sy>) = (|x|^2 |y|^2 + <x, y>^2 -
+2 sum_i x_i^2 y_i^2) / d`` for every s, the variance of the dense Rademacher projection at the
+same d. A larger s improves the tails (concentration for vectors dominated by a few coordinates)
+at a cost linear in s; the default s = 1 (`DEFAULT_SJLT_NNZ`) suits gradients, whose mass is
+spread over many coordinates. The hashes of input block b (coordinates ``b * block_rows`` up to
+``(b + 1) * block_rows``) come from one draw of ``jax.random.bits(fold_in(key, b), (s,
+block_rows), uint32)`` (`sjlt_hashes`), so nothing of size P x d exists and coordinate i's
+outputs depend only on ``(key, i, d, s, block_rows)``. A chunk [C, P] is projected block by block
+inside a ``lax.fori_loop`` by one scatter-add of the block's s x block_rows signed input columns
+(each a row of C numbers) into a [d, C] accumulator: O(C P s) work, flat in d. Like the factored
+mode it is a different random projection from the dense one (compare by scores, not entry by
+entry); a store is keyed by the mode and s.
 """
 
 from __future__ import annotations
@@ -80,6 +107,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
+    "DEFAULT_SJLT_NNZ",
     "FACTOR_IN_INDEX",
     "FACTOR_OUT_INDEX",
     "KINDS",
@@ -95,13 +123,18 @@ __all__ = [
     "flatten_tree",
     "project",
     "project_tree",
+    "project_sjlt",
     "project_tree_factored",
+    "project_tree_sjlt",
     "projection_block",
+    "sjlt_hashes",
+    "sjlt_matrix",
     "tree_size",
 ]
 
 KINDS = ("rademacher", "gaussian")
-MODES = ("dense", "factored")  # ProjectionConfig.mode: project_tree or project_tree_factored
+# ProjectionConfig.mode: project_tree, project_tree_factored or project_tree_sjlt
+MODES = ("dense", "factored", "sjlt")
 
 # Rademacher signs come 32 to a uint32 word of jax.random.bits (about 7x faster on CPU than
 # jax.random.rademacher, which draws 32 random bits per sign).
@@ -110,6 +143,9 @@ SIGNS_PER_WORD = 32
 # fold_in indices of the two factor matrices of the factored (Kronecker) projection.
 FACTOR_IN_INDEX = 0
 FACTOR_OUT_INDEX = 1
+
+# s, the nonzeros per input coordinate of the "sjlt" mode (ProjectionConfig.sjlt_nnz).
+DEFAULT_SJLT_NNZ = 1
 
 # Exact float32 products: on GPU/TPU the default precision would round operands to tf32/bf16.
 _PRECISION = lax.Precision.HIGHEST
@@ -139,6 +175,14 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _check_sjlt_args(dim, nnz) -> None:
+    _check_positive_int("dim", dim)
+    _check_positive_int("sjlt_nnz", nnz)
+    if dim % nnz:
+        raise ValueError(f"sjlt_nnz ({nnz}) must divide dim ({dim}): each of the s nonzeros of a coordinate "
+                         f"lies in its own block of dim / s outputs")
+
+
 def _check_block_args(dim, kind, block_rows) -> None:
     _check_positive_int("dim", dim)
     _check_kind(kind)
@@ -154,9 +198,13 @@ class ProjectionConfig:
       kind: ``"rademacher"`` (entries +-1/sqrt(d)) or ``"gaussian"`` (N(0, 1)/sqrt(d)).
       seed: seed of ``jax.random.key``; an integer in [0, 2**32).
       block_rows: rows of the implicit matrix generated at once; changing it changes the matrix.
-      mode: ``"dense"`` (one JL matrix over the flattened gradient, `project_tree`) or
-        ``"factored"`` (a Kronecker projection per 2-D leaf, `project_tree_factored`; see the
-        module docstring for when it may be used). Different modes give different features.
+      mode: ``"dense"`` (one JL matrix over the flattened gradient, `project_tree`),
+        ``"factored"`` (a Kronecker projection per 2-D leaf, `project_tree_factored`) or
+        ``"sjlt"`` (a sparse JL transform of the flattened gradient, `project_tree_sjlt`); see the
+        module docstring for when the last two may be used. Different modes give different features.
+      sjlt_nnz: s, the nonzeros per input coordinate of the ``"sjlt"`` mode (must divide dim);
+        unused by the other modes. ``kind`` must be ``"rademacher"`` in that mode (its nonzeros
+        are signs).
     """
 
     dim: int = 8192
@@ -164,6 +212,7 @@ class ProjectionConfig:
     seed: int = 0
     block_rows: int = 4096
     mode: str = "dense"
+    sjlt_nnz: int = DEFAULT_SJLT_NNZ
 
     def __post_init__(self):
         _check_positive_int("dim", self.dim)
@@ -172,7 +221,12 @@ class ProjectionConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         _check_positive_int("block_rows", self.block_rows)
-        for name in ("dim", "seed", "block_rows"):  # numpy integers -> int, so to_dict is JSON-ready
+        _check_positive_int("sjlt_nnz", self.sjlt_nnz)
+        if self.mode == "sjlt":
+            _check_sjlt_args(self.dim, self.sjlt_nnz)
+            if self.kind != "rademacher":
+                raise ValueError(f"mode 'sjlt' has sign entries: kind must be 'rademacher', got {self.kind!r}")
+        for name in ("dim", "seed", "block_rows", "sjlt_nnz"):  # numpy integers -> int, so to_dict is JSON-ready
             object.__setattr__(self, name, int(getattr(self, name)))
 
     def key(self) -> jax.Array:
@@ -180,8 +234,15 @@ class ProjectionConfig:
         return jax.random.key(self.seed)
 
     def to_dict(self) -> dict:
-        """Plain dict of the fields (JSON-serialisable), e.g. for a feature store's metadata."""
-        return asdict(self)
+        """Plain dict of the fields (JSON-serialisable), e.g. for a feature store's metadata.
+
+        ``sjlt_nnz`` is included only in mode ``"sjlt"``, the one it affects: the dict of a dense
+        or factored config is the one it had before the field existed, so their stores keep their
+        identity, and an sjlt store's identity holds its s."""
+        out = asdict(self)
+        if self.mode != "sjlt":
+            del out["sjlt_nnz"]
+        return out
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -346,6 +407,112 @@ def project_tree(
     Equal to ``project(flatten_batched_tree(tree_batched), key, dim, kind, block_rows)``.
     """
     return project(flatten_batched_tree(tree_batched), key, dim, kind, block_rows)
+
+
+# ----------------------------------------------------------------------------- sparse (SJLT)
+
+
+def _sjlt_block(key: jax.Array, block_index, block_rows: int, dim: int, nnz: int) -> tuple[jax.Array, jax.Array]:
+    """(outputs [nnz, block_rows] int32, signs [nnz, block_rows] float32) of block ``block_index``."""
+    words = jax.random.bits(jax.random.fold_in(key, block_index), (nnz, block_rows), jnp.uint32)
+    width = dim // nnz
+    offsets = jnp.arange(nnz, dtype=jnp.int32)[:, None] * width
+    outputs = ((words >> 1) % jnp.uint32(width)).astype(jnp.int32) + offsets
+    signs = (words & jnp.uint32(1)).astype(jnp.float32) * 2.0 - 1.0
+    return outputs, signs
+
+
+@partial(jax.jit, static_argnames=("block_rows", "dim", "nnz"))
+def sjlt_hashes(key: jax.Array, block_index, block_rows: int, dim: int, nnz: int = DEFAULT_SJLT_NNZ
+                ) -> tuple[jax.Array, jax.Array]:
+    """The hashes and signs of input coordinates ``block_index * block_rows + r``, r < block_rows.
+
+    With ``w = jax.random.bits(fold_in(key, block_index), (nnz, block_rows), uint32)`` and
+    ``m = dim // nnz``: the j-th nonzero of coordinate r is at output ``h_j = j m + ((w[j, r] >> 1)
+    mod m)`` with sign ``sigma_j = +1`` iff bit 0 of ``w[j, r]`` is set, else -1 (the positions are
+    uniform up to a bias below ``m / 2**31``; exactly uniform when m is a power of two).
+
+    Returns:
+      (outputs [nnz, block_rows] int32, output j in [j m, (j + 1) m); signs [nnz, block_rows]
+      float32 of +-1). The matrix entry is ``signs / sqrt(nnz)`` (`sjlt_matrix`).
+    """
+    _check_sjlt_args(dim, nnz)
+    _check_positive_int("block_rows", block_rows)
+    return _sjlt_block(key, block_index, block_rows, dim, nnz)
+
+
+def sjlt_matrix(key: jax.Array, n_rows: int, dim: int, nnz: int = DEFAULT_SJLT_NNZ, block_rows: int = 4096
+                ) -> jax.Array:
+    """The explicit [n_rows, dim] float32 matrix that :func:`project_sjlt` applies; tests and small
+    problems only. Row i has ``nnz`` nonzeros ``sigma_j(i) / sqrt(nnz)`` at columns ``h_j(i)``
+    (`sjlt_hashes`), one in each block of ``dim // nnz`` columns; it is the first n_rows rows of
+    the matrix for any larger n_rows."""
+    _check_positive_int("n_rows", n_rows)
+    _check_sjlt_args(dim, nnz)
+    _check_positive_int("block_rows", block_rows)
+    n_blocks = -(-n_rows // block_rows)
+    outputs, signs = jax.vmap(lambda b: sjlt_hashes(key, b, block_rows, dim, nnz))(jnp.arange(n_blocks))
+    rows = jnp.broadcast_to(jnp.arange(n_blocks * block_rows).reshape(n_blocks, 1, block_rows), outputs.shape)
+    matrix = jnp.zeros((n_blocks * block_rows, dim), jnp.float32).at[rows, outputs].add(signs / math.sqrt(nnz))
+    return matrix[:n_rows]
+
+
+def _sjlt_rows(rows: jax.Array, key: jax.Array, dim: int, nnz: int, block_rows: int) -> jax.Array:
+    """[N, P] -> [N, dim] float32: zero-pad P to whole blocks; per block, one scatter-add of the
+    block's nnz x block_rows signed columns (rows of N numbers) into a [dim, N] accumulator."""
+    n_examples, n_coords = rows.shape
+    n_blocks = -(-n_coords // block_rows)
+    padded = jnp.pad(rows, ((0, 0), (0, n_blocks * block_rows - n_coords)))
+
+    def add_block(block_index, acc):
+        chunk = lax.dynamic_slice_in_dim(padded, block_index * block_rows, block_rows, axis=1)
+        columns = chunk.astype(jnp.float32).T  # [block_rows, N]: one contiguous row per coordinate
+        outputs, signs = _sjlt_block(key, block_index, block_rows, dim, nnz)  # shared by all N rows
+        updates = (signs[:, :, None] * columns[None]).reshape(nnz * block_rows, n_examples)
+        return acc.at[outputs.reshape(-1)].add(updates)
+
+    acc = lax.fori_loop(0, n_blocks, add_block, jnp.zeros((dim, n_examples), jnp.float32))
+    return acc.T * (1.0 / math.sqrt(nnz))  # the scale is applied once, after the sum
+
+
+@partial(jax.jit, static_argnames=("dim", "nnz", "block_rows"))
+def project_sjlt(vectors: jax.Array, key: jax.Array, dim: int, nnz: int = DEFAULT_SJLT_NNZ,
+                 block_rows: int = 4096) -> jax.Array:
+    """Sparse JL projection of vectors: ``vectors @ sjlt_matrix(key, P, dim, nnz, block_rows)``.
+
+    ``f = sum_i g_i sum_{j<nnz} sigma_j(i) / sqrt(nnz) e_{h_j(i)}`` (hashes and signs of
+    `sjlt_hashes`; the OSNAP block construction, see the module docstring), computed without the
+    matrix in O(N P nnz) work, independent of dim.
+
+    Args:
+      vectors: [..., P] float (typically [C, P], a chunk of C examples); P is arbitrary (the last
+        block is zero-padded, so the hashes never depend on P).
+      key: PRNG key (not batched); dim, nnz (must divide dim), block_rows: static.
+
+    Returns:
+      [..., dim] float32 (accumulated in float32). A row's features do not depend on the other
+      rows (each output column is summed on its own, in a fixed order). On CPU the scatter-add is
+      sequential, so the same call twice is bitwise identical; on GPU XLA's scatter-add uses
+      atomics, so the last bits may vary between runs unless XLA's deterministic ops are enabled
+      (``XLA_FLAGS=--xla_gpu_deterministic_ops=true``).
+    """
+    _check_sjlt_args(dim, nnz)
+    _check_positive_int("block_rows", block_rows)
+    *lead, n_coords = vectors.shape
+    if n_coords == 0:
+        raise ValueError("vectors must have at least one coordinate (last axis P >= 1)")
+    features = _sjlt_rows(vectors.reshape(-1, n_coords), key, dim, nnz, block_rows)
+    return features.reshape(*lead, dim)
+
+
+@partial(jax.jit, static_argnames=("dim", "nnz", "block_rows"))
+def project_tree_sjlt(tree_batched, key: jax.Array, dim: int, nnz: int = DEFAULT_SJLT_NNZ,
+                      block_rows: int = 4096) -> jax.Array:
+    """Per-example gradient pytree (leaves [C, ...]) -> [C, dim] float32 sparse-mode features.
+
+    Equal to ``project_sjlt(flatten_batched_tree(tree_batched), key, dim, nnz, block_rows)``.
+    """
+    return project_sjlt(flatten_batched_tree(tree_batched), key, dim, nnz, block_rows)
 
 
 # ----------------------------------------------------------------------------- factored (LoGra)

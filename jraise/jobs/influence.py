@@ -36,7 +36,7 @@ from jraise.data.feature_store import FeatureStore
 from jraise.data.pool import load_pool, load_preference_pool, skip_lines
 from jraise.data.selections import write_selection
 from jraise.grads.features import FeatureConfig, compute_features, placed_inputs, zero_reference
-from jraise.grads.projection import MODES, ProjectionConfig
+from jraise.grads.projection import DEFAULT_SJLT_NNZ, MODES, ProjectionConfig
 from jraise.lock import directory_lock
 from jraise.select.base import Selection
 from jraise.select.influence import METHODS, checkpoint_weights, select_by_influence
@@ -49,9 +49,10 @@ class InfluenceRunConfig:
     """Options of `run_influence_selection` (defaults: the LESS paper's, except sizes that a
     testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free, the default:
     same normalised features, no reference forward pass) or "dpo" (exact, base model as reference).
-    ``projection_mode``: "dense" (LESS's one JL matrix) or "factored" (a Kronecker projection per
-    LoRA matrix, much cheaper to generate; other features, stored apart: see
-    `jraise.grads.projection`). ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
+    ``projection_mode``: "dense" (LESS's one JL matrix), "factored" (a Kronecker projection per
+    LoRA matrix, much cheaper to generate) or "sjlt" (a sparse JL transform with ``sjlt_nnz``
+    nonzeros per gradient coordinate, cost flat in d); the three give other features, stored
+    apart: see `jraise.grads.projection`. ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
     the meta file) instead of stopping at the first. It only decides which records are loaded:
     the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
     without bad records reuses them whether or not it is set. ``adam_first_moment``: keep the
@@ -78,6 +79,7 @@ class InfluenceRunConfig:
     max_len: int = 2048
     proj_dim: int = 8192
     projection_mode: str = "dense"
+    sjlt_nnz: int = DEFAULT_SJLT_NNZ
     seed: int = 0
     chunk: int = 8
     group: int = 64
@@ -103,7 +105,8 @@ class InfluenceRunConfig:
             raise ValueError(f"projection_mode must be one of {', '.join(MODES)}, got {self.projection_mode!r}")
 
     def features(self) -> FeatureConfig:
-        return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed, mode=self.projection_mode),
+        return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed, mode=self.projection_mode,
+                                                               sjlt_nnz=self.sjlt_nnz),
                              chunk=self.chunk, group=self.group)
 
 

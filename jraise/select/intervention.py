@@ -433,7 +433,6 @@ def make_stacked_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransforma
 # Jitted step functions and their ahead-of-time compiled programs, keyed by model structure,
 # optimizer, dtypes and (for programs) the exact argument shapes and shardings, so repeated calls
 # (tests, benchmark rounds, measure after train) compile once.
-# Compiled programs of the runs, shared by repeated measurements on the same model and settings.
 _FUNCTIONS = CompiledCache(16)
 _PROGRAMS = CompiledCache(16)
 
