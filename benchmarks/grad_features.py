@@ -1,98 +1,123 @@
-"""LESS gradient features: jraise vs a LESS-style PyTorch loop, vs training, and scoring memory.
+"""LESS gradient features: every projection mode vs a LESS-style PyTorch loop and vs training,
+their agreement with exact scores, and scoring memory.
 
-Three figures, each measured in this one run (absolute numbers drift on a shared machine; compare
-the ratios):
+One run measures, for every model in ``--models`` (jraise presets such as ``small``, and
+``smollm2-135m-instruct``, the real SmolLM2-135M-Instruct from `jraise.fetch.fetch_smollm2`) and
+every LoRA rank in ``--ranks`` (LoRA on q, k, v, o; alpha ``--lora-alpha``) at d = ``--proj-dim``,
+the following figures (absolute numbers drift on a shared machine; compare the ratios, which are
+taken within one setting of one run). A setting is ``r<rank>_d<d>``.
 
-1. **Train-side feature extraction, jraise vs a LESS-style PyTorch reference (examples/s).**
-   Both sides hold the same model: a jraise preset saved with `save_model` (no adapters), loaded
-   back by jraise and by `transformers.AutoModelForCausalLM`. Both attach the same LoRA adapters
-   (rank r on q, k, v, o; alpha 16): jraise with `add_lora`; torch, since ``peft`` is not installed
-   here, by wrapping each q/k/v/o ``nn.Linear`` in a module adding ``x @ A @ B * alpha / r``, with
-   A and B copied from the jraise model. B is set to small random values (as after warm-up
-   training) rather than PEFT's zeros, which would make every gradient of A exactly zero. The Adam
-   moments (mu, nu) are fixed random values shared by both sides.
+1. **Throughput (examples/s) of every projection mode** in ``--modes``: ``dense`` (LESS's dense
+   Rademacher JL matrix), ``factored`` (LoGra-style Kronecker blocks per LoRA matrix, d =
+   ``--factored-dim``, default d) and ``sjlt`` (sparse JL, one mode label ``sjlt_s<s>`` per s in
+   ``--sjlt-nnz``). Each runs `compute_features` (SFT loss, with Adam moments), as
+   `jraise.jobs.influence.feature_store` does shard by shard: the jitted per-group program is
+   cached across calls (inside jraise), and every length bucket is compiled during the warm-up. Its
+   time includes building the padded groups on the host and copying the features back.
+
+2. **vs a plain jitted training step on the same examples (``vs_training``).** The same LoRA model
+   trains with `make_train_step` + `make_optimizer` (AdamW, constant lr, clipping at 1.0) on
+   exactly the groups `compute_features` builds (`grouped_indices`: one length bucket per group,
+   padding rows included, batch = ``FeatureConfig.group`` rows, one update per group). Both count
+   real examples only. The ratio says what per-example gradients, Adam preconditioning and the
+   projection cost on top of one batched forward/backward.
+
+3. **vs a LESS-style PyTorch loop (``vs_reference``).** Both sides hold the same model: for a
+   preset, one saved with `save_model` (no adapters); for SmolLM2, the cached model directory;
+   loaded by jraise and by `transformers.AutoModelForCausalLM`. Both attach the same LoRA adapters:
+   jraise with `add_lora`; torch, since ``peft`` is not installed here, by wrapping each q/k/v/o
+   ``nn.Linear`` in a module adding ``x @ A @ B * alpha / r``, with A and B copied from the jraise
+   model. B is set to small random values (as after warm-up training) rather than PEFT's zeros,
+   which would make every gradient of A exactly zero. The Adam moments (mu, nu) are fixed random
+   values shared by both sides.
 
    The reference does what LESS's ``collect_grad_reps.py`` does: one example at a time (batch 1,
    unpadded), forward, loss = mean cross-entropy over the response tokens (transformers' own
    ``labels`` loss, -100 elsewhere), backward, concatenate the LoRA gradients, Adam-precondition
    them without bias correction (``(b1 m + (1 - b1) g) / sqrt(b2 v + (1 - b2) g^2 + eps)``, as
-   `adam_precondition`), and project by a dense Rademacher matrix to d dims. Like LESS, the
-   gradients are projected ``--ref-project-interval`` (LESS: 16) at a time as one [16, P] x [P, d]
-   matmul. The matrix is generated once, outside the timing, and kept (an optimistic reference:
-   TRAK's CPU ``BasicProjector`` with LESS's block size 128 regenerates its [P, 128] blocks on
-   every call), and it is jraise's own matrix, ``dense_matrix(config.projection.key(), P, d)``,
-   so both sides must give the same features. The run checks this twice: the Adam-preconditioned
-   gradient vectors before projection (first two examples) and the projected features of every
-   example (last timed round); the JSON reports the largest per-example relative L2 difference of
-   each (float32 summation order only: measured below 1e-6, 1e-3 would still be a match). LESS projects float16 gradients on a GPU; on this CPU both
-   sides stay float32.
+   `adam_precondition`), and project densely to d dims. Like LESS, the gradients are projected
+   ``--ref-project-interval`` (LESS: 16) at a time as one [16, P] x [P, d] product, by jraise's own
+   dense matrix (``dense_matrix(config.projection.key(), P, d)``), so the reference's features must
+   equal the dense mode's. While the [P, d] float32 matrix fits in ``--ref-matrix-max-bytes`` it is
+   generated once, outside the timing, and kept as a torch tensor (an optimistic reference: TRAK's
+   CPU ``BasicProjector`` with LESS's block size 128 regenerates its blocks on every call); above
+   that (SmolLM2, or r = 128: 30 GB and more) every interval is projected by jraise's `project`,
+   which regenerates the blocks per call, as TRAK's CPU projector does (``reference_projection``
+   in the JSON says which). The run checks the agreement twice: the Adam-preconditioned gradient
+   vectors before projection (first two examples) and the projected features of every example
+   (last timed round, against the dense mode); the JSON reports the largest per-example relative
+   L2 difference of each (float32 summation order only: 1e-3 would still be a match). LESS
+   projects float16 gradients on a GPU; here both sides stay float32. PyTorch runs single-threaded
+   by default (``--torch-threads 0`` gives torch's own default), as in ``trainer_throughput.py``:
+   on a shared 2-core machine its OpenMP workers spin-wait against other processes and a 2-thread
+   torch step measured up to 10x slower than a 1-thread one there, which would flatter jraise. jraise
+   (XLA) uses its own thread pool over all cores.
 
-   jraise runs `compute_features` (SFT loss, with moments), as `jraise.jobs.influence.feature_store`
-   does shard by shard: the jitted per-group program is cached across calls (inside jraise), and every
-   length bucket is compiled during the warm-up. Its time includes building the padded groups on
-   the host and copying the features back.
+4. **Agreement of each mode's LESS scores with the exact unprojected scores**, beside the agreement
+   of two dense seeds. LESS-style scores (`influence_scores`, one checkpoint, one group: the mean
+   cosine of each pool example's Adam-preconditioned feature with ``--n-val`` validation features,
+   plain SFT gradients of the testbed's validation examples projected in the same mode). The exact
+   scores use the unprojected gradients (P coordinates), computed group by group so that only the
+   validation side's [n_val, P] is held. A mode's train features are those of its last timed round.
+   For each pair the JSON reports the Pearson and Spearman correlations of the scores and the
+   overlap of the top 5% selected by each (|A & B| / k, k = ceil(0.05 N)). ``dense_two_seeds`` is
+   the dense mode against the dense mode of seed ``--seed + 1``: how much two dense projections
+   disagree anyway, the yardstick for every mode's agreement with the exact scores.
 
-1b. **Factored projection mode (LoGra-style Kronecker blocks per LoRA matrix), same run.** A
-   fourth side, ``features_factored``, runs `compute_features` with ``ProjectionConfig.mode =
-   "factored"`` on the same groups, timed in the same rotating rounds: its examples/s next to the
-   dense mode's and the torch reference's, as ratios. Then, outside the timing, agreement on the
-   same examples. LESS-style scores: the mean cosine of each pool example's (Adam-preconditioned)
-   feature with ``--n-val`` validation features (plain SFT gradients of the testbed's validation
-   examples, projected in the same mode). Scores are computed four ways: from the exact,
-   unprojected gradients (P coordinates), from dense features, from factored features, and from
-   dense features of another seed (``--seed + 1``: how much two dense projections disagree
-   anyway, the yardstick for the factored one). For each pair the JSON reports the Pearson and
-   Spearman correlations of the scores and the overlap of the top 5% selected by each
-   (|A & B| / k, k = ceil(0.05 N)). ``--factored-dim`` gives the factored side its own d (its cost
-   grows with d far more slowly than the dense mode's). ``--skip-factored`` leaves 1b out.
+5. **Peak memory of scoring N x D features (default 1,000,000 x 1024)**, once per run (not per
+   model), with `influence_scores` reading a memory-mapped `FeatureStore`. The store is written
+   shard by shard (random unit rows, float16: 2 GB at the default size) under ``--work`` and
+   deleted at the end. Four checkpoints share the one store (``[m, m, m, m]``: same reads, a quarter
+   of the disk); validation is 64 examples in 8 groups per checkpoint. The scoring runs in a fresh
+   Python process (numpy and jraise's store/selection modules only, no jax or torch) that reports,
+   from ``/proc/self/status``: ``VmHWM`` (peak resident set, reset through ``/proc/self/clear_refs``
+   just before scoring when the kernel allows), the resident set before scoring, and the largest
+   ``RssAnon`` / ``RssFile`` seen by a thread sampling every 2 ms while it scores (lower bounds on
+   the true peaks). Goal: peak < 2 GB. ``--skip-memory`` leaves it out.
 
-2. **jraise feature extraction vs a plain jitted training step (examples/s).** The same LoRA model
-   trains with `make_train_step` + `make_optimizer` (AdamW, constant lr, clipping at 1.0) on exactly
-   the groups `compute_features` builds (`grouped_indices`: one length bucket per group, padding
-   rows included, batch = ``FeatureConfig.group`` rows, one update per group). Both count real
-   examples only. The ratio features / training says what per-example gradients, Adam
-   preconditioning and the projection cost on top of one batched forward/backward.
-
-3. **Peak memory of scoring N x D features (default 1,000,000 x 1024)** with `influence_scores`
-   reading a memory-mapped `FeatureStore`. The store is written shard by shard (random unit rows,
-   float16: 2 GB at the default size) under ``--work`` and deleted at the end. Four checkpoints share
-   the one store (``[m, m, m, m]``: same reads, a quarter of the disk); validation is 64 examples
-   in 8 groups per checkpoint. The scoring runs in a fresh Python process (numpy and jraise's
-   store/selection modules only, no jax or torch) that reports, from ``/proc/self/status``:
-   ``VmHWM`` (peak resident set: anonymous memory plus touched pages of mapped files; reset through
-   ``/proc/self/clear_refs`` just before scoring when the kernel allows, so import-time peaks do
-   not count), the resident set before scoring, and the largest ``RssAnon`` / ``RssFile`` seen by a
-   thread sampling every 2 ms while it scores (a lower bound on the true peaks). ``RssAnon`` is the
-   process's own memory (float32 blocks, results); ``RssFile`` is shared page cache mapped in at
-   the moment, which the kernel can drop at any time. `ShardedMatrix` maps one shard at a time and
-   unmaps it after copying, so mapped pages do not accumulate. Goal: peak < 2 GB.
+Output: a JSON file (``--out``, default ``benchmarks/results/grad_features.json``; its path is
+printed last) with flat keys ``"<model>/<setting>/<mode>/examples_per_s"``, ``.../vs_training``,
+``.../vs_reference`` and ``.../agreement/{pearson,spearman,top5}`` for every mode;
+``"<model>/<setting>/{training,less_reference}/examples_per_s"``;
+``"<model>/<setting>/dense_two_seeds/agreement/{pearson,spearman,top5}"``; the details of each
+setting under ``"details"`` (sizes, every round, warm-up times, the reference checks, every
+agreement pair, the factored split) and the scoring figure under ``"scoring"``.
 
 Timing: every side is warmed up first (one example per length bucket, so jit compiles every group
 shape; torch allocates), then the sides run ``--rounds`` rounds over the same examples, the order
 rotating from round to round; a figure is the median round. ``--breakdown`` adds a side that runs
 `compute_features`' per-example program without the projection (gradients, Adam, flatten) on the
-same groups, and times one `project` call on a [chunk, P] block, to show where the time goes.
+same groups, and times one dense `project` call on a [chunk, P] block, to show where the time goes.
 
 Group padding: `compute_features` pads the last group of every length bucket to ``group`` rows and
-computes those padding rows like real ones, so a small pool (the 256 default) wastes about a third
-of the jraise work (``real_row_fraction`` in the JSON); a 4096-row store shard wastes a few percent.
-Both jraise sides process exactly the same groups; all rates count real examples only.
+computes those padding rows like real ones, so a small pool wastes part of the jraise work
+(``real_row_fraction``); a 4096-row store shard wastes a few percent. All jraise sides process the
+same groups; all rates count real examples only.
 
-PyTorch runs single-threaded by default (``--torch-threads 0`` gives torch's own default), as in
-``trainer_throughput.py``: on a shared 2-core machine its OpenMP workers spin-wait against other
-processes and a 2-thread torch step measured up to 10x slower than a 1-thread one there, which
-would flatter jraise. jraise (XLA) uses its own thread pool over all cores.
+Memory: jraise holds ``group x P`` float32 preconditioned gradients per group (SmolLM2 at r = 128:
+P = 14.7M, 3.8 GB at group 64, more inside the projection); lower ``--group`` on a small host.
 
-    python benchmarks/grad_features.py                       # defaults: small, 256 examples, d 8192
-    # about 10 minutes on the shared 2-core CPU, mostly jraise's feature extraction and the 2 GB store
-    python benchmarks/grad_features.py --n-examples 64 --rounds 2 --score-rows 100000   # quick
-    python benchmarks/grad_features.py --skip-torch --skip-memory --out /tmp/gf.json
+Cost (shared 2-core CPU, loaded, 2026-12-06): ``--quick --ranks 8,128 --sjlt-nnz 1,4 --breakdown``
+took 7 minutes (small r = 8: 169 s, r = 128: 239 s, scoring 100k rows: seconds). On SmolLM2 every
+compile takes 0.5 to 4 minutes here (a dozen programs per setting: each mode's bucket shapes,
+training, the exact gradients, the validation side), and the dense projection dominates: 2 P d flops
+per example plus P d random signs per group (P = 921,600 at r = 8, 14.7M at r = 128), the same
+again for the reference, which regenerates the matrix every 16 examples. Estimated for the default
+run on this CPU: small 10 minutes, SmolLM2 r = 8 about 1.5-2 hours, SmolLM2 r = 128 about 6 hours
+(about 8 s per example for each of the dense mode and the reference, per round); a job for a large
+host or an accelerator, or lower ``--n-examples`` / ``--rounds``.
+
+    python benchmarks/grad_features.py                         # the full measurement (all of the above)
+    python benchmarks/grad_features.py --quick                 # small preset, r = 8, 64 examples
+    python benchmarks/grad_features.py --models small --ranks 8,128 --sjlt-nnz 1,4 --skip-memory
+    python benchmarks/grad_features.py --models smollm2-135m-instruct --ranks 8 --n-examples 64 --group 16
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -109,6 +134,15 @@ LORA_B_STD = 0.02  # adapters "after warm-up training": B != 0, so A has gradien
 MOMENT_SCALE = 1e-3  # typical size of Adam's first moment / sqrt of the second one
 SCORE_VAL, SCORE_GROUPS, SCORE_CHECKPOINTS = 64, 8, 4
 GOALS = {"jraise_over_less_reference": 10.0, "features_over_training": 0.5, "scoring_peak_bytes": 2 * 1024**3}
+SMOLLM2 = "smollm2-135m-instruct"
+RESULTS = Path(__file__).resolve().parent / "results"
+# The issue's full measurement, and --quick (a few minutes on a shared 2-core CPU). An option given
+# on the command line wins over both.
+FULL = {"models": f"small,{SMOLLM2}", "ranks": "8,128", "n_examples": 256, "group": 64, "rounds": 3, "n_val": 8,
+        "score_rows": 1_000_000, "out": str(RESULTS / "grad_features.json")}
+# 64 examples in groups of 32: two thirds of the rows real (groups of 64: half).
+QUICK = {"models": "small", "ranks": "8", "n_examples": 64, "group": 32, "rounds": 2, "n_val": 8,
+         "score_rows": 100_000, "out": str(RESULTS / "grad_features_quick.json")}
 
 
 # ----------------------------------------------------------------------------- jraise side
@@ -260,42 +294,66 @@ def _jraise_vectors(graphdef, trainable, frozen, pool, rows, moments, bucket: in
     return np.asarray(fn(trainable, frozen, make_batch(pool, rows, bucket), moments))
 
 
-def _exact_vectors(graphdef, trainable, frozen, pool, rows, config, moments):
-    """[len(rows), P] unprojected per-example gradients ([Adam-preconditioned] when ``moments``),
-    flattened in jraise's tree order, computed on `compute_features`' groups (figure 1b)."""
-    import numpy as np
-
-    from jraise.data.batching import PAD_INDEX, length_buckets, make_batch
-    from jraise.grads.features import grouped_indices
+def _exact_fn(graphdef, chunk: int, adam: bool):
+    """Per-example unprojected gradients, [Adam-preconditioned,] flattened in jraise's tree order."""
     from jraise.grads.per_example import adam_precondition, make_per_example_fn
     from jraise.grads.projection import flatten_tree
 
     def transform(g, extra):
-        return flatten_tree(adam_precondition(g, *extra) if extra is not None else g)
+        return flatten_tree(adam_precondition(g, *extra) if adam else g)
 
-    fn = make_per_example_fn(graphdef, "sft", config.chunk, transform=transform)
-    position = {int(r): k for k, r in enumerate(rows)}
-    out = None
+    return make_per_example_fn(graphdef, "sft", chunk, transform=transform)
+
+
+def _exact_groups(graphdef, trainable, frozen, pool, rows, config, moments):
+    """Yields (pool indices, [n, P] unprojected per-example gradients) for the real rows of each of
+    `compute_features`' groups ([Adam-preconditioned] when ``moments``)."""
+    import numpy as np
+
+    from jraise.data.batching import PAD_INDEX, length_buckets, make_batch
+    from jraise.grads.features import grouped_indices
+
+    fn = _exact_fn(graphdef, config.chunk, moments is not None)
     for bucket, index in grouped_indices(pool.lengths, rows, length_buckets(pool.lengths, config.n_buckets),
                                          config.group):
         batch = {k: v for k, v in make_batch(pool, index, bucket).items() if k != "index"}
         vecs = np.asarray(fn(trainable, frozen, batch, moments))
+        real = index != PAD_INDEX
+        yield index[real], vecs[real]
+
+
+def _exact_vectors(graphdef, trainable, frozen, pool, rows, config, moments):
+    """[len(rows), P] unprojected per-example gradients (the validation side: few rows)."""
+    import numpy as np
+
+    position = {int(r): k for k, r in enumerate(rows)}
+    out = None
+    for index, vecs in _exact_groups(graphdef, trainable, frozen, pool, rows, config, moments):
         if out is None:
             out = np.zeros((len(rows), vecs.shape[1]), np.float32)
-        real = index != PAD_INDEX
-        out[[position[int(i)] for i in index[real]]] = vecs[real]
+        out[[position[int(i)] for i in index]] = vecs
+    return out
+
+
+def _exact_scores(graphdef, trainable, frozen, pool, rows, config, moments, val_vectors):
+    """[len(rows)] LESS scores from the unprojected gradients, group by group (never [N, P])."""
+    import numpy as np
+
+    position = {int(r): k for k, r in enumerate(rows)}
+    out = np.zeros(len(rows), np.float32)
+    for index, vecs in _exact_groups(graphdef, trainable, frozen, pool, rows, config, moments):
+        out[[position[int(i)] for i in index]] = _less_scores(vecs, val_vectors)
     return out
 
 
 def _less_scores(train, val):
-    """[N] mean cosine of each train row with the val rows (LESS's score for one task)."""
+    """[N] LESS's score for one task at one checkpoint: the mean cosine of each train row with the
+    val rows (`influence_scores`: one checkpoint of weight 1, one group)."""
     import numpy as np
 
-    def unit(x):
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    from jraise.select.influence import influence_scores
 
-    return (unit(train) @ unit(val).T).mean(axis=1)
+    return influence_scores([np.asarray(train, np.float32)], [np.asarray(val, np.float32)], [1.0])
 
 
 def _agreement(a, b, fraction: float = 0.05) -> dict:
@@ -314,10 +372,42 @@ def _agreement(a, b, fraction: float = 0.05) -> dict:
 # ----------------------------------------------------------------------------- PyTorch reference
 
 
-def _torch_reference(model_dir, trainable, moments, pool, rows, matrix, lora_scale: float, interval: int):
+def _reference_projector(n_coords: int, projection, interval: int, max_bytes: int):
+    """(projector for `_torch_reference`, description, matrix bytes, seconds to build it).
+
+    The [P, d] float32 matrix when it fits in ``max_bytes``: generated once by `dense_matrix`
+    (outside the timing) and applied by one torch matmul per interval. Otherwise every interval is
+    projected by jraise's `project`, which regenerates the blocks per call (as TRAK's CPU
+    ``BasicProjector`` does); a short last interval is zero-padded to ``interval`` rows, so one
+    compiled shape serves every call."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from jraise.grads.projection import dense_matrix, project
+
+    p = projection
+    size = n_coords * p.dim * 4
+    t0 = time.perf_counter()
+    if size <= max_bytes:
+        matrix = torch.from_numpy(np.array(dense_matrix(p.key(), n_coords, p.dim, p.kind, p.block_rows)))
+        return (lambda g: g @ matrix), "kept [P, d] matrix (torch matmul)", size, time.perf_counter() - t0
+    key = p.key()
+
+    def projector(g):
+        n = g.shape[0]
+        x = np.zeros((interval, g.shape[1]), np.float32)
+        x[:n] = g.numpy()
+        return torch.from_numpy(np.array(project(jnp.asarray(x), key, p.dim, p.kind, p.block_rows))[:n])
+
+    return projector, "regenerated per interval (jraise project)", 0, 0.0
+
+
+def _torch_reference(model_dir, trainable, moments, pool, rows, projector, lora_scale: float, interval: int):
     """(run() -> [N, d] features, vectors(rows) -> [n, P] preconditioned gradients, first loss).
 
-    ``matrix``: the [P, d] float32 numpy projection (jraise's, so the features must agree).
+    ``projector``: [n <= interval, P] float32 torch -> [n, d] torch, jraise's dense projection (a
+    kept matrix or jraise's `project`, see `_reference_projector`), so the features must agree.
     """
     import jax
     import numpy as np
@@ -364,10 +454,9 @@ def _torch_reference(model_dir, trainable, moments, pool, rows, matrix, lora_sca
         return torch.from_numpy(np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)]))
 
     m, v = flat(moments[0]), flat(moments[1])
-    if m.numel() != sum(p.numel() for p in params) or m.numel() != matrix.shape[0]:
+    if m.numel() != sum(p.numel() for p in params):
         raise RuntimeError(f"parameter counts differ: moments {m.numel()}, torch LoRA "
-                           f"{sum(p.numel() for p in params)}, projection rows {matrix.shape[0]}")
-    proj = torch.from_numpy(matrix)
+                           f"{sum(p.numel() for p in params)}")
     inputs = []
     for i in rows:
         ids = torch.from_numpy(np.asarray(pool.tokens[i], np.int64))[None]
@@ -390,7 +479,7 @@ def _torch_reference(model_dir, trainable, moments, pool, rows, matrix, lora_sca
         for k in range(n):
             pending.append(vector(k)[0])
             if len(pending) == interval or k == n - 1:
-                out.append(torch.stack(pending) @ proj)
+                out.append(projector(torch.stack(pending)))
                 pending = []
         return torch.cat(out).numpy()
 
@@ -497,26 +586,169 @@ def _scoring_memory(work: str | None, rows: int, dim: int) -> dict:
     return {**child, "store_bytes": size, "store_write_s": round(write_s, 1)}
 
 
-def _factored_agreement(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, factored, moments,
-                        last) -> dict:
-    """Figure 1b's agreement: LESS-style scores from exact gradients, dense, factored and other-seed
-    dense features of the same pool rows (the timed sides' last-round features) and val rows."""
+# ----------------------------------------------------------------------------- one setting
+
+
+def _mode_configs(args):
+    """(the dense FeatureConfig, {mode label: FeatureConfig} for ``--modes``)."""
+    from jraise.grads.features import FeatureConfig
+    from jraise.grads.projection import ProjectionConfig
+
+    dense = FeatureConfig(projection=ProjectionConfig(dim=args.proj_dim, seed=args.seed), chunk=args.chunk,
+                          group=args.group, n_buckets=args.n_buckets)
+    modes = {}
+    for mode in args.modes:
+        if mode == "dense":
+            modes["dense"] = dense
+        elif mode == "factored":
+            modes["factored"] = dataclasses.replace(dense, projection=dataclasses.replace(
+                dense.projection, mode="factored", dim=args.factored_dim or args.proj_dim))
+        else:
+            for s in args.sjlt_nnz:
+                modes[f"sjlt_s{s}"] = dataclasses.replace(dense, projection=dataclasses.replace(
+                    dense.projection, mode="sjlt", sjlt_nnz=s))
+    return dense, modes
+
+
+def _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, modes, moments,
+                       last) -> dict:
+    """LESS-style scores of the same pool rows from the exact gradients, from every mode's features
+    (a timed mode's last-round features) and from the dense mode of seed + 1; their agreement."""
     from jraise.grads.features import compute_features
 
     other = dataclasses.replace(dense, projection=dataclasses.replace(dense.projection, seed=dense.projection.seed + 1))
-    train = {"dense": last["features"], "factored": last["features_factored"],
-             "dense_other_seed": compute_features(graphdef, trainable, frozen, pool, rows, other, "sft",
-                                                  moments=moments),
-             "exact": _exact_vectors(graphdef, trainable, frozen, pool, rows, dense, moments)}
-    val = {"dense": compute_features(graphdef, trainable, frozen, val_pool, val_rows, dense, "sft"),
-           "factored": compute_features(graphdef, trainable, frozen, val_pool, val_rows, factored, "sft"),
-           "dense_other_seed": compute_features(graphdef, trainable, frozen, val_pool, val_rows, other, "sft"),
-           "exact": _exact_vectors(graphdef, trainable, frozen, val_pool, val_rows, dense, None)}
-    scores = {name: _less_scores(train[name], val[name]) for name in train}
-    pairs = (("exact", "dense"), ("exact", "factored"), ("dense", "factored"), ("dense", "dense_other_seed"),
-             ("exact", "dense_other_seed"))
+    val_exact = _exact_vectors(graphdef, trainable, frozen, val_pool, val_rows, dense, None)
+    scores = {"exact": _exact_scores(graphdef, trainable, frozen, pool, rows, dense, moments, val_exact)}
+    exact_dim = int(val_exact.shape[1])
+    del val_exact
+    configs = {"dense": dense, **modes, "dense_other_seed": other}
+    for label, config in configs.items():
+        train = last[label] if label in last else compute_features(graphdef, trainable, frozen, pool, rows, config,
+                                                                   "sft", moments=moments)
+        val = compute_features(graphdef, trainable, frozen, val_pool, val_rows, config, "sft")
+        scores[label] = _less_scores(train, val)
+    pairs = [("exact", label) for label in configs] + [("dense", label) for label in configs if label != "dense"]
     out = {f"{a}_vs_{b}": _agreement(scores[a], scores[b]) for a, b in pairs}
-    return {"val_examples": len(val_rows), "exact_dim": int(train["exact"].shape[1]), **out}
+    return {"val_examples": len(val_rows), "exact_dim": exact_dim, **out}
+
+
+def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dict, dict]:
+    """(flat figures keyed ``<name>/r<rank>_d<d>/...``, details) of one model at one LoRA rank."""
+    import jax
+    import numpy as np
+
+    from jraise.grads.projection import factored_plan, tree_size
+
+    dense, modes = _mode_configs(args)
+    rows = np.arange(len(pool))
+    model, graphdef, trainable, frozen, moments = _jraise_setup(model_dir, rank, args.lora_alpha, args.seed)
+    n_lora = tree_size(trainable)
+    detail: dict = {"lora_rank": rank, "lora_alpha": args.lora_alpha, "lora_targets": "q,k,v,o", "lora_params": n_lora,
+                    "examples": len(rows), "real_tokens": int(pool.lengths.sum()),
+                    "projections": {label: c.projection.to_dict() for label, c in modes.items()}}
+    sides = {label: _features_side(graphdef, trainable, frozen, pool, rows, c, moments) for label, c in modes.items()}
+    if "factored" in modes:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+        split = factored_plan(shapes, modes["factored"].projection.dim)
+        detail["factored_split"] = [list(dims) for _, _, dims in split]
+    train_run, n_train_real, group_shape = _train_side(model, graphdef, pool, rows, dense, args.lr)
+    detail.update(group_shape)  # every jraise side processes these groups, padding rows included
+    detail["real_row_fraction"] = round(len(rows) / group_shape["group_rows"], 3)
+    sides["training"] = train_run
+    if args.breakdown:
+        sides["grads_no_projection"] = _grads_side(graphdef, trainable, frozen, pool, rows, dense, moments)
+        detail["projection_ms_per_chunk"] = round(_projection_ms(n_lora, dense), 1)
+    if not args.skip_torch:
+        import torch
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        detail["torch_threads"] = torch.get_num_threads()
+        projector, how, nbytes, seconds = _reference_projector(n_lora, dense.projection, args.ref_project_interval,
+                                                               args.ref_matrix_max_bytes)
+        detail.update(reference_projection=how, reference_matrix_bytes=nbytes, reference_matrix_s=round(seconds, 2))
+        ref_run, ref_vectors, first_loss = _torch_reference(model_dir, trainable, moments, pool, rows, projector,
+                                                            args.lora_alpha / rank, args.ref_project_interval)
+        sides["less_reference"] = ref_run
+        detail["reference_first_loss"] = round(first_loss, 6)
+        # Before projection: the Adam-preconditioned gradient vectors of two examples.
+        check = rows[:2]
+        bucket = int(-(-int(pool.lengths[check].max()) // 16) * 16)
+        jv = _jraise_vectors(graphdef, trainable, frozen, pool, check, moments, bucket)
+        detail["max_rel_diff_vectors"] = float(f"{_rel(ref_vectors(range(len(check))), jv):.3g}")
+        del jv
+
+    # Warm-up: jit compiles every group shape (one example per length bucket), torch allocates.
+    for label, run in sides.items():
+        t0 = time.perf_counter()
+        run(warm=True)
+        detail[f"warmup_s/{label}"] = round(time.perf_counter() - t0, 2)
+    n_real = {label: len(rows) for label in sides}
+    n_real["training"] = n_train_real
+    rates: dict[str, list[float]] = {label: [] for label in sides}
+    last: dict = {}
+    names = list(sides)
+    for r in range(args.rounds):
+        for label in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            t0 = time.perf_counter()
+            last[label] = sides[label]()
+            rates[label].append(n_real[label] / (time.perf_counter() - t0))
+    if "less_reference" in sides and "dense" in last:  # same features: every example of the last round
+        ref, ours = last["less_reference"], last["dense"]
+        detail["max_rel_diff_features"] = float(f"{_rel(ref, ours):.3g}")
+        detail["min_cosine_features"] = round(float(np.min(
+            np.sum(ref * ours, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1))), 6)
+    median = {label: statistics.median(v) for label, v in rates.items()}
+    detail["rounds_examples_per_s"] = {label: [round(x, 2) for x in v] for label, v in rates.items()}
+    t0 = time.perf_counter()
+    val_rows = np.arange(min(args.n_val, len(val_pool)))
+    agreement = _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, modes, moments,
+                                   last)
+    detail["agreement_s"] = round(time.perf_counter() - t0, 1)
+    detail["agreement"] = agreement
+
+    prefix = f"{name}/r{rank}_d{args.proj_dim}"
+    flat: dict = {}
+    for label in modes:
+        flat[f"{prefix}/{label}/examples_per_s"] = round(median[label], 3)
+        flat[f"{prefix}/{label}/vs_training"] = round(median[label] / median["training"], 4)
+        if "less_reference" in median:
+            flat[f"{prefix}/{label}/vs_reference"] = round(median[label] / median["less_reference"], 4)
+    for label in ("training", "less_reference", "grads_no_projection"):
+        if label in median:
+            flat[f"{prefix}/{label}/examples_per_s"] = round(median[label], 3)
+    for label in modes:
+        a = agreement[f"exact_vs_{label}"]
+        for key, field in (("pearson", "pearson"), ("spearman", "spearman"), ("top5", "top5_overlap")):
+            flat[f"{prefix}/{label}/agreement/{key}"] = a[field]
+    a = agreement["dense_vs_dense_other_seed"]
+    for key, field in (("pearson", "pearson"), ("spearman", "spearman"), ("top5", "top5_overlap")):
+        flat[f"{prefix}/dense_two_seeds/agreement/{key}"] = a[field]
+    return flat, detail
+
+
+def _print_setting(prefix: str, flat: dict, detail: dict, modes) -> None:
+    ref = flat.get(f"{prefix}/less_reference/examples_per_s")
+    after = detail.get("max_rel_diff_features", float("nan"))
+    ref_text = (f", LESS-style torch {ref:.1f} ex/s ({detail['reference_projection']}; max relative difference "
+                f"{detail['max_rel_diff_vectors']:.2g} before projection, {after:.2g} after)"
+                ) if ref else ", no torch reference"
+    print(f"\n[{prefix}] LoRA r={detail['lora_rank']} (P = {detail['lora_params']:,}), {detail['examples']} "
+          f"examples in {detail['groups']} groups (real fraction {detail['real_row_fraction']}); training "
+          f"{flat[f'{prefix}/training/examples_per_s']:.1f} ex/s{ref_text}")
+    k = detail["agreement"]["exact_vs_dense"]["top5_k"]
+    print(f"    {'mode':16s} {'ex/s':>9s} {'vs_training':>12s} {'vs_reference':>13s}   agreement with exact scores "
+          f"(Pearson / Spearman / top-5% overlap, k={k}, {detail['agreement']['val_examples']} val)")
+    for label in modes:
+        p = f"{prefix}/{label}"
+        vs_ref = flat.get(f"{p}/vs_reference")
+        print(f"    {label:16s} {flat[f'{p}/examples_per_s']:9.1f} {flat[f'{p}/vs_training']:11.3f}x "
+              f"{(f'{vs_ref:12.3f}x' if vs_ref is not None else '           -')}   "
+              f"{flat[f'{p}/agreement/pearson']:.4f} / {flat[f'{p}/agreement/spearman']:.4f} / "
+              f"{flat[f'{p}/agreement/top5']:.3f}")
+    p = f"{prefix}/dense_two_seeds/agreement"
+    print(f"    {'two dense seeds':16s} {'':9s} {'':12s} {'':13s}   {flat[f'{p}/pearson']:.4f} / "
+          f"{flat[f'{p}/spearman']:.4f} / {flat[f'{p}/top5']:.3f} (dense vs dense seed+1)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -534,202 +766,142 @@ def _gb(n) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _model_source(name: str, args, tmp: str, testbed_tokenizer) -> tuple[Path, object, dict]:
+    """(model directory both sides load, its tokenizer, facts): a preset initialised here and saved
+    without adapters, or SmolLM2-135M-Instruct from the cache."""
+    from jraise.model import init_model, load_tokenizer, parameter_count, preset_config, save_model
+
+    if name == SMOLLM2:
+        from jraise.fetch import fetch_smollm2
+
+        model_dir = fetch_smollm2(args.cache)
+        return model_dir, load_tokenizer(model_dir), {"source": str(model_dir)}
+    tok = testbed_tokenizer
+    config = preset_config(name, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base = init_model(config, seed=args.seed)
+    facts = {"source": f"preset {name!r}, init seed {args.seed}", "base_params": parameter_count(base)}
+    model_dir = Path(tmp) / f"model-{name}"
+    save_model(base, config, model_dir)  # no adapters yet: both sides add the same ones
+    return model_dir, tok, facts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--n-examples", type=int, default=256,
-                        help="testbed pool size = examples timed (small pools pad each bucket's last group)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few minutes on a CPU: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated: jraise presets (tiny, small, base) and/or {SMOLLM2} "
+                             f"(default {FULL['models']})")
+    parser.add_argument("--ranks", default=None,
+                        help=f"LoRA ranks on q,k,v,o, comma-separated (default {FULL['ranks']})")
+    parser.add_argument("--modes", default="dense,factored,sjlt", help="projection modes, comma-separated")
+    parser.add_argument("--sjlt-nnz", default="1", help="s of the sjlt mode, comma-separated: one side per s")
+    parser.add_argument("--n-examples", type=int, default=None,
+                        help=f"testbed pool size = examples timed (default {FULL['n_examples']})")
+    parser.add_argument("--n-val", type=int, default=None, help="validation examples of the agreement scores")
     parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--proj-dim", type=int, default=8192)
+    parser.add_argument("--proj-dim", type=int, default=8192, help="d of the dense and sjlt modes")
+    parser.add_argument("--factored-dim", type=int, default=None, help="d of the factored mode (default --proj-dim)")
     parser.add_argument("--chunk", type=int, default=8, help="FeatureConfig.chunk")
-    parser.add_argument("--group", type=int, default=64, help="FeatureConfig.group (= training batch)")
+    parser.add_argument("--group", type=int, default=None,
+                        help=f"FeatureConfig.group (= training batch; default {FULL['group']})")
     parser.add_argument("--n-buckets", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {FULL['rounds']})")
     parser.add_argument("--lr", type=float, default=1e-4, help="training side")
     parser.add_argument("--ref-project-interval", type=int, default=16,
-                        help="reference: gradients projected per matmul (LESS: 16)")
+                        help="reference: gradients projected per product (LESS: 16)")
+    parser.add_argument("--ref-matrix-max-bytes", type=int, default=2 * 1024**3,
+                        help="reference: keep the [P, d] matrix up to this size, else regenerate per interval")
     parser.add_argument("--torch-threads", type=int, default=1, help="0: torch's default (see above)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also time jraise without the projection, and one projection call")
-    parser.add_argument("--skip-torch", action="store_true", help="no PyTorch reference (figure 1)")
-    parser.add_argument("--skip-memory", action="store_true", help="no scoring-memory figure (figure 3)")
-    parser.add_argument("--skip-factored", action="store_true", help="no factored-mode side (figure 1b)")
-    parser.add_argument("--n-val", type=int, default=8, help="validation examples of the 1b agreement scores")
-    parser.add_argument("--factored-dim", type=int, default=None,
-                        help="d of the factored side (default: --proj-dim; larger d is cheap in factored mode)")
-    parser.add_argument("--score-rows", type=int, default=1_000_000)
+                        help="also time jraise without the projection, and one dense projection call")
+    parser.add_argument("--skip-torch", action="store_true", help="no PyTorch reference")
+    parser.add_argument("--skip-memory", action="store_true", help="no scoring-memory figure")
+    parser.add_argument("--score-rows", type=int, default=None,
+                        help=f"scoring figure rows (default {FULL['score_rows']:,})")
     parser.add_argument("--score-dim", type=int, default=1024)
     parser.add_argument("--work", default=None, help="where the scoring store is written (default: a temp dir)")
+    parser.add_argument("--cache", default=None,
+                        help="jraise cache holding SmolLM2 (default $JRAISE_CACHE or ~/.cache/jraise)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    parser.add_argument("--out", default=None, help=f"the JSON result (default {FULL['out']}; --quick: {QUICK['out']})")
     parser.add_argument("--score-store", default=None, help=argparse.SUPPRESS)  # the scoring subprocess
     args = parser.parse_args(argv)
     if args.score_store:
         _score_child(args.score_store)
         return None
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.ranks = _ints(args.ranks)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.sjlt_nnz = _ints(args.sjlt_nnz)
+    unknown = set(args.modes) - {"dense", "factored", "sjlt"}
+    if unknown or not args.modes:
+        parser.error(f"--modes: choose from dense, factored, sjlt (got {args.modes})")
+    _mode_configs(args)  # bad d / s combinations fail here, before any work
 
     import jax
-    import numpy as np
 
     from jraise.data.pool import load_pool
+    from jraise.model import load_tokenizer
     from jraise.testbed import write_testbed
-    from jraise.grads.features import FeatureConfig
-    from jraise.grads.projection import (
-        ProjectionConfig,
-        dense_matrix,
-        factored_plan,
-        tree_size,
-    )
-    from jraise.model import (
-        init_model,
-        load_tokenizer,
-        parameter_count,
-        preset_config,
-        save_model,
-    )
 
-    config = FeatureConfig(projection=ProjectionConfig(dim=args.proj_dim), chunk=args.chunk, group=args.group,
-                           n_buckets=args.n_buckets)
-    result: dict = {"preset": args.preset, "examples": args.n_examples, "max_len": args.max_len,
-                    "lora_rank": args.lora_rank, "lora_targets": "q,k,v,o", "proj_dim": args.proj_dim,
-                    "chunk": args.chunk, "group": args.group, "rounds": args.rounds,
-                    "device": str(jax.devices()[0]), "cpu_count": os.cpu_count()}
+    out_path = Path(args.out)
+    result: dict = {
+        "config": {"models": args.models, "ranks": args.ranks, "modes": args.modes, "sjlt_nnz": args.sjlt_nnz,
+                   "examples": args.n_examples, "n_val": args.n_val, "max_len": args.max_len,
+                   "proj_dim": args.proj_dim, "factored_dim": args.factored_dim or args.proj_dim,
+                   "lora_alpha": args.lora_alpha, "lora_targets": "q,k,v,o", "chunk": args.chunk,
+                   "group": args.group, "n_buckets": args.n_buckets, "rounds": args.rounds, "seed": args.seed,
+                   "ref_project_interval": args.ref_project_interval, "quick": args.quick,
+                   "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "goals": GOALS, "models": {}, "details": {}}
+
+    def write():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    _, modes = _mode_configs(args)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_testbed(f"{tmp}/testbed", n_train=args.n_examples, n_test_per_category=1, seed=args.seed)
-        tok = load_tokenizer(paths["tokenizer"])
-        pool = load_pool(paths["pool"], tok, max_len=args.max_len)
-        rows = np.arange(len(pool))
-        model_config = preset_config(args.preset, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-        base = init_model(model_config, seed=args.seed)
-        result["base_params"] = parameter_count(base)
-        save_model(base, model_config, f"{tmp}/model")  # no adapters yet: both sides add the same ones
-        del base
-        model, graphdef, trainable, frozen, moments = _jraise_setup(f"{tmp}/model", args.lora_rank,
-                                                                    args.lora_alpha, args.seed)
-        n_lora = tree_size(trainable)
-        result["lora_params"] = n_lora
-        result["real_tokens"] = int(pool.lengths.sum())
-        sides = {"features": _features_side(graphdef, trainable, frozen, pool, rows, config, moments)}
-        if not args.skip_factored:
-            factored_dim = args.factored_dim or args.proj_dim
-            result["factored_dim"] = factored_dim
-            factored = dataclasses.replace(config, projection=dataclasses.replace(config.projection, mode="factored",
-                                                                                  dim=factored_dim))
-            sides["features_factored"] = _features_side(graphdef, trainable, frozen, pool, rows, factored, moments)
-            result["factored_split"] = [list(dims) for _, _, dims in factored_plan(
-                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable), factored_dim)]
+        testbed_tok = load_tokenizer(paths["tokenizer"])
+        for name in args.models:
+            model_dir, tok, facts = _model_source(name, args, tmp, testbed_tok)
+            pool = load_pool(paths["pool"], tok, max_len=args.max_len)
             val_pool = load_pool(paths["val"], tok, max_len=args.max_len)
-            val_rows = np.arange(min(args.n_val, len(val_pool)))
-        train_run, n_train_real, group_shape = _train_side(model, graphdef, pool, rows, config, args.lr)
-        result.update(group_shape)  # both jraise sides process these groups, padding rows included
-        result["real_row_fraction"] = round(len(rows) / group_shape["group_rows"], 3)
-        sides["training"] = train_run
-        if args.breakdown:
-            sides["grads_no_projection"] = _grads_side(graphdef, trainable, frozen, pool, rows, config, moments)
-            result["projection_ms_per_chunk"] = round(_projection_ms(n_lora, config), 1)
-        if not args.skip_torch:
-            import torch
-
-            if args.torch_threads:
-                torch.set_num_threads(args.torch_threads)
-            result["torch_threads"] = torch.get_num_threads()
-            t0 = time.perf_counter()
-            matrix = np.array(dense_matrix(config.projection.key(), n_lora, config.projection.dim,
-                                           config.projection.kind, config.projection.block_rows))
-            result["reference_matrix_bytes"] = matrix.nbytes
-            result["reference_matrix_s"] = round(time.perf_counter() - t0, 2)
-            ref_run, ref_vectors, first_loss = _torch_reference(
-                f"{tmp}/model", trainable, moments, pool, rows, matrix, args.lora_alpha / args.lora_rank,
-                args.ref_project_interval)
-            sides["less_reference"] = ref_run
-            result["reference_first_loss"] = round(first_loss, 6)
-            # Before projection: the Adam-preconditioned gradient vectors of two examples.
-            check = rows[:2]
-            bucket = int(-(-int(pool.lengths[check].max()) // 16) * 16)
-            jv = _jraise_vectors(graphdef, trainable, frozen, pool, check, moments, bucket)
-            result["max_rel_diff_vectors"] = float(f"{_rel(ref_vectors(range(len(check))), jv):.3g}")
-
-    # Warm-up: jit compiles every group shape (one example per length bucket), torch allocates.
-    for name, run in sides.items():
-        t0 = time.perf_counter()
-        run(warm=True)
-        result[f"warmup_s_{name}"] = round(time.perf_counter() - t0, 2)
-
-    n_real = {"features": len(rows), "features_factored": len(rows), "less_reference": len(rows),
-              "training": n_train_real, "grads_no_projection": len(rows)}
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    last: dict = {}
-    names = list(sides)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            last[name] = sides[name]()
-            rates[name].append(n_real[name] / (time.perf_counter() - t0))
-    if "less_reference" in sides:  # same features: every example of the last round
-        ref, ours = last["less_reference"], last["features"]
-        result["max_rel_diff_features"] = float(f"{_rel(ref, ours):.3g}")
-        result["min_cosine_features"] = round(float(np.min(
-            np.sum(ref * ours, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1))), 6)
-    median = {name: statistics.median(v) for name, v in rates.items()}
-    for name in sides:
-        result[f"{name}_examples_per_s"] = round(median[name], 2)
-        result[f"{name}_rounds"] = [round(x, 2) for x in rates[name]]
-    if "less_reference" in sides:
-        result["ratio_jraise_over_less_reference"] = round(median["features"] / median["less_reference"], 3)
-    result["ratio_features_over_training"] = round(median["features"] / median["training"], 3)
-    if "features_factored" in sides:
-        result["ratio_factored_over_dense"] = round(median["features_factored"] / median["features"], 3)
-        if "less_reference" in sides:
-            result["ratio_factored_over_less_reference"] = round(
-                median["features_factored"] / median["less_reference"], 3)
-        result["agreement"] = _factored_agreement(graphdef, trainable, frozen, pool, rows, val_pool, val_rows,
-                                                  config, factored, moments, last)
+            result["models"][name] = {**facts, "examples": len(pool), "real_tokens": int(pool.lengths.sum()),
+                                      "mean_tokens": round(float(pool.lengths.mean()), 1)}
+            for rank in args.ranks:
+                t0 = time.perf_counter()
+                flat, detail = _measure(name, model_dir, pool, val_pool, rank, args)
+                detail["setting_s"] = round(time.perf_counter() - t0, 1)
+                prefix = f"{name}/r{rank}_d{args.proj_dim}"
+                result.update(flat)
+                result["details"][prefix] = detail
+                write()  # a long run keeps what it has measured so far
+                _print_setting(prefix, flat, detail, modes)
+                print(f"    ({detail['setting_s']:.0f} s)", flush=True)
+                gc.collect()
 
     if not args.skip_memory:
-        result["scoring"] = _scoring_memory(args.work, args.score_rows, args.score_dim)
-    result["goals"] = GOALS
-
-    print(json.dumps(result, indent=2))
-    print(f"\n[1] train-side features, {len(rows)} examples, LoRA r={args.lora_rank} ({n_lora} params), "
-          f"d={args.proj_dim}; jraise groups hold {result['group_rows']} rows ({result['groups']} x {args.group}, "
-          f"real fraction {result['real_row_fraction']}):")
-    if "less_reference" in sides:
-        print(f"    jraise {median['features']:.1f} ex/s vs LESS-style torch {median['less_reference']:.1f} ex/s: "
-              f"{result['ratio_jraise_over_less_reference']:.2f}x (goal >= 10x); max relative difference "
-              f"{result['max_rel_diff_vectors']:.2g} before projection, {result['max_rel_diff_features']:.2g} "
-              f"after")
-    else:
-        print("    skipped (--skip-torch)")
-    if "features_factored" in sides:
-        a = result["agreement"]
-        vs_ref = (f", {result['ratio_factored_over_less_reference']:.2f}x the torch reference"
-                  if "less_reference" in sides else "")
-        print(f"[1b] factored mode (d={result['factored_dim']}) {median['features_factored']:.1f} ex/s vs dense {median['features']:.1f} ex/s: "
-              f"{result['ratio_factored_over_dense']:.2f}x{vs_ref}. LESS-style scores ({len(rows)} train x "
-              f"{a['val_examples']} val), Pearson / Spearman / top-5% overlap:")
-        for name, label in (("exact_vs_dense", "exact vs dense"), ("exact_vs_factored", "exact vs factored"),
-                            ("dense_vs_factored", "dense vs factored"),
-                            ("dense_vs_dense_other_seed", "dense vs dense (seed+1)"),
-                            ("exact_vs_dense_other_seed", "exact vs dense (seed+1)")):
-            x = a[name]
-            print(f"     {label:26s} {x['pearson']:.4f} / {x['spearman']:.4f} / {x['top5_overlap']:.3f} "
-                  f"(k={x['top5_k']})")
-    print(f"[2] features {median['features']:.1f} ex/s vs training {median['training']:.1f} ex/s: "
-          f"{result['ratio_features_over_training']:.2f}x (goal >= 0.5x)")
-    if "scoring" in result:
-        s = result["scoring"]
-        print(f"[3] scoring {s['rows']:,} x {s['dim']} ({_gb(s['store_bytes'])} float16, {s['checkpoints']} "
+        result["scoring"] = s = _scoring_memory(args.work, args.score_rows, args.score_dim)
+        print(f"\n[scoring] {s['rows']:,} x {s['dim']} ({_gb(s['store_bytes'])} float16, {s['checkpoints']} "
               f"checkpoints, {s['val_examples']} val in {s['val_groups']} groups) in {s['scoring_s']:.1f} s: "
               f"peak RSS (VmHWM) {_gb(s['peak_vm_hwm'])}, sampled peak anonymous {_gb(s['peak_rss_anon_sampled'])}"
               f", file-backed {_gb(s['peak_rss_file_sampled'])}, before scoring {_gb(s['rss_before'])} "
               "(goal < 2 GiB)")
-    else:
-        print("[3] skipped (--skip-memory)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result["total_s"] = round(time.perf_counter() - start, 1)
+    write()
+    print(f"\ntotal {result['total_s']:.0f} s; wrote {out_path.resolve()}")
     return result
 
 
