@@ -51,14 +51,12 @@ def test_init_model_with_a_bad_preset_fails_clearly(tmp_path):
     assert "unknown preset 'huge'" in str(result.exception)
 
 
-def test_select_mixture_and_curriculum_commands(tmp_path):
-    from jraise.testbed import write_testbed
+def test_select_mixture_and_curriculum_commands(tmp_path, make_testbed):
     from jraise.data.gamma import save_gamma
 
     cats = ["first", "upper", "reverse_upper"]
-    pool = write_testbed(tmp_path / "a", n_train=60, n_val_per_category=1, n_test_per_category=1, categories=cats)["pool"]
-    cand = write_testbed(tmp_path / "b", n_train=90, seed=1, n_val_per_category=1, n_test_per_category=1,
-                         categories=cats)["pool"]
+    pool = make_testbed(n_train=60, n_val_per_category=1, n_test_per_category=1, categories=cats)["pool"]
+    cand = make_testbed(n_train=90, seed=1, n_val_per_category=1, n_test_per_category=1, categories=cats)["pool"]
     save_gamma(np.eye(3) + 0.5 * np.eye(3)[:, [1, 2, 0]], cats, tmp_path / "g")
     runner = CliRunner()
     result = runner.invoke(app, ["select", "mixture", "--pool", str(pool), "--gamma", str(tmp_path / "g" / "gamma.json"),
@@ -84,11 +82,8 @@ def test_select_mixture_and_curriculum_commands(tmp_path):
     assert meta["alpha"] == 0.05
 
 
-def test_select_raise_then_train_with_the_policy(tmp_path):
-    from jraise.testbed import write_testbed
-
-    paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=2, n_test_per_category=1,
-                          categories=["first", "add"])
+def test_select_raise_then_train_with_the_policy(tmp_path, make_testbed):
+    paths = make_testbed(n_train=40, n_val_per_category=2, n_test_per_category=1, categories=["first", "add"])
     runner = CliRunner()
     result = runner.invoke(app, ["init-model", str(tmp_path / "m"), "--tokenizer", str(paths["tokenizer"])])
     assert result.exit_code == 0, result.output
@@ -127,11 +122,8 @@ def test_select_raise_then_train_with_the_policy(tmp_path):
     assert indices.shape == (8,) and int(state.counts.sum()) == 8
 
 
-def test_interactions_command_writes_gamma(tmp_path):
-    from jraise.testbed import write_testbed
-
-    paths = write_testbed(tmp_path / "tb", n_train=60, n_val_per_category=4, n_test_per_category=1,
-                          categories=["first", "add", "upper"])
+def test_interactions_command_writes_gamma(tmp_path, make_testbed):
+    paths = make_testbed(n_train=60, n_val_per_category=4, n_test_per_category=1, categories=["first", "add", "upper"])
     runner = CliRunner()
     assert runner.invoke(app, ["init-model", str(tmp_path / "m"), "--tokenizer", str(paths["tokenizer"])]).exit_code == 0
     result = runner.invoke(app, ["interactions", "--model", str(tmp_path / "m"), "--pool", str(paths["pool"]),
@@ -144,11 +136,8 @@ def test_interactions_command_writes_gamma(tmp_path):
     assert (tmp_path / "g" / "gamma_heatmap.png").is_file()
 
 
-def test_categories_command_skip_bad(tmp_path):
-    from jraise.testbed import write_testbed
-
-    paths = write_testbed(tmp_path / "tb", n_train=12, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "add"])
+def test_categories_command_skip_bad(tmp_path, make_testbed):
+    paths = make_testbed(n_train=12, n_val_per_category=1, n_test_per_category=1, categories=["first", "add"])
     lines = paths["pool"].read_text().splitlines()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:6] + ['{"instruction": "x"}'] + lines[6:]) + "\n")  # line 7: no output

@@ -32,26 +32,21 @@ def _short_error(proc, *named):
 
 
 @pytest.fixture(scope="module")
-def bed(tmp_path_factory):
-    """A pool of 12 records with awkward ids, its first 4 twice (exact copies: 16 examples), and a tiny model."""
-    from jraise.testbed import write_testbed
-    from jraise.model import init_model, load_tokenizer, preset_config, save_model
+def bed(tmp_path_factory, make_testbed, make_model_dir):
+    """A pool of 12 records with awkward ids, its first 4 twice (exact copies: 16 examples), and a tiny
+    model (the suite's shared directory: read-only)."""
+    from jraise.model import load_tokenizer
 
     root = tmp_path_factory.mktemp("order_copies")
-    paths = write_testbed(root / "tb", n_train=12, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "upper"])
+    paths = make_testbed(n_train=12, n_val_per_category=1, n_test_per_category=1, categories=["first", "upper"])
     records = [json.loads(line) for line in paths["pool"].read_text().splitlines()]
     for record, rid in zip(records, AWKWARD_IDS, strict=True):
         record["id"] = rid
     pool = root / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in records + records[:4]))
-    tok = load_tokenizer(paths["tokenizer"])
-    config = preset_config("tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=0), config, root / "model")
-    tok.save_pretrained(str(root / "model"))
+    model = make_model_dir(paths["tokenizer"], seed=0, bos_token_id=load_tokenizer(paths["tokenizer"]).bos_token_id)
     (root / "tiers.json").write_text(json.dumps({"first": 0, "upper": 2}))
-    return {"root": root, "pool": pool, "model": root / "model", "n": len(records)}
+    return {"root": root, "pool": pool, "model": model, "n": len(records)}
 
 
 @pytest.fixture(scope="module")

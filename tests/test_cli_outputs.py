@@ -54,21 +54,12 @@ def _main(args, capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def bed(tmp_path_factory):
-    """A 40-record testbed and a tiny model directory (with its tokenizer)."""
-    from jraise.testbed import write_testbed
-    from jraise.model import init_model, load_tokenizer, preset_config, save_model
-
-    root = tmp_path_factory.mktemp("outputs")
-    paths = write_testbed(root / "tb", n_train=40, n_val_per_category=2, n_test_per_category=1,
-                          categories=["first", "add"])
-    tok = load_tokenizer(paths["tokenizer"])
-    for name, seed in (("model", 0), ("other_model", 1)):
-        config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id)
-        save_model(init_model(config, seed=seed), config, root / name)
-        tok.save_pretrained(str(root / name))
-    return {"root": root, "model": root / "model", "other_model": root / "other_model", **paths}
+def bed(make_testbed, make_model_dir):
+    """A 40-record testbed and two tiny model directories (seeds 0 and 1, with the tokenizer): the
+    suite's shared ones, read-only (every refusal below also checks that its input is unchanged)."""
+    paths = make_testbed(n_train=40, n_val_per_category=2, n_test_per_category=1, categories=["first", "add"])
+    return {"model": make_model_dir(paths["tokenizer"], seed=0), "other_model": make_model_dir(paths["tokenizer"], seed=1),
+            **paths}
 
 
 # ----------------------------------------------------------------------------------------------

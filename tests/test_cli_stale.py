@@ -43,14 +43,12 @@ def _write_model(path, tok, seed: int):
 
 
 @pytest.fixture(scope="module")
-def less_run(tmp_path_factory):
+def less_run(tmp_path_factory, make_testbed):
     """A finished LESS selection (in process) whose work directory later runs reuse; --max-len
     above the tiny model's 256 positions."""
-    from jraise.testbed import write_testbed
-
     root = tmp_path_factory.mktemp("stale")
-    paths = write_testbed(root / "tb", n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "reverse", "add"])
+    paths = make_testbed(n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,
+                         categories=["first", "reverse", "add"])
     tok = load_tokenizer(paths["tokenizer"])
     model = _write_model(root / "model", tok, seed=0)
     out = root / "sel" / "sel.jsonl"

@@ -1,4 +1,8 @@
-"""The selection study and the demo: real (tiny) runs end to end, and the summary arithmetic."""
+"""The selection study and the demo: real (tiny) runs end to end, and the summary arithmetic.
+
+The study's base model (`build_base`: the same for every TINY run) is trained once by the suite's
+`study_work` fixture and copied into each run's work directory, where `run_study` reuses it as it
+reuses a finished base of its own."""
 
 import json
 
@@ -79,10 +83,11 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
     assert _gamma_settings(a, 0) != _gamma_settings(StudyConfig(base_preset="tiny"), 0)  # another base model
 
 
-def test_study_runs_end_to_end_and_resumes(tmp_path):
+def test_study_runs_end_to_end_and_resumes(tmp_path, study_work):
     from jraise.study import full_run_steps
 
     config = StudyConfig(methods=("random", "full", "longest", "full_run", "oracle"), full_run_epochs=2, **TINY)
+    study_work(tmp_path, config)  # the base model, trained once for the module
     result = run_study(tmp_path, config, echo=lambda *_: None)
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"random", "full", "longest", "full_run", "oracle"}
@@ -116,10 +121,11 @@ def test_study_runs_end_to_end_and_resumes(tmp_path):
     assert [r["total_seconds"] for r in again["rows"]] == [r["total_seconds"] for r in result["rows"]]
 
 
-def test_demo_prints_table_and_verdict_and_writes_chart(tmp_path):
+def test_demo_prints_table_and_verdict_and_writes_chart(tmp_path, study_work):
     from jraise.demo import run_demo
 
     said = []
+    study_work(tmp_path, StudyConfig(**TINY))
     out = run_demo(tmp_path, methods=("random", "sspl"), echo=said.append, **TINY)
     text = "\n".join(said)
     assert "| random |" in text and "| sspl |" in text and "Verdict:" in text
@@ -127,10 +133,11 @@ def test_demo_prints_table_and_verdict_and_writes_chart(tmp_path):
     assert {e["method"] for e in out["summary"]} == {"random", "sspl"}
 
 
-def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_path):
+def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_path, study_work):
     from jraise.select.curriculum import dependency_taxonomy
 
     config = StudyConfig(methods=("ee_cpo", "dt_csft"), **{**TINY, "fraction": 0.5, "gamma_steps": 3})
+    study_work(tmp_path, config)
     result = run_study(tmp_path, config, echo=lambda *_: None)
     rows = {r["method"]: r for r in result["rows"]}
     measured = json.loads((tmp_path / "seed0" / "gamma" / "study_gamma.json").read_text())
@@ -184,8 +191,9 @@ def test_ee_cpo_and_dt_csft_rows_share_one_gamma_and_keep_their_invariants(tmp_p
     assert (tmp_path / "seed0" / "gamma" / "study_gamma.json").stat().st_mtime_ns == stamp
 
 
-def test_raise_rows_share_one_policy_and_differ_only_in_deployment(tmp_path):
+def test_raise_rows_share_one_policy_and_differ_only_in_deployment(tmp_path, study_work):
     config = StudyConfig(methods=("raise", "raise_sampled"), **{**TINY, "raise_episodes": 1, "raise_steps": 2})
+    study_work(tmp_path, config)
     result = run_study(tmp_path, config, echo=lambda *_: None)
     rows = {r["method"]: r for r in result["rows"]}
     stamp = json.loads((tmp_path / "seed0" / "raise_policy" / "study_settings.json").read_text())
@@ -202,8 +210,9 @@ def test_raise_rows_share_one_policy_and_differ_only_in_deployment(tmp_path):
             assert len(set(batch)) == len(batch)  # no record twice in one batch
 
 
-def test_rose_row_builds_its_pairs_from_the_base_models_answers(tmp_path):
+def test_rose_row_builds_its_pairs_from_the_base_models_answers(tmp_path, study_work):
     config = StudyConfig(methods=("rose",), influence_lora_rank=2, influence_proj_dim=16, **TINY)
+    study_work(tmp_path, config)
     result = run_study(tmp_path, config, echo=lambda *_: None)
     assert [r["method"] for r in result["rows"]] == ["rose"]
     pairs = [json.loads(line) for line in open(tmp_path / "seed0" / "rose" / "val_pref_model.jsonl")]

@@ -132,19 +132,17 @@ def test_preference_pool_copies_and_dedupe(tmp_path, tok):
 
 
 @pytest.fixture(scope="module")
-def dup_testbed(tmp_path_factory):
-    from jraise.testbed import write_testbed
-    from jraise.model import init_model, preset_config
+def dup_testbed(tmp_path_factory, make_testbed, tiny_config):
+    from jraise.model import init_model
 
     root = tmp_path_factory.mktemp("dups")
-    paths = write_testbed(root / "tb", n_train=12, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "upper"])
+    paths = make_testbed(n_train=12, n_val_per_category=1, n_test_per_category=1, categories=["first", "upper"])
     lines = paths["pool"].read_text().splitlines()
     pool_file = root / "pool_with_copies.jsonl"
     pool_file.write_text("\n".join(lines + lines[:4]) + "\n")  # the first 4 records twice
     tok = load_tokenizer(paths["tokenizer"])
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return {"paths": paths, "pool_file": pool_file, "tok": tok, "model": init_model(config, seed=0), "n": len(lines)}
+    return {"paths": paths, "pool_file": pool_file, "tok": tok, "model": init_model(tiny_config(tok), seed=0),
+            "n": len(lines)}
 
 
 def test_pool_with_copies_trains_selects_and_evaluates(dup_testbed, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.testbed import CATEGORIES, write_testbed
+from jraise.testbed import CATEGORIES
 from jraise.eval import evaluate, write_json_atomic
 from jraise.eval.metrics import NO_CATEGORY
 from jraise.model import init_model, load_tokenizer, preset_config
@@ -28,8 +28,8 @@ REF_LEN = 160  # fixed length of the reference forward pass
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    return write_testbed(tmp_path_factory.mktemp("testbed"), n_train=14, n_val_per_category=1, n_test_per_category=2)
+def testbed(make_testbed):
+    return make_testbed(n_train=14, n_val_per_category=1, n_test_per_category=2)
 
 
 @pytest.fixture(scope="module")

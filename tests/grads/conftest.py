@@ -1,25 +1,25 @@
-"""Shared set-up of the gradient-feature tests: a tiny testbed pool and a tiny LoRA model."""
+"""Shared set-up of the gradient-feature tests: a tiny testbed pool (the suite's `make_testbed`) and a
+tiny LoRA model."""
 
 import jax
 import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool, load_preference_pool
-from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 
 
 @pytest.fixture(scope="module")
-def tiny_testbed_and_lora(tmp_path_factory):
+def tiny_testbed_and_lora(tmp_path_factory, make_testbed):
     """``make(name, n_train) -> (root, pool, preference pool, tokenizer, LoRA model)``: a 3-category
     testbed (30% noise) and a tiny model with rank-2 adapters whose B factors are non-zero (as after
-    warm-up), so every adapter leaf has a gradient."""
+    warm-up), so every adapter leaf has a gradient. ``root``: an empty directory of the module's own."""
 
     def make(name: str, n_train: int):
         root = tmp_path_factory.mktemp(name)
-        paths = write_testbed(root / "tb", n_train=n_train, noise=0.3, n_val_per_category=1, n_test_per_category=1,
-                              categories=["first", "reverse", "add"])
+        paths = make_testbed(n_train=n_train, noise=0.3, n_val_per_category=1, n_test_per_category=1,
+                             categories=["first", "reverse", "add"])
         tok = load_tokenizer(paths["tokenizer"])
         pool = load_pool(paths["pool"], tok, max_len=256)
         pref = load_preference_pool(paths["val_pref"], tok, max_len=256)

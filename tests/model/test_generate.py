@@ -3,11 +3,15 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jraise.model import init_model, preset_config
 from jraise.model.generate import generate, left_pad
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20]]
+# The reference's forward pass, jitted (one compile per sequence length, shared by the tests) rather
+# than run op by op, which compiles every operation anew at every length.
+_forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
 
 
 def _reference(model, prompts, steps, eos=()):
@@ -17,7 +21,7 @@ def _reference(model, prompts, steps, eos=()):
     out = [[] for _ in seqs]
     for _ in range(steps):
         ids, mask = left_pad(seqs, 0)
-        nxt = np.asarray(jnp.argmax(model(jnp.asarray(ids), jnp.asarray(mask))[:, -1], -1))
+        nxt = np.asarray(jnp.argmax(_forward(model, jnp.asarray(ids), jnp.asarray(mask))[:, -1], -1))
         for r, tok in enumerate(nxt):
             if not done[r]:
                 out[r].append(int(tok))

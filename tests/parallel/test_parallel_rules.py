@@ -82,13 +82,11 @@ def _cli(*args, devices=2):
                           text=True, timeout=600)
 
 
-def test_cli_mesh_option_trains_the_same_model(tmp_path):
-    from jraise.testbed import write_testbed
+def test_cli_mesh_option_trains_the_same_model(tmp_path, testbed, make_model_dir):
     from jraise.model import load_model
 
-    paths = write_testbed(tmp_path / "tb", n_train=32, n_val_per_category=1, n_test_per_category=1)
-    assert _cli("init-model", tmp_path / "m", "--tokenizer", paths["tokenizer"]).returncode == 0
-    common = ["--model", tmp_path / "m", "--data", paths["pool"], "--batch-size", 8, "--max-steps", 2, "--lr", 1e-3,
+    model = make_model_dir(testbed["tokenizer"], seed=0, num_hidden_layers=1)  # as parallel_setup: one layer
+    common = ["--model", model, "--data", testbed["pool"], "--batch-size", 8, "--max-steps", 2, "--lr", 1e-3,
               "--max-len", 128]
     plain = _cli("train", *common, "--out", tmp_path / "plain")
     sharded = _cli("--mesh", "fsdp=2", "train", *common, "--out", tmp_path / "sharded")

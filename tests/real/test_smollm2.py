@@ -114,8 +114,9 @@ def _response_loss(model, tok, records):
 
 
 def test_lora_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, smollm2_dir, eval_data_dir, tmp_path):
-    """20 LoRA steps on real records lower their response loss; the run's PEFT adapter gives the trained
-    model's logits in peft (on transformers' base model) and when read back into jraise."""
+    """6 LoRA steps on real records lower their response loss; the run's PEFT adapter gives the trained
+    model's logits in peft (on transformers' base model) and when read back into jraise. (6 steps, not
+    20: the training loss is about a third of its start after 4 steps, and each step costs seconds.)"""
     peft = pytest.importorskip("peft")
     from jraise.data.pool import load_pool
     from jraise.eval.metrics import eval_view
@@ -132,9 +133,9 @@ def test_lora_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, smollm
     before = _response_loss(model, tok, records)
     add_lora(model, LoRAConfig(rank=8, alpha=16), seed=0)
     pool = load_pool(data, tok, max_len=256)
-    result = train(model, pool, TrainConfig(lr=2e-3, batch_size=4, epochs=5, max_steps=20, n_buckets=1),
+    result = train(model, pool, TrainConfig(lr=2e-3, batch_size=4, epochs=5, max_steps=6, n_buckets=1),
                    tmp_path / "run", base_model=smollm2_dir)
-    assert result.steps == 20 and result.adapter_dir is not None
+    assert result.steps == 6 and result.adapter_dir is not None
     after = _response_loss(model, tok, records)
     assert after < 0.9 * before, (before, after)
 

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from jraise.cli import app
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.data.selections import write_selection
 from jraise.jobs.baselines import run_baseline
 from jraise.model import init_model, load_tokenizer, preset_config
@@ -22,6 +21,8 @@ from jraise.select.baselines import (
     longest,
     max_cosine,
     perplexity,
+    perplexity_from_logp,
+    random_scores,
     random_selection,
     ranked_selection,
     rds,
@@ -30,10 +31,9 @@ from jraise.select.rl.features import start_token_of
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_testbed):
     root = tmp_path_factory.mktemp("baselines")
-    paths = write_testbed(root / "tb", n_train=24, n_val_per_category=2, n_test_per_category=1,
-                          categories=["first", "add", "reverse"])
+    paths = make_testbed(n_train=24, n_val_per_category=2, n_test_per_category=1, categories=["first", "add", "reverse"])
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     val = load_pool(paths["val"], tok, max_len=128)
@@ -156,6 +156,18 @@ def test_ifd_matches_numpy_and_ranks_ifd_above_one_last(setup, numpy_logps):
     assert sel.indices[:n_below].tolist() == _best_first(np.where(above, -np.inf, want), n_below)
     assert sorted(sel.indices[n_below:].tolist()) == sel.indices[n_below:].tolist()  # ranked last, by index
     assert sel.config["n_ranked_last"] == int(above.sum())
+
+
+def test_random_scores_and_perplexity_from_logp_on_toy_arrays():
+    scores = random_scores(10, seed=3)
+    assert scores.dtype == np.float32 and sorted(scores.tolist()) == list(range(10))  # a permutation of 0..9
+    np.testing.assert_array_equal(scores, random_scores(10, seed=3))
+    assert not np.array_equal(scores, random_scores(10, seed=4))
+    with pytest.raises(ValueError, match="seed"):
+        random_scores(10, seed=-1)
+    ppl = perplexity_from_logp(np.array([0.0, -1.0, -np.log(4.0)], np.float32))
+    assert ppl.dtype == np.float64
+    np.testing.assert_allclose(ppl, [1.0, np.e, 4.0], rtol=1e-6)
 
 
 def test_ifd_helpers_handle_undefined_values():

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
-from jraise.model import init_model, load_tokenizer, preset_config
+from jraise.model import init_model, preset_config
 from jraise.jobs.beyond_iid import read_categorised
 from jraise.jobs.embeddings import derive_categories
 from jraise.select.clustering import kmeans, pca, zscore
-from jraise.select.embeddings import pooled_embeddings
+from jraise.select.embeddings import cluster_embeddings, pooled_embeddings
 
 
 def _blobs(k=4, per=30, d=6, seed=0):
@@ -36,6 +35,16 @@ def test_kmeans_recovers_separated_clusters_deterministically():
     np.testing.assert_allclose(float(inertia), ((x - means[labels]) ** 2).sum(), rtol=1e-4)
 
 
+def test_cluster_embeddings_partitions_separated_blobs():
+    x, truth = _blobs(d=6)
+    for dims in (3, 32):  # 32: more than the 6 columns, clipped to what the data supports
+        labels = cluster_embeddings(x, 4, dims=dims, seed=1)
+        assert labels.shape == (len(x),)
+        pairs = set(zip(truth.tolist(), labels.tolist()))
+        assert len(pairs) == 4 and len({p[0] for p in pairs}) == 4 and len({p[1] for p in pairs}) == 4
+    np.testing.assert_array_equal(cluster_embeddings(x, 4, dims=3, seed=1), cluster_embeddings(x, 4, dims=3, seed=1))
+
+
 def test_pca_matches_numpy_svd_up_to_sign_and_zscore():
     x, _ = _blobs(d=5)
     got = np.asarray(pca(x, 3))
@@ -51,10 +60,8 @@ def test_pca_matches_numpy_svd_up_to_sign_and_zscore():
     assert np.all(z[:, 2] == 0)
 
 
-def test_pooled_embeddings_and_derived_categories(tmp_path):
-    paths = write_testbed(tmp_path / "tb", n_train=30, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "add", "reverse"])
-    tok = load_tokenizer(paths["tokenizer"])
+def test_pooled_embeddings_and_derived_categories(tmp_path, testbed, testbed_tok):
+    paths, tok = testbed, testbed_tok  # the suite's standard 40-record testbed
     pool = load_pool(paths["pool"], tok, max_len=256)
     model = init_model(preset_config("tiny", vocab_size=len(tok)), seed=0)
     emb = pooled_embeddings(model, pool, batch_size=8)

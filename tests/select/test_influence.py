@@ -80,14 +80,10 @@ def test_top_fraction_is_deterministic_with_ties():
         top_fraction(np.array([np.nan, 1.0]), k=1)
 
 
-def test_selection_files(tmp_path):
+def test_selection_files(tmp_path, testbed, testbed_tok):
     from jraise.data.pool import load_pool
-    from jraise.testbed import write_testbed
-    from jraise.model import load_tokenizer
 
-    paths = write_testbed(tmp_path / "tb", n_train=40, n_val_per_category=1, n_test_per_category=1)
-    tok = load_tokenizer(paths["tokenizer"])
-    pool = load_pool(paths["pool"], tok, max_len=256)
+    pool = load_pool(testbed["pool"], testbed_tok, max_len=256)  # the suite's standard 40-record testbed
     rng = np.random.default_rng(2)
     train = [_unit(rng.normal(size=(len(pool), 8)))]
     sel = rose(train, [rng.normal(size=(2, 8))], [1.0], pool.fingerprint, fraction=0.1, proj_dim=8)

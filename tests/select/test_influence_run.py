@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from jraise.model import init_model, load_tokenizer, preset_config, save_model
 from jraise.jobs.influence import (
     InfluenceRunConfig,
     epoch_checkpoints,
@@ -18,23 +17,18 @@ SMALL = dict(fraction=0.1, warmup_fraction=0.25, warmup_epochs=2, warmup_lr=1e-3
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    from jraise.testbed import write_testbed
-
-    root = tmp_path_factory.mktemp("influence")
-    paths = write_testbed(root / "tb", n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "reverse", "add"])
-    tok = load_tokenizer(paths["tokenizer"])
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=0), config, root / "model")
-    tok.save_pretrained(str(root / "model"))
-    return root, paths
+def testbed(tmp_path_factory, make_testbed, make_model_dir):
+    """(root, paths, model): the module's own directory for outputs, and the suite's shared testbed
+    files and tiny model directory (read-only)."""
+    paths = make_testbed(n_train=40, noise=0.25, n_val_per_category=1, n_test_per_category=1,
+                         categories=["first", "reverse", "add"])
+    return tmp_path_factory.mktemp("influence"), paths, make_model_dir(paths["tokenizer"], seed=0)
 
 
 def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
-    root, paths = testbed
+    root, paths, model = testbed
     out = root / "rose" / "sel.jsonl"
-    sel = run_influence_selection(root / "model", paths["pool"], paths["val_pref"], out,
+    sel = run_influence_selection(model, paths["pool"], paths["val_pref"], out,
                                   InfluenceRunConfig(method="rose", **SMALL), echo=lambda *_: None)
     assert len(sel.indices) == 4 and len(set(sel.indices.tolist())) == 4
     pool_lines = paths["pool"].read_text().splitlines()
@@ -49,12 +43,12 @@ def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
     assert scores.shape == (40,) and np.all(np.isfinite(scores)) and np.all(np.abs(scores) <= 1 + 1e-5)
 
     # Re-running finds every store complete and gives the same selection.
-    again = run_influence_selection(root / "model", paths["pool"], paths["val_pref"], out,
+    again = run_influence_selection(model, paths["pool"], paths["val_pref"], out,
                                     InfluenceRunConfig(method="rose", **SMALL), echo=lambda *_: None)
     np.testing.assert_array_equal(again.indices, sel.indices)
 
     # LESS on the same warmup run (SFT validation gradients).
-    less = run_influence_selection(root / "model", paths["pool"], paths["val"], root / "less" / "sel.jsonl",
+    less = run_influence_selection(model, paths["pool"], paths["val"], root / "less" / "sel.jsonl",
                                    InfluenceRunConfig(method="less", **SMALL), warmup_run=work / "warmup",
                                    echo=lambda *_: None)
     assert less.method == "less" and len(less.indices) == 4
@@ -75,7 +69,7 @@ def test_skip_bad_runs_past_bad_lines_and_records_them(testbed):
     of the feature identity."""
     from jraise.data.formats import RecordError
 
-    root, paths = testbed
+    root, paths, model = testbed
     pool_lines = paths["pool"].read_text().splitlines()
     bad_pool = root / "bad_pool.jsonl"
     bad_pool.write_text("\n".join(pool_lines[:3] + ["[1, 2]"] + pool_lines[3:]) + "\n")  # line 4: not an object
@@ -85,10 +79,10 @@ def test_skip_bad_runs_past_bad_lines_and_records_them(testbed):
     out = root / "skip" / "sel.jsonl"
     config = InfluenceRunConfig(method="rose", **SMALL)
     with pytest.raises(RecordError, match="line 4"):
-        run_influence_selection(root / "model", bad_pool, bad_val, out, config, echo=lambda *_: None)
+        run_influence_selection(model, bad_pool, bad_val, out, config, echo=lambda *_: None)
     lines = []
     skipping = InfluenceRunConfig(method="rose", skip_bad=True, **SMALL)
-    sel = run_influence_selection(root / "model", bad_pool, bad_val, out, skipping, echo=lines.append)
+    sel = run_influence_selection(model, bad_pool, bad_val, out, skipping, echo=lines.append)
     assert lines[0].startswith(f"skipped 1 bad record of {bad_pool} (1 not-an-object;")
     assert lines[1].startswith(f"skipped 1 bad record of {bad_val} (1 missing-field;")
     assert lines[2] == f"rose: pool 40 examples, validation {n_val} pairs"
@@ -106,9 +100,9 @@ def test_cli_less_with_the_factored_projection(testbed):
 
     from jraise.cli import app
 
-    root, paths = testbed
+    root, paths, model = testbed
     out = root / "cli-factored" / "sel.jsonl"
-    args = ["select", "less", "--model", str(root / "model"), "--pool", str(paths["pool"]), "--val",
+    args = ["select", "less", "--model", str(model), "--pool", str(paths["pool"]), "--val",
             str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
             "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
             "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]

@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.jobs.intervention import measure_interactions
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
@@ -50,10 +49,9 @@ def _max_rel_err(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+def testbed(tmp_path_factory, make_testbed):
     root = tmp_path_factory.mktemp("intervention")
-    paths = write_testbed(root / "tb", n_train=48, n_val_per_category=3, n_test_per_category=1,
-                          categories=CATEGORIES)
+    paths = make_testbed(n_train=48, n_val_per_category=3, n_test_per_category=1, categories=CATEGORIES)
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     eval_pool = load_pool(paths["val"], tok, max_len=128)

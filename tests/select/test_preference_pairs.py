@@ -8,30 +8,26 @@ from typer.testing import CliRunner
 from jraise.cli import app
 from jraise.data.pool import load_preference_pool
 from jraise.eval.report import prompt_token_ids, greedy_completions, prompt_messages
-from jraise.model import init_model, load_tokenizer, preset_config, save_model
+from jraise.model import init_model, load_tokenizer
 from jraise.jobs.preference_pairs import write_model_answer_pairs
 from jraise.select.preference_pairs import model_answer_pairs
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from jraise.testbed import write_testbed
-
-    root = tmp_path_factory.mktemp("pairs")
-    paths = write_testbed(root / "tb", n_train=10, n_val_per_category=3, n_test_per_category=1,
-                          categories=["first", "upper", "add"])
+def setup(make_testbed, make_model_dir, tiny_config):
+    """(model directory, paths, tokenizer, the same model in memory, validation records, its answers);
+    the directory and the testbed are the suite's shared ones (read-only)."""
+    paths = make_testbed(n_train=10, n_val_per_category=3, n_test_per_category=1, categories=["first", "upper", "add"])
     tok = load_tokenizer(paths["tokenizer"])
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = init_model(config, seed=0)
-    save_model(model, config, root / "model")
-    tok.save_pretrained(str(root / "model"))
+    model = init_model(tiny_config(tok), seed=0)
+    model_dir = make_model_dir(paths["tokenizer"], seed=0)
     records = [json.loads(line) for line in paths["val"].read_text().splitlines()]
     answers = greedy_completions(model, tok, prompt_token_ids(tok, [prompt_messages(r) for r in records]), 8)
-    return root, paths, tok, model, records, answers
+    return model_dir, paths, tok, model, records, answers
 
 
 def test_pairs_take_the_reference_as_chosen_and_the_models_answer_as_rejected(setup):
-    root, paths, tok, model, records, answers = setup
+    model_dir, paths, tok, model, records, answers = setup
     assert all(a.strip() for a in answers)  # a random model answers with something
     pairs, report = model_answer_pairs(model, tok, records, max_new_tokens=8)
     assert [p["id"] for p in pairs] == [r["id"] for r in records]
@@ -46,7 +42,7 @@ def test_pairs_take_the_reference_as_chosen_and_the_models_answer_as_rejected(se
 
 
 def test_records_the_model_answers_right_are_skipped(setup):
-    root, paths, tok, model, records, answers = setup
+    model_dir, paths, tok, model, records, answers = setup
     # Make the model right on records 1 and 4 (under the testbed normaliser: case and spacing folded
     # where case is not the point; `first` and `add` fold case, `upper` does not).
     edited = [dict(r) for r in records]
@@ -59,14 +55,14 @@ def test_records_the_model_answers_right_are_skipped(setup):
 
 
 def test_every_record_answered_right_is_an_error(setup):
-    root, paths, tok, model, records, answers = setup
+    model_dir, paths, tok, model, records, answers = setup
     edited = [{**r, "output": a} for r, a in zip(records, answers)]
     with pytest.raises(ValueError, match="no preference pair.*all 9 records right"):
         model_answer_pairs(model, tok, edited, max_new_tokens=8)
 
 
 def test_bad_records_name_the_source_record_and_field(setup):
-    root, paths, tok, model, records, answers = setup
+    model_dir, paths, tok, model, records, answers = setup
     with pytest.raises(ValueError, match=r"val.jsonl: record index 2 \(id 'x'\): field 'output'.*blank"):
         model_answer_pairs(model, tok, [*records[:2], {**records[2], "id": "x", "output": " "}], source="val.jsonl")
     with pytest.raises(ValueError, match=r"val.jsonl: record index 0.*no prompt"):
@@ -76,15 +72,15 @@ def test_bad_records_name_the_source_record_and_field(setup):
 
 
 def test_written_pairs_load_as_a_preference_pool_and_the_cli_writes_the_same(setup, tmp_path):
-    root, paths, tok, model, records, answers = setup
+    model_dir, paths, tok, model, records, answers = setup
     out = tmp_path / "pairs.jsonl"
-    report = write_model_answer_pairs(root / "model", paths["val"], out, max_new_tokens=8)
+    report = write_model_answer_pairs(model_dir, paths["val"], out, max_new_tokens=8)
     meta = json.loads(out.with_name("pairs.jsonl.meta.json").read_text())
     assert meta["kind"] == "model_answer_pairs" and meta["n_pairs"] == report["n_pairs"] == 9
     pool = load_preference_pool(out, tok, max_len=256)
     assert len(pool) == 9 and list(pool.ids) == [str(r["id"]) for r in records]
 
-    result = CliRunner().invoke(app, ["pairs", "--model", str(root / "model"), "--val", str(paths["val"]),
+    result = CliRunner().invoke(app, ["pairs", "--model", str(model_dir), "--val", str(paths["val"]),
                                       "--out", str(tmp_path / "cli.jsonl"), "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert "wrote 9 pairs from 9 records" in result.output

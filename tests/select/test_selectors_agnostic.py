@@ -168,14 +168,12 @@ PINNED_SSPL_INDICES = [[23, 9, 4, 10], [10, 5, 29, 13], [22, 4, 29, 5], [4, 24, 
                        [16, 30, 11, 18]]
 
 
-def test_self_paced_finetune_picks_are_pinned(tmp_path):
+def test_self_paced_finetune_picks_are_pinned(make_testbed):
     from jraise.data.pool import load_pool
-    from jraise.testbed import write_testbed
     from jraise.model import init_model, load_tokenizer, preset_config
     from jraise.select.self_paced import self_paced_finetune
 
-    paths = write_testbed(tmp_path / "tb", n_train=32, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "upper"])
+    paths = make_testbed(n_train=32, n_val_per_category=1, n_test_per_category=1, categories=["first", "upper"])
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     model = init_model(preset_config("tiny", vocab_size=len(tok)), seed=0)

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from jraise.cli import app
 from jraise.data.batching import length_buckets
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.model import init_model, load_model, load_tokenizer, preset_config
 from jraise.select.rl.features import difficulty_features
 from jraise.select.self_paced import (
@@ -27,10 +26,9 @@ from jraise.train.step import make_eval_step, param_dtypes, split_trainable
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+def testbed(tmp_path_factory, make_testbed):
     root = tmp_path_factory.mktemp("sspl")
-    paths = write_testbed(root / "tb", n_train=32, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "upper"])
+    paths = make_testbed(n_train=32, n_val_per_category=1, n_test_per_category=1, categories=["first", "upper"])
     tok = load_tokenizer(paths["tokenizer"])
     return {"root": root, "paths": paths, "tok": tok, "pool": load_pool(paths["pool"], tok, max_len=128)}
 
@@ -151,26 +149,23 @@ def test_cli_sspl_writes_the_model_and_the_selections(testbed):
     assert (root / "run" / "final" / "tokenizer_config.json").is_file()
 
 
-def test_run_self_paced_skip_bad_records_the_skipped_lines(testbed, tmp_path):
+def test_run_self_paced_skip_bad_records_the_skipped_lines(testbed, tmp_path, make_model_dir):
     from jraise.data.formats import RecordError
-    from jraise.model import save_model
     from jraise.jobs.self_paced import run_self_paced
 
-    tok, paths = testbed["tok"], testbed["paths"]
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=0), config, tmp_path / "m")
-    tok.save_pretrained(str(tmp_path / "m"))
+    paths = testbed["paths"]
+    model = make_model_dir(paths["tokenizer"], seed=0)  # the suite's shared directory: read-only
     lines = paths["pool"].read_text().splitlines()
     empty = {**json.loads(lines[0]), "id": "empty", "output": "  "}
     bad_pool = tmp_path / "bad.jsonl"
     bad_pool.write_text("\n".join(lines[:2] + [json.dumps(empty)] + lines[2:]) + "\n")  # line 3: empty output
     with pytest.raises(RecordError, match="line 3: field 'output'"):
-        run_self_paced(tmp_path / "m", bad_pool, tmp_path / "run", steps=1, batch_size=4, lr=1e-3, max_len=128)
+        run_self_paced(model, bad_pool, tmp_path / "run", steps=1, batch_size=4, lr=1e-3, max_len=128)
     echoed = []
-    run_self_paced(tmp_path / "m", bad_pool, tmp_path / "run", steps=2, batch_size=4, lr=1e-3, refresh_every=2,
+    run_self_paced(model, bad_pool, tmp_path / "run", steps=2, batch_size=4, lr=1e-3, refresh_every=2,
                    n_buckets=2, max_len=128, echo=echoed.append, skip_bad=True)
     saved = json.loads((tmp_path / "run" / "selections.json").read_text())
-    clean = load_pool(paths["pool"], load_tokenizer(tmp_path / "m"), max_len=128)
+    clean = load_pool(paths["pool"], load_tokenizer(model), max_len=128)
     assert saved["pool_fingerprint"] == clean.fingerprint  # the kept records are the clean pool
     assert saved["skipped"]["count"] == 1
     assert [(p["line"], p["field"], p["reason"]) for p in saved["skipped"]["problems"]] == [

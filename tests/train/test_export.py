@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.model import (
     build_char_tokenizer,
     init_model,
@@ -41,10 +40,10 @@ def test_export_with_a_model_dir_as_tokenizer_keeps_the_new_weights(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
+def base_run(tmp_path_factory, make_testbed):
     """A testbed pool, and a tiny base model saved as a Hugging Face directory (the `--model`)."""
     root = tmp_path_factory.mktemp("peft_export")
-    paths = write_testbed(root / "testbed", n_train=16, n_test_per_category=1)
+    paths = make_testbed(n_train=16, n_test_per_category=1)
     tok = load_tokenizer(paths["tokenizer"])
     config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     save_model(init_model(config, seed=0), config, root / "base")

@@ -15,7 +15,6 @@ from flax import nnx
 
 from jraise.data.batching import epoch_order
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.model.lora import LoRAConfig, add_lora
 from jraise.train import (
@@ -48,8 +47,8 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    paths = write_testbed(tmp_path_factory.mktemp("testbed"), n_train=64, n_test_per_category=2)
+def data(make_testbed):
+    paths = make_testbed(n_train=64, n_test_per_category=2)
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     eval_pool = load_pool(paths["test"], tok, max_len=128)

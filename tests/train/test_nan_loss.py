@@ -12,23 +12,20 @@ import jax.numpy as jnp
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
-from jraise.model import init_model, load_tokenizer, preset_config, save_model
+from jraise.model import init_model, load_tokenizer
 from jraise.train import TrainConfig, checkpoint_steps, train
 from jraise.train import loop
 from jraise.train.loop import TrainingDiverged
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nan")
-    paths = write_testbed(root / "tb", n_train=32, n_val_per_category=1, n_test_per_category=1,
-                          categories=["first", "add"])
+def setup(make_testbed, make_model_dir, tiny_config):
+    """The testbed, a tiny model directory of seed 0 (both the suite's shared ones: read-only), its
+    config and the pool."""
+    paths = make_testbed(n_train=32, n_val_per_category=1, n_test_per_category=1, categories=["first", "add"])
     tok = load_tokenizer(paths["tokenizer"])
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=0), config, root / "model")
-    tok.save_pretrained(str(root / "model"))
-    return {"root": root, "paths": paths, "config": config, "pool": load_pool(paths["pool"], tok, max_len=128)}
+    return {"model": make_model_dir(paths["tokenizer"], seed=0), "paths": paths, "config": tiny_config(tok),
+            "pool": load_pool(paths["pool"], tok, max_len=128)}
 
 
 def _metrics_steps(run_dir):
@@ -70,7 +67,7 @@ def test_the_cli_exits_2_naming_the_step_and_the_checkpoint_kept(setup, tmp_path
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "JRAISE_DEBUG"}
     env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "jraise.cli", "train", "--model", str(setup["root"] / "model"),
+    proc = subprocess.run([sys.executable, "-m", "jraise.cli", "train", "--model", str(setup["model"]),
                            "--data", str(setup["paths"]["pool"]), "--out", str(run), "--lr", "1e30",
                            "--schedule", "constant", "--warmup-ratio", "0", "--max-steps", "4", "--save-every", "1", "--batch-size", "4",
                            "--max-len", "128"], capture_output=True, text=True, env=env, timeout=300)

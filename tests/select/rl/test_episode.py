@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.select.rl.episode import (
     EpisodeConfig,
@@ -24,10 +23,8 @@ from jraise.train.step import make_optimizer, param_dtypes, split_trainable
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("episode")
-    paths = write_testbed(root / "tb", n_train=24, n_val_per_category=2, n_test_per_category=1,
-                          categories=["first", "upper", "add"])
+def setup(make_testbed):
+    paths = make_testbed(n_train=24, n_val_per_category=2, n_test_per_category=1, categories=["first", "upper", "add"])
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     val_pool = load_pool(paths["val"], tok, max_len=128)

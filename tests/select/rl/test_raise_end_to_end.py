@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from jraise.data.pool import load_pool
-from jraise.testbed import write_testbed
 from jraise.model import init_model, load_tokenizer, preset_config
 from jraise.jobs.raise_policy import cached_static_features, load_policy, train_policy_in_dir
 from jraise.select.rl.episode import device_pool
@@ -23,9 +22,9 @@ TARGET = "add"  # digits: training on the letter tasks does not help it, so the 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_testbed):
     root = tmp_path_factory.mktemp("raise")
-    paths = write_testbed(root / "tb", n_train=90, n_val_per_category=8, n_test_per_category=1, categories=CATS)
+    paths = make_testbed(n_train=90, n_val_per_category=8, n_test_per_category=1, categories=CATS)
     tok = load_tokenizer(paths["tokenizer"])
     pool = load_pool(paths["pool"], tok, max_len=128)
     val_all = load_pool(paths["val"], tok, max_len=128)
@@ -35,11 +34,11 @@ def setup(tmp_path_factory):
     target = np.array([c == TARGET for c in val_all.categories])
     val = {"input_ids": vp.input_ids[target], "attention_mask": vp.attention_mask[target],
            "loss_mask": vp.loss_mask[target], "example_mask": jnp.ones(int(target.sum()))}
-    return root, tok, pool, model, static, val
+    return root, tok, pool, model, static, val, paths
 
 
 def test_static_features_layout_cache_and_clusters(setup, tmp_path):
-    root, tok, pool, model, static, _ = setup
+    root, tok, pool, model, static, _, _ = setup
     assert static.shape == (90, 36) and np.all(np.isfinite(static))
     np.testing.assert_allclose(static.mean(0), 0, atol=1e-4)
     lengths_y = np.array([m.sum() for m in pool.loss_masks])
@@ -55,7 +54,7 @@ def test_static_features_layout_cache_and_clusters(setup, tmp_path):
 
 
 def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
-    root, _, pool, model, static, val = setup
+    root, _, pool, model, static, val, _ = setup
     layout = cluster_layout(np.zeros(len(pool), int), 1)
     config = RaiseConfig(episodes=20, steps=8, per_cluster=8, llm_lr=3e-3, policy_lr=3e-3, entropy_coef=0.0)
     out = root / "policy"
@@ -80,23 +79,20 @@ def test_policy_learns_to_prefer_the_target_category_and_resumes(setup):
     assert share > random_share + 0.15
 
 
-def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path):
+def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path, make_model_dir):
     """``skip_bad`` through `train_raise_policy_job` (clusters.json) and `finetune_with_policy`
     (selections.json): the kept pool is the clean one, so the policy's fingerprint matches."""
     from jraise.data.formats import RecordError
-    from jraise.model import save_model
     from jraise.jobs.raise_policy import finetune_with_policy, train_raise_policy_job
 
-    root, tok = setup[0], setup[1]
-    config = preset_config("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_model(init_model(config, seed=0), config, tmp_path / "m")
-    tok.save_pretrained(str(tmp_path / "m"))
-    lines = (root / "tb" / "pool.jsonl").read_text().splitlines()[:24]
+    paths = setup[6]
+    model = make_model_dir(paths["tokenizer"], seed=0)  # the suite's shared directory: read-only
+    lines = paths["pool"].read_text().splitlines()[:24]
     (tmp_path / "pool.jsonl").write_text("\n".join(lines[:5] + ["{oops"] + lines[5:]) + "\n")  # line 6
     val = tmp_path / "val.jsonl"
-    val.write_text("\n".join((root / "tb" / "val.jsonl").read_text().splitlines()[:6]) + "\n")
+    val.write_text("\n".join(paths["val"].read_text().splitlines()[:6]) + "\n")
     echoed = []
-    train_raise_policy_job(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy",
+    train_raise_policy_job(model, tmp_path / "pool.jsonl", val, tmp_path / "policy",
                            RaiseConfig(episodes=1, steps=2), batch_size=4, max_len=128, echo=echoed.append,
                            skip_bad=True)
     meta = json.loads((tmp_path / "policy" / "clusters.json").read_text())
@@ -104,10 +100,10 @@ def test_raise_files_skip_bad_records_and_reuse_the_policy(setup, tmp_path):
     assert meta["skipped"]["problems"][0]["line"] == 6 and meta["skipped"]["problems"][0]["reason"] == "malformed-json"
     assert echoed[0].startswith(f"skipped 1 bad record of {tmp_path / 'pool.jsonl'} (1 malformed-json;")
     with pytest.raises(RecordError, match="line 6"):
-        finetune_with_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
+        finetune_with_policy(model, tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
                              steps=2, lr=1e-3, max_len=128)
     echoed.clear()
-    finetune_with_policy(tmp_path / "m", tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
+    finetune_with_policy(model, tmp_path / "pool.jsonl", val, tmp_path / "policy", tmp_path / "run",
                          steps=2, lr=1e-3, max_len=128, skip_bad=True, echo=echoed.append)
     saved = json.loads((tmp_path / "run" / "selections.json").read_text())
     assert np.asarray(saved["indices"]).shape == (2, 4) and np.asarray(saved["indices"]).max() < 24
