@@ -419,6 +419,9 @@ def _influence_command(method: str):
                           "whole gradient. factored and sjlt are faster and give different features (feature "
                           "stores are kept apart by mode)."),
         sjlt_nnz: int = typer.Option(1, help="sjlt: nonzeros per gradient coordinate (s; must divide --proj-dim)."),
+        group_budget: Literal["max", "split"] = typer.Option(
+            "max", help="max: the top by the best score over the validation categories (the paper's); split: "
+                        "an equal share of the budget per validation category, each by its own score."),
         lora_rank: int = typer.Option(128), lora_alpha: float = typer.Option(512.0),
         max_len: int = typer.Option(2048), seed: int = typer.Option(0),
         val_loss: Optional[str] = typer.Option(None, help="rose: margin (reference-free, default) or dpo (exact)."),
@@ -445,7 +448,7 @@ def _influence_command(method: str):
                                     warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
                                     warmup_batch_size=warmup_batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
                                     max_len=max_len, proj_dim=proj_dim, projection_mode=projection_mode,
-                                    sjlt_nnz=sjlt_nnz, seed=seed,
+                                    sjlt_nnz=sjlt_nnz, seed=seed, group_budget=group_budget,
                                     skip_bad=skip_bad, adam_first_moment=adam_first_moment,
                                     record_format=record_format, dedupe=dedupe)
         run_influence_selection(model, pool, val, out, config, work_dir=work_dir, warmup_run=warmup_run,

@@ -63,7 +63,11 @@ ALL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", 
 REFERENCE_METHODS = ("full_run", "oracle")
 # ROSE with the base model's own answers as the rejected side, whatever ``rose_pairs`` says: the real
 # study runs it beside "rose" (the pool's real preference pairs); not in the testbed's default list.
-EXTRA_METHODS = ("rose_model",)
+# "less_per_target" / "rose_per_target": LESS and ROSE with the budget split equally over the target
+# categories (``group_budget="split"``, `jraise.select.influence.split_by_group`) instead of the
+# paper's max over them; the same feature stores, only the last step differs.
+EXTRA_METHODS = ("rose_model", "less_per_target", "rose_per_target")
+INFLUENCE_METHODS = ("less", "rose", "rose_model", "less_per_target", "rose_per_target")
 KNOWN_METHODS = ALL_METHODS + EXTRA_METHODS + REFERENCE_METHODS
 
 
@@ -268,10 +272,12 @@ def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
 
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
                       out: Path) -> np.ndarray:
-    if method in ("less", "rose", "rose_model"):
+    if method in INFLUENCE_METHODS:
         from jraise.jobs.influence import InfluenceRunConfig, run_influence_selection
 
-        influence = InfluenceRunConfig(method=method.removesuffix("_model"), fraction=config.fraction,
+        influence = InfluenceRunConfig(method=method.removesuffix("_model").removesuffix("_per_target"),
+                                       fraction=config.fraction,
+                                       group_budget="split" if method.endswith("_per_target") else "max",
                                        warmup_fraction=config.fraction,
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
                                        warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,
@@ -279,7 +285,7 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
                                        proj_dim=config.influence_proj_dim, seed=seed,
                                        adam_first_moment=config.influence_adam_first_moment)
         val = paths["val_target"]
-        if method in ("rose", "rose_model"):
+        if method in ("rose", "rose_model", "rose_per_target"):
             val = (_model_answer_pairs(base_dir, paths, out.with_name("val_pref_model.jsonl"))
                    if method == "rose_model" or config.rose_pairs == "model" else paths["val_pref_target"])
         work_dir = out.parent.parent / "influence_work" if config.influence_shared_work else None

@@ -17,6 +17,7 @@ from pathlib import Path
 # Option groups only some methods read: a row's key leaves out the groups its method does not read,
 # so changing, say, RAISE's episodes recomputes the RAISE rows and keeps every other finished row.
 METHOD_OPTION_PREFIXES = {"less": ("influence_",), "rose": ("influence_", "rose_"), "rose_model": ("influence_",),
+                          "less_per_target": ("influence_",), "rose_per_target": ("influence_", "rose_"),
                           "ee_cpo": ("gamma_", "ee_cpo_"),
                           "dt_csft": ("gamma_", "dt_csft_"), "sspl": ("sspl_",), "raise": ("raise_",),
                           "raise_sampled": ("raise_",), "full_run": ("full_run_",)}

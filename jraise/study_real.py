@@ -45,14 +45,14 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
-from jraise.study import PoolTruth, StudyConfig, read_jsonl
+from jraise.study import INFLUENCE_METHODS, PoolTruth, StudyConfig, read_jsonl
 
 # The categories whose short records are plentiful under the CPU length policy (128 tokens):
 # LogiQA, MedQA and PubMedQA have 47, 63 and 1 records that short, so they join at the larger sizes.
 CPU_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa", "asdiv", "nq_open", "truthfulqa",
                   "hellaswag")
-REAL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "rose_model", "ee_cpo",
-                "dt_csft", "sspl", "raise", "raise_sampled")
+REAL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "rose_model",
+                "less_per_target", "rose_per_target", "ee_cpo", "dt_csft", "sspl", "raise", "raise_sampled")
 POOL_DIR = "pool"
 POOL_SETTINGS = "pool_settings.json"
 
@@ -308,7 +308,7 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
                 in_se = f"{(acc - ref) / se:+.1f} SE" if se > 0 else "undefined in SE (accuracies of 0 or 1)"
                 lines.append(f"oracle vs {name}: target acc. {acc:.3f} vs {ref:.3f}, margin {acc - ref:+.3f} = "
                              f"{in_se} (SE {se:.3f}; needs > 2)")
-    for method in ("less", "rose", "rose_model"):
+    for method in INFLUENCE_METHODS:
         share = _mean_over_seeds(rows, method, "clean_target_share")
         if share is not None:
             noisy = _mean_over_seeds(rows, method, "noisy_share")

@@ -39,7 +39,7 @@ from jraise.grads.features import FeatureConfig, compute_features, placed_inputs
 from jraise.grads.projection import DEFAULT_SJLT_NNZ, MODES, ProjectionConfig
 from jraise.lock import directory_lock
 from jraise.select.base import Selection
-from jraise.select.influence import METHODS, checkpoint_weights, select_by_influence
+from jraise.select.influence import GROUP_BUDGETS, METHODS, checkpoint_weights, select_by_influence
 
 VAL_LOSSES = {"less": ("sft",), "rose": ("margin", "dpo")}
 
@@ -61,7 +61,10 @@ class InfluenceRunConfig:
     ``record_format``: "chat" or "less-tulu" (`jraise.data.less_tulu`: the pool with LESS's
     train-side rules, the validation records with its validation-side rules; LESS only).
     ``dedupe``: keep only the first of exact copies in the pool and the validation file (by
-    default copies are distinct examples, `jraise.data.formats`).
+    default copies are distinct examples, `jraise.data.formats`). ``group_budget``: how the budget
+    meets the validation file's categories (its subtasks): "max" (the paper's: top by the max over
+    subtasks) or "split" (an equal share per subtask, `jraise.select.influence.split_by_group`);
+    it changes only the last step, so both read the same feature stores.
     """
 
     method: str = "rose"
@@ -87,6 +90,7 @@ class InfluenceRunConfig:
     adam_first_moment: bool = True
     record_format: str = "chat"
     dedupe: bool = False
+    group_budget: str = "max"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +107,8 @@ class InfluenceRunConfig:
             raise ValueError(f"rose reads preference pairs, which have no {self.record_format} rendering")
         if self.projection_mode not in MODES:
             raise ValueError(f"projection_mode must be one of {', '.join(MODES)}, got {self.projection_mode!r}")
+        if self.group_budget not in GROUP_BUDGETS:
+            raise ValueError(f"group_budget must be one of {', '.join(GROUP_BUDGETS)}, got {self.group_budget!r}")
 
     def features(self) -> FeatureConfig:
         return FeatureConfig(projection=ProjectionConfig(dim=self.proj_dim, seed=self.seed, mode=self.projection_mode,
@@ -316,7 +322,8 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
     weights = checkpoint_weights([c["epoch_mean_lr"] for c in checkpoints])
     groups = [c if c is not None else "all" for c in val.categories]
     selection = select_by_influence(config.method, train_mats, val_feats, weights, pool.fingerprint, config.fraction,
-                                    groups, config={**asdict(config), "warmup_run": str(run_dir),
+                                    groups, group_budget=config.group_budget,
+                                    config={**asdict(config), "warmup_run": str(run_dir),
                                                     "checkpoints": [c["step"] for c in checkpoints]})
     paths = write_selection(selection, pool, out, inputs=(val,))
     echo(f"selected {len(selection.indices)} of {len(pool)} -> {paths['selection']}")

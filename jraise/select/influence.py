@@ -9,6 +9,13 @@ plain projected gradient of v there (LESS: SFT loss; ROSE: DPO loss, or its refe
 Both come L2-normalised, so cosine is a dot product. Per train example, scores are averaged within
 each validation subtask (group) and the maximum over subtasks is its final score.
 
+The budget over subtasks (``group_budget``): ``"max"`` (the LESS paper's) keeps the top k by the
+final score, so one subtask whose validation gradients sit close together (short, aligned answers)
+can take the whole budget; ``"split"`` gives each of the G subtasks k // G picks (the first
+k mod G subtasks in name order one more) taken by that subtask's own mean score, best first,
+skipping records another subtask already took (`split_by_group`): a per-target budget, jraise's
+option for several targets at once, not the paper's.
+
 Memory: train features are read one block of rows of one checkpoint at a time (`ShardedMatrix.rows`
 or array slices) and added into a running [b, M] total; then [b, M] x [M, G] gives the group
 means. Peak memory is O(b * (d + M)) plus the outputs [N] and [N, G], never N x M
@@ -25,6 +32,7 @@ from jraise.data.feature_store import ShardedMatrix, normalise_rows
 from jraise.select.base import Selection, top_fraction
 
 METHODS = ("less", "rose")
+GROUP_BUDGETS = ("max", "split")
 
 
 def checkpoint_weights(epoch_mean_lrs: Sequence[float]) -> np.ndarray:
@@ -90,15 +98,58 @@ def influence_scores(train: Sequence, val: Sequence, weights: Sequence[float], g
     return (final, per_group, names) if return_groups else final
 
 
+def split_by_group(per_group: np.ndarray, k: int, names: Sequence[str] | None = None) -> np.ndarray:
+    """k row indices, a per-group budget: group g (column g of ``per_group`` [N, G]; groups taken in
+    the sorted order of ``names``, default column order) gets ``k // G`` picks, the first ``k % G``
+    groups one more; each takes its highest-scoring rows not yet taken (ties: lower index first).
+    Returned in pick order, round by round over the groups (every group's best, then every group's
+    second best, ...), so a prefix is again balanced."""
+    per_group = np.asarray(per_group)
+    if per_group.ndim != 2 or per_group.shape[1] == 0:
+        raise ValueError(f"per-group scores must be [N, G] with G >= 1, got shape {per_group.shape}")
+    n, g = per_group.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot select {k} of {n} examples")
+    if np.isnan(per_group).any():
+        raise ValueError("per-group scores contain NaN")
+    columns = list(range(g)) if names is None else sorted(range(g), key=lambda j: str(names[j]))
+    quota = {j: k // g + (rank < k % g) for rank, j in enumerate(columns)}
+    orders = {j: np.lexsort((np.arange(n), -per_group[:, j])) for j in columns}
+    cursor = dict.fromkeys(columns, 0)
+    taken = np.zeros(n, bool)
+    picks: list[int] = []
+    for round_ in range(max(quota.values())):
+        for j in columns:
+            if round_ >= quota[j]:
+                continue
+            order = orders[j]
+            while taken[order[cursor[j]]]:  # n >= k rows, so a group always finds an untaken one
+                cursor[j] += 1
+            row = int(order[cursor[j]])
+            taken[row] = True
+            picks.append(row)
+    return np.asarray(picks, np.int64)
+
+
 def select_by_influence(method: str, train: Sequence, val: Sequence, weights: Sequence[float],
                         pool_fingerprint: str, fraction: float = 0.05, groups: Sequence[str] | None = None,
-                        config: dict | None = None, block_rows: int = 16384) -> Selection:
-    """Scores (`influence_scores`) and keeps the top ``fraction``: a `Selection` named ``method``."""
+                        config: dict | None = None, block_rows: int = 16384, group_budget: str = "max") -> Selection:
+    """Scores (`influence_scores`) and keeps the top ``fraction``: a `Selection` named ``method``.
+    ``group_budget``: "max" (top by the max over groups, LESS) or "split" (`split_by_group`); the
+    Selection's ``scores`` are the max over groups either way."""
     if method not in METHODS:
         raise ValueError(f"unknown influence method {method!r}; choose from {', '.join(METHODS)}")
-    scores = influence_scores(train, val, weights, groups, block_rows)
-    indices = top_fraction(scores, fraction=fraction)
-    cfg = {"fraction": fraction, "checkpoint_weights": [float(w) for w in weights], **(config or {})}
+    if group_budget not in GROUP_BUDGETS:
+        raise ValueError(f"unknown group_budget {group_budget!r}; choose from {', '.join(GROUP_BUDGETS)}")
+    scores, per_group, names = influence_scores(train, val, weights, groups, block_rows, return_groups=True)
+    if group_budget == "max":
+        indices = top_fraction(scores, fraction=fraction)
+    else:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        indices = split_by_group(per_group, max(1, round(fraction * len(scores))), names)
+    cfg = {"fraction": fraction, "checkpoint_weights": [float(w) for w in weights], "group_budget": group_budget,
+           **(config or {})}
     return Selection(indices=indices, method=method, pool_fingerprint=pool_fingerprint, scores=scores, config=cfg)
 
 

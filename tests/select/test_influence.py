@@ -8,7 +8,8 @@ import pytest
 from jraise.data.feature_store import FeatureStore
 from jraise.data.selections import selection_to_jsonl, write_selection
 from jraise.select.base import Selection, top_fraction
-from jraise.select.influence import checkpoint_weights, influence_scores, less, rose
+from jraise.select.influence import (checkpoint_weights, influence_scores, less, rose, select_by_influence,
+                                     split_by_group)
 
 
 def _brute_force(train, val, lrs, groups):
@@ -107,3 +108,49 @@ def test_raw_train_features_are_normalised_too():
     val = [rng.normal(size=(4, 6)).astype(np.float32)]
     np.testing.assert_allclose(influence_scores([unit * scale], val, [1.0]), influence_scores([unit], val, [1.0]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_split_by_group_gives_each_group_its_share_by_its_own_score():
+    rng = np.random.default_rng(0)
+    per_group = rng.normal(size=(50, 3)).astype(np.float32)
+    picks = split_by_group(per_group, 10, names=["c", "a", "b"])
+    assert len(picks) == len(set(picks.tolist())) == 10
+    # names sorted: a (column 1) and b (column 2) get 4 and 3... k=10, G=3: the first in name order gets 4
+    rounds = [picks[i:i + 3] for i in range(0, 10, 3)]
+    assert [int(r[0]) for r in rounds[:1]] == [int(np.argmax(per_group[:, 1]))]  # a's best comes first
+    # brute force: greedy round robin over the sorted names, each taking its best untaken row
+    taken, expected, quota = set(), [], {1: 4, 2: 3, 0: 3}
+    for round_ in range(4):
+        for j in (1, 2, 0):
+            if round_ < quota[j]:
+                row = next(int(i) for i in np.lexsort((np.arange(50), -per_group[:, j])) if int(i) not in taken)
+                taken.add(row)
+                expected.append(row)
+    assert picks.tolist() == expected
+
+
+def test_split_by_group_one_group_is_top_k_and_errors():
+    scores = np.array([0.1, 0.5, 0.5, -1.0, 2.0], np.float32)
+    assert split_by_group(scores[:, None], 3).tolist() == top_fraction(scores, k=3).tolist()
+    with pytest.raises(ValueError, match="cannot select"):
+        split_by_group(scores[:, None], 6)
+    with pytest.raises(ValueError, match=r"\[N, G\]"):
+        split_by_group(scores, 2)
+
+
+def test_select_by_influence_split_balances_targets_where_max_does_not():
+    # train rows 0-5 align with group "x"'s validation direction far more than rows 6-11 with "y"'s
+    d = 4
+    x_dir, y_dir = np.eye(d)[0], np.eye(d)[1]
+    train = np.stack([x_dir + 0.01 * i * np.eye(d)[2] for i in range(6)]
+                     + [0.6 * y_dir + 0.8 * np.eye(d)[3] + 0.01 * i * np.eye(d)[2] for i in range(6)]).astype(np.float32)
+    val = np.stack([x_dir, x_dir, y_dir, y_dir]).astype(np.float32)
+    groups = ["x", "x", "y", "y"]
+    top = select_by_influence("less", [train], [val], [1.0], "fp", fraction=4 / 12, groups=groups)
+    split = select_by_influence("less", [train], [val], [1.0], "fp", fraction=4 / 12, groups=groups,
+                                group_budget="split")
+    assert set(top.indices.tolist()) <= set(range(6))
+    assert sorted(split.indices.tolist()) == [0, 1, 6, 7]
+    assert np.array_equal(top.scores, split.scores) and split.config["group_budget"] == "split"
+    with pytest.raises(ValueError, match="group_budget"):
+        select_by_influence("less", [train], [val], [1.0], "fp", groups=groups, group_budget="mean")
