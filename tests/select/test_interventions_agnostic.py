@@ -207,3 +207,91 @@ def test_gamma_error_keeps_the_runs():
     result = info.value.result
     assert result["gamma"] is None and result["perf"].shape == (4, 3)
     assert result["stacked_states"]["w"].shape == (4, DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# The options an adapter needs (jraise's own runs use all of them)
+
+
+def step_with_extras(state, batch, shared, key):
+    """The toy step with the learning rate and a noise scale shared by all runs, a per-step key
+    from outside, and the batch loss as aux; the batch is zero-padded to a per-step length."""
+    def loss(w):
+        err = (batch["x"] @ w - batch["y"]) * batch["mask"]
+        return jnp.sum(err ** 2) / jnp.sum(batch["mask"])
+
+    value, grad = jax.value_and_grad(loss)(state["w"])
+    grad = grad + shared["noise"][0] * jax.random.normal(key, (DIM,))
+    m = 0.5 * state["m"] + grad
+    return {"w": state["w"] - shared["lr"] * m, "m": m}, value
+
+
+def padded_batch(indices, s):
+    """Rows padded to 32 + 8 * (s % 2): two batch shapes, alternating by step."""
+    pad = 8 * (s % 2)
+    x = np.concatenate([POOL_X[indices], np.zeros((pad, DIM), np.float32)])
+    y = np.concatenate([POOL_Y[indices], np.zeros(pad, np.float32)])
+    return {"x": x, "y": y, "mask": np.concatenate([np.ones(len(indices), np.float32), np.zeros(pad, np.float32)])}
+
+
+SHARED = {"lr": jnp.float32(LR), "noise": jnp.full((3,), NOISE, jnp.float32)}  # [3]: not the run axis (R = 4)
+
+
+def _step_key(s):
+    return jax.random.fold_in(jax.random.key(7), s)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "sequential"])
+def test_shared_step_inputs_aux_and_per_step_shapes(mode):
+    """shared is passed once (unbatched), step_inputs(s) per step, aux comes back [R, steps], and
+    per-step shapes give one program per shape; the runs equal a plain loop of the step."""
+    _, sets, _, _ = intervention_sets(CATEGORIES, CONFIG)
+    orders = run_orders(sets, 6, CONFIG.batch_size, CONFIG.seed)
+    init = {"w": jnp.zeros(DIM), "m": jnp.zeros(DIM)}
+    steps_seen, stats = [], {}
+
+    def batch_fn(indices, s):
+        steps_seen.append(s)
+        return padded_batch(indices, s)
+
+    states, aux = train_runs_fn(step_with_extras, init, batch_fn, orders, mode=mode, shared=SHARED,
+                                step_inputs=_step_key, has_aux=True, per_step_batches=True,
+                                on_step=lambda: stats.setdefault("calls", []).append(1), stats=stats)
+    assert aux.shape == (4, 6) and aux.dtype == np.float32
+    assert states["w"].shape == (4, DIM)
+    assert len(stats["calls"]) == (6 if mode == "vmap" else 24) and sorted(set(steps_seen)) == list(range(6))
+    plain = jax.jit(step_with_extras)
+    for r in range(4):
+        state = init
+        for s in range(6):
+            state, loss = plain(state, padded_batch(orders[r, s].astype(np.int32), s), SHARED, _step_key(s))
+            np.testing.assert_allclose(aux[r, s], loss, rtol=1e-5)
+        np.testing.assert_allclose(states["w"][r], state["w"], rtol=1e-5, atol=1e-7)
+    # Same step object, same shapes: the programs are reused.
+    again = {}
+    train_runs_fn(step_with_extras, init, padded_batch, orders, mode=mode, shared=SHARED, step_inputs=_step_key,
+                  has_aux=True, per_step_batches=True, stats=again)
+    assert again["compile_s"] == 0.0 and stats["compile_s"] > 0.0
+    with pytest.raises(ValueError, match="for every run at a step"):
+        train_runs_fn(step_with_extras, init, lambda i, s: padded_batch(i, s + int(i[0] % 2)), orders, mode=mode,
+                      shared=SHARED, step_inputs=_step_key, has_aux=True, per_step_batches=True)
+
+
+def test_measure_with_options_and_eager_eval(vmapped):
+    """measure_interactions_fn passes the options through; an eager eval_fn (Python floats by
+    name) gives the jitted eval's numbers."""
+    init = {"w": jnp.zeros(DIM), "m": jnp.zeros(DIM)}
+
+    def eager(state):
+        return {n: float(v) for n, v in zip(NAMES, np.asarray(eval_fn(state)))}
+
+    result = measure_interactions_fn(step_with_extras, eval_fn, init, CATEGORIES, padded_batch, CONFIG,
+                                     shared=SHARED, step_inputs=_step_key, has_aux=True, per_step_batches=True)
+    assert result["aux"].shape == (4, CONFIG.steps) and result["gamma"].shape == (3, 3)
+    eager_perf = evaluate_runs_fn(eager, result["stacked_states"], NAMES, jit_eval=False)
+    np.testing.assert_allclose(eager_perf, result["perf"], rtol=1e-6)
+    assert set(result["timings"]) >= {"compile_s", "train_s", "eval_s", "total_s"}
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        evaluate_runs_fn(lambda s: np.zeros(2), result["stacked_states"], NAMES, jit_eval=False)
+    # Without the options the contract is the original one: train_step(state, batch) -> state.
+    assert vmapped["aux"] is None
