@@ -6,9 +6,9 @@ program per step (``mode="vmap"``) or run after run with the plain jitted train 
 (``mode="sequential"``). Both do the same math on the same padded batches; this script times
 them on the built-in testbed and checks that they agree.
 
-Each mode first compiles every step shape it needs ahead of time (reported as ``compile_s``,
-separately), then trains; ``train_s`` is the training loop alone (batch building included, which
-is the same work in both modes). Rounds alternate which mode goes first; compilation happens in
+Each mode compiles each step shape on first use (reported as ``compile_s``, tracing included,
+and left out of ``train_s``); ``train_s`` is the training loop alone (batch building included,
+which is the same work in both modes). Rounds alternate which mode goes first; compilation happens in
 round 1 only (programs are cached). The ratio sequential / vmap of the median ``train_s`` is the
 speed-up measured in this one run; on a shared machine absolute times drift, compare the ratio.
 
