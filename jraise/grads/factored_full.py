@@ -280,7 +280,8 @@ def adafactor_factors(nu: Mapping[str, jax.Array], *, eps: float = 1e-8) -> dict
         kernel (jraise's `CausalLM`: `jraise.model.taps.layer_kernels` picks them from a
         params-shaped tree).
       eps: added to every entry of nu before factoring (Adafactor's eps1; the default is the eps
-        of `adam_preconditioner`). Must be > 0 unless no row or column of nu sums to zero.
+        of `adam_preconditioner`); >= 0. With eps = 0 a row or column of nu summing to zero gives
+        infinite factors (not checked).
 
     Returns:
       ``a = 1 / sqrt(R)`` [n_in] and ``b = sqrt(S) / sqrt(C)`` [n_out] float32, with ``nu' = nu +

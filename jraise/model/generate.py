@@ -50,7 +50,7 @@ def _greedy(graphdef, state, input_ids, attention_mask, *, max_new_tokens, eos_i
     key_valid = jnp.zeros((b, p + max_new_tokens), bool).at[:, :p].set(attention_mask.astype(bool))
     positions = default_positions(attention_mask)
     # Prefill: only the last position's logits are read, so the LM head runs on that one row
-    # ([B, 1, V], not [B, P, V]: a fifth of a small model's prefill FLOPs and its largest buffer).
+    # ([B, 1, V], not [B, P, V]).
     hidden, cache = model.hidden_with_cache(input_ids, positions, cache, 0, key_valid)
     logits = model.logits_from_hidden(hidden[:, -1:])
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -80,7 +80,12 @@ def generate(model: CausalLM, input_ids, attention_mask, max_new_tokens: int,
              eos_token_ids: tuple[int, ...] | None = None, pad_token_id: int = 0) -> Generation:
     """Greedy continuation of left-padded prompts [B, P] by up to `max_new_tokens` tokens.
 
-    `eos_token_ids` defaults to the model config's; decoding of a row stops at the first of them.
+    `eos_token_ids` defaults to the model config's (empty: no early stop); decoding of a row stops
+    at the first of them. Returns ``Generation(tokens [B, max_new_tokens] int32, lengths [B]
+    int32)``: a row's tokens up to and including its first EOS (``lengths``), then
+    ``pad_token_id`` (default 0, not the config's pad id). Raises ValueError when the two arrays
+    are not both [B, P], the prompts are not left-padded (a last mask column not all 1), or
+    ``max_new_tokens < 1``.
     """
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, np.int32)

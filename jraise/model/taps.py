@@ -133,7 +133,8 @@ def tapped_logits(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Arr
 def tapped_sft_loss(graphdef: nnx.GraphDef, *, include_lm_head: bool = True) -> Callable:
     """``tapped_loss_fn(params, row, tap) -> scalar`` for `jraise.grads.factored_full`: the SFT loss
     of `jraise.grads.per_example.example_loss` (summed response NLL / max(response tokens, 1), dropout
-    off) of the model ``nnx.merge(graphdef, *params)`` on one row, every `Projection` tapped.
+    off) of the model ``nnx.merge(graphdef, *params)`` on one row, every `Projection` tapped (an
+    untied LM head only with ``include_lm_head``).
 
     ``params``: the state(s) that complete ``graphdef`` (``state`` of ``graphdef, state =
     nnx.split(model)``, or a tuple such as ``(trainable, frozen)`` of

@@ -220,7 +220,7 @@ class CausalLM(nnx.Module):
         return self.embed_tokens[...][input_ids].astype(dtype_of(self.config.dtype))
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """Logits [..., V] (float32) of final hidden states [..., D] (the LM head, tied or not)."""
+        """Logits [B, T, V] (float32) of final hidden states [B, T, D] (the LM head, tied or not)."""
         return self._logits(h)
 
     def _logits(self, h):

@@ -24,16 +24,18 @@ from jraise.select.baselines import full_data, ifd, longest, perplexity, random_
 from jraise.select.curriculum import dependency_tiers, dt_csft_schedule
 from jraise.select.influence import checkpoint_weights, influence_scores, less, rose
 from jraise.select.interactions import interaction_matrix
-from jraise.select.interventions_agnostic import measure_interactions_fn
+from jraise.select.interventions_agnostic import InterventionConfig, category_names, measure_interactions_fn
 from jraise.select.mixture import ee_cpo_plan, realise_subset
 from jraise.select.rl.selector import Selector, StepInfo, raise_policy, raise_selector
 from jraise.select.self_paced import SelfPacedState, self_paced_batch, self_paced_finetune, self_paced_selector
 
 __all__ = [
+    "InterventionConfig",
     "Selection",
     "Selector",
     "SelfPacedState",
     "StepInfo",
+    "category_names",
     "checkpoint_weights",
     "dependency_tiers",
     "dt_csft_schedule",

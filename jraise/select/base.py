@@ -1,4 +1,5 @@
-"""The result every static selector returns: `Selection` (indices best first, scores, method,
+"""The result every static selector returns: `Selection` (indices best first, or in the selector's
+stated pick order, e.g. LESS/ROSE's per-group budget; scores, method,
 options, pool fingerprint), and `top_fraction`, the ranking all of them share.
 
 Writing a selection (the selected records, the scores, the meta file) and reading one back is
@@ -14,7 +15,8 @@ import numpy as np
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """Chosen pool indices (best first), every example's score where the method has scores, the
+    """Chosen pool indices (best first; LESS/ROSE with ``group_budget="split"``: in pick order,
+    round by round over the validation groups), every example's score where the method has scores, the
     method name, its options, and the fingerprint of the pool the indices refer to.
 
     Indices (``indices``, ``scores`` positions, the meta file's ``"indices"``) count the examples of

@@ -103,11 +103,14 @@ def split_by_group(per_group: np.ndarray, k: int, names: Sequence[str] | None = 
     the sorted order of ``names``, default column order) gets ``k // G`` picks, the first ``k % G``
     groups one more; each takes its highest-scoring rows not yet taken (ties: lower index first).
     Returned in pick order, round by round over the groups (every group's best, then every group's
-    second best, ...), so a prefix is again balanced."""
+    second best, ...), so a prefix is again balanced. Raises ValueError on scores that are not
+    [N, G] or hold NaN, ``k`` outside [1, N], or ``names`` not of length G."""
     per_group = np.asarray(per_group)
     if per_group.ndim != 2 or per_group.shape[1] == 0:
         raise ValueError(f"per-group scores must be [N, G] with G >= 1, got shape {per_group.shape}")
     n, g = per_group.shape
+    if names is not None and len(names) != g:
+        raise ValueError(f"{len(names)} group names for {g} score columns")
     if not 1 <= k <= n:
         raise ValueError(f"cannot select {k} of {n} examples")
     if np.isnan(per_group).any():
@@ -148,16 +151,22 @@ def select_by_influence(method: str, train: Sequence, val: Sequence, weights: Se
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         indices = split_by_group(per_group, max(1, round(fraction * len(scores))), names)
-    cfg = {"fraction": fraction, "checkpoint_weights": [float(w) for w in weights], "group_budget": group_budget,
-           **(config or {})}
+    cfg = {"fraction": fraction, "checkpoint_weights": [float(w) for w in weights], **(config or {}),
+           "group_budget": group_budget}
     return Selection(indices=indices, method=method, pool_fingerprint=pool_fingerprint, scores=scores, config=cfg)
 
 
-def less(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, **config) -> Selection:
-    """LESS: ``val`` holds SFT-loss gradient features of the few-shot validation examples."""
-    return select_by_influence("less", train, val, weights, pool_fingerprint, fraction, groups, config)
+def less(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, *,
+         group_budget: str = "max", **config) -> Selection:
+    """LESS: ``val`` holds SFT-loss gradient features of the few-shot validation examples;
+    ``group_budget`` as `select_by_influence`; other keywords are recorded in the config."""
+    return select_by_influence("less", train, val, weights, pool_fingerprint, fraction, groups, config,
+                               group_budget=group_budget)
 
 
-def rose(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, **config) -> Selection:
-    """ROSE: ``val`` holds DPO-loss (or reference-free margin) gradient features of preference pairs."""
-    return select_by_influence("rose", train, val, weights, pool_fingerprint, fraction, groups, config)
+def rose(train, val, weights, pool_fingerprint: str, fraction: float = 0.05, groups=None, *,
+         group_budget: str = "max", **config) -> Selection:
+    """ROSE: ``val`` holds DPO-loss (or reference-free margin) gradient features of preference
+    pairs; ``group_budget`` as `select_by_influence`; other keywords are recorded in the config."""
+    return select_by_influence("rose", train, val, weights, pool_fingerprint, fraction, groups, config,
+                               group_budget=group_budget)

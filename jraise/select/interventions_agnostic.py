@@ -175,7 +175,8 @@ class InterventionConfig:
     length buckets. ``seed`` drives D0, the deltas' examples, data orders and dropout.
 
     Evaluation: ``metric`` "loss" (mean response-token NLL per category, lower is better) or
-    "exact_match" (greedy-decoding accuracy per category); ``eval_batch_size`` rows per batch;
+    "exact_match" (higher is better; jraise's adapter: greedy-decoding accuracy per category);
+    ``eval_batch_size`` rows per batch;
     ``self_effect_floor`` is passed to `interaction_matrix` (None: a category whose own effect is
     not positive is an error); ``relative_self_effect_floor`` (None or a fraction in (0, 1]) too:
     every own effect is floored at that fraction of the median positive own effect, which damps
@@ -291,7 +292,7 @@ def intervention_sets(categories: Sequence[str], config: InterventionConfig
                       ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, tuple[str, ...]]:
     """(base_indices, sets, deltas, names) of the Beyond-IID intervention design.
 
-    In: one category label per pool example (`pool_categories`), the config. Out:
+    In: one category label per pool record, the config. Out:
 
     * ``base_indices``: D0, sorted pool indices (int64);
     * ``sets``: R = N+1 sorted int64 index arrays, ``sets[0]`` = D0 and ``sets[k+1]`` = D0 with
@@ -718,7 +719,9 @@ def measure_interactions_fn(train_step: Callable[..., Any], eval_fn: Callable[[P
     [R, steps, ...]; else None) and ``timings`` (sets_s, compile_s, train_s, eval_s, total_s).
 
     Raises ValueError before training on a bad design, ``budget="epochs"``, or a step/eval whose
-    shapes break the contract. When Gamma itself fails (a category whose own effect is not positive
+    shapes break the contract (with ``jit_eval=False`` the evaluation's output is checked only
+    after training; with ``per_step_batches`` each new batch shape is checked when first reached).
+    When Gamma itself fails (a category whose own effect is not positive
     and no floor is set), the ValueError carries the finished runs as its ``result`` attribute
     (the dict above with ``gamma`` None), so the training is not lost.
     """

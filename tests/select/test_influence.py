@@ -154,3 +154,17 @@ def test_select_by_influence_split_balances_targets_where_max_does_not():
     assert np.array_equal(top.scores, split.scores) and split.config["group_budget"] == "split"
     with pytest.raises(ValueError, match="group_budget"):
         select_by_influence("less", [train], [val], [1.0], "fp", groups=groups, group_budget="mean")
+
+
+def test_less_and_rose_wrappers_pass_the_group_budget_on():
+    rng = np.random.default_rng(1)
+    train, val = rng.normal(size=(20, 6)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)
+    groups = ["a", "a", "b", "b"]
+    for fn, name in ((less, "less"), (rose, "rose")):
+        split = fn([train], [val], [1.0], "fp", 0.3, groups, group_budget="split", note="x")
+        direct = select_by_influence(name, [train], [val], [1.0], "fp", 0.3, groups, group_budget="split")
+        assert split.indices.tolist() == direct.indices.tolist()
+        assert split.config["group_budget"] == "split" and split.config["note"] == "x"
+        assert fn([train], [val], [1.0], "fp", 0.3, groups).config["group_budget"] == "max"
+    with pytest.raises(ValueError, match="group names"):
+        split_by_group(rng.normal(size=(5, 2)), 2, names=["a"])
