@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jraise.grads.per_example import chunked_rows
 from jraise.grads.projection import (
     FACTOR_IN_INDEX,
     FACTOR_OUT_INDEX,
@@ -408,23 +409,4 @@ def factored_full_features(tapped_loss_fn: Callable, params: Pytree, batch: Pytr
             parts.append(jnp.zeros((parts[0].shape[0], pad), jnp.float32))
         return jnp.concatenate(parts, axis=1)
 
-    return _chunked(one_chunk, batch, chunk)
-
-
-def _chunked(fn: Callable, batch: Pytree, chunk: int) -> jax.Array:
-    """``fn`` over the rows of ``batch`` in chunks of ``min(chunk, G)`` (`lax.map` over chunks; the
-    last padded with row 0, whose results are dropped), stacked to [G, ...] (the layout of
-    `jraise.grads.per_example.chunked_grads`)."""
-    count = jax.tree.leaves(batch)[0].shape[0]
-    size = min(chunk, count)
-    n_chunks = -(-count // size)
-    pad = n_chunks * size - count
-
-    def lay_out(x):
-        x = jnp.asarray(x)
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
-        return x.reshape(n_chunks, size, *x.shape[1:])
-
-    out = lax.map(fn, jax.tree.map(lay_out, batch))
-    return out.reshape(-1, *out.shape[2:])[:count]
+    return chunked_rows(one_chunk, batch, chunk)

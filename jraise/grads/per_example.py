@@ -126,18 +126,14 @@ def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 
     return jax.jit(fn) if jit else fn
 
 
-def chunked_grads(loss_fn: Callable, params: Pytree, batch: Pytree, chunk: int,
-                  on_chunk: Callable[[Pytree], Pytree] | None = None) -> Pytree:
-    """``on_chunk`` of the gradients of ``loss_fn(params, example)`` for every row of ``batch``,
-    ``chunk`` rows at a time, stacked over the G rows.
+def chunked_rows(fn: Callable[[Pytree], Pytree], batch: Pytree, chunk: int) -> Pytree:
+    """``fn`` over the rows of ``batch``, ``chunk`` rows at a time, stacked over the G rows.
 
     The rows are laid out as ``n = ceil(G / c)`` chunks of ``c = min(chunk, G)`` (the last padded
-    with copies of row 0: a real example, so its loss stays finite); `jax.lax.map` runs the chunks
-    one after another and, inside one, ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`` gives the
-    chunk's gradients (leaves ``[c, *param.shape]``), which ``on_chunk`` maps to a pytree of
-    ``[c, ...]`` leaves (default: kept as they are) before the next chunk is computed. Padding rows
-    are dropped from the result (leaves ``[G, ...]``). No checks here: see
-    `jraise.grads.agnostic.per_example_grads` for the checked public form.
+    with copies of row 0: a real example, so a loss on it stays finite); `jax.lax.map` runs
+    ``fn(rows)`` (leaves ``[c, ...]`` in, a pytree of ``[c, ...]`` leaves out) on the chunks one
+    after another, so only one chunk's intermediates are live at a time. Padding rows are dropped
+    from the result (leaves ``[G, ...]``).
     """
     count = jax.tree.leaves(batch)[0].shape[0]
     size = min(chunk, count)
@@ -150,14 +146,27 @@ def chunked_grads(loss_fn: Callable, params: Pytree, batch: Pytree, chunk: int,
             x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
         return x.reshape(n_chunks, size, *x.shape[1:])
 
+    out = lax.map(fn, jax.tree.map(lay_out, batch))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:count], out)
+
+
+def chunked_grads(loss_fn: Callable, params: Pytree, batch: Pytree, chunk: int,
+                  on_chunk: Callable[[Pytree], Pytree] | None = None) -> Pytree:
+    """``on_chunk`` of the gradients of ``loss_fn(params, example)`` for every row of ``batch``,
+    ``chunk`` rows at a time, stacked over the G rows (`chunked_rows`).
+
+    Inside a chunk, ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`` gives the chunk's gradients
+    (leaves ``[c, *param.shape]``), which ``on_chunk`` maps to a pytree of ``[c, ...]`` leaves
+    (default: kept as they are) before the next chunk is computed. No checks here: see
+    `jraise.grads.agnostic.per_example_grads` for the checked public form.
+    """
     grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
 
     def one_chunk(rows):
         tree = grads(params, rows)
         return tree if on_chunk is None else on_chunk(tree)
 
-    out = lax.map(one_chunk, jax.tree.map(lay_out, batch))
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:count], out)
+    return chunked_rows(one_chunk, batch, chunk)
 
 
 def _batch_keys(loss: str) -> tuple[str, ...]:
