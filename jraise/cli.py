@@ -414,10 +414,10 @@ def _influence_command(method: str):
         warmup_lr: float = typer.Option(2e-5), warmup_batch_size: int = typer.Option(128),
         proj_dim: int = typer.Option(8192, help="Projected feature dimension d."),
         projection_mode: Literal["dense", "factored", "sjlt"] = typer.Option(
-            "dense", help="dense: one JL matrix over the whole gradient (LESS); factored: a Kronecker (LoGra) "
-                          "projection per LoRA matrix; sjlt: a sparse JL transform (CountSketch, GraSS) of the "
-                          "whole gradient. factored and sjlt are faster and give different features (feature "
-                          "stores are kept apart by mode)."),
+            "sjlt", help="sjlt (default): a sparse JL transform (CountSketch, GraSS) of the whole gradient, "
+                         "cost flat in --proj-dim; dense: one dense JL matrix (LESS's own feature, much slower "
+                         "at large LoRA ranks); factored: a Kronecker (LoGra) projection per LoRA matrix. They "
+                         "give different features (feature stores are kept apart by mode)."),
         sjlt_nnz: int = typer.Option(1, help="sjlt: nonzeros per gradient coordinate (s; must divide --proj-dim)."),
         group_budget: Literal["max", "split"] = typer.Option(
             "max", help="max: the top by the best score over the validation categories (the paper's); split: "

@@ -278,6 +278,7 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
         influence = InfluenceRunConfig(method=method.removesuffix("_model").removesuffix("_per_target"),
                                        fraction=config.fraction,
                                        group_budget="split" if method.endswith("_per_target") else "max",
+                                       projection_mode="dense",  # the studies compare LESS's own feature
                                        warmup_fraction=config.fraction,
                                        warmup_epochs=config.influence_warmup_epochs, warmup_lr=config.lr,
                                        warmup_batch_size=config.batch_size, lora_rank=config.influence_lora_rank,

@@ -46,13 +46,14 @@ VAL_LOSSES = {"less": ("sft",), "rose": ("margin", "dpo")}
 
 @dataclass(frozen=True)
 class InfluenceRunConfig:
-    """Options of `run_influence_selection` (defaults: the LESS paper's, except sizes that a
-    testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free, the default:
-    same normalised features, no reference forward pass) or "dpo" (exact, base model as reference).
-    ``projection_mode``: "dense" (LESS's one JL matrix), "factored" (a Kronecker projection per
-    LoRA matrix, much cheaper to generate) or "sjlt" (a sparse JL transform with ``sjlt_nnz``
-    nonzeros per gradient coordinate, cost flat in d); the three give other features, stored
-    apart: see `jraise.grads.projection`. ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
+    """Options of `run_influence_selection` (defaults: the LESS paper's, except the projection and
+    sizes that a testbed run overrides). ``val_loss``: LESS "sft"; ROSE "margin" (reference-free,
+    the default: same normalised features, no reference forward pass) or "dpo" (exact, base model
+    as reference). ``projection_mode``: "sjlt" (the default, chosen by measurement: a sparse JL
+    transform with ``sjlt_nnz`` nonzeros per gradient coordinate, cost flat in d), "dense" (LESS's
+    own dense JL matrix: the exact LESS feature) or "factored" (a Kronecker projection per LoRA
+    matrix); the three give other features, stored apart: see `jraise.grads.projection`.
+    ``skip_bad``: drop bad records of the pool and the validation file (listed under "skipped" in
     the meta file) instead of stopping at the first. It only decides which records are loaded:
     the feature stores and the warmup run are keyed by the loaded pool's fingerprint, so a file
     without bad records reuses them whether or not it is set. ``adam_first_moment``: keep the
@@ -81,7 +82,7 @@ class InfluenceRunConfig:
     lora_dropout: float = 0.1
     max_len: int = 2048
     proj_dim: int = 8192
-    projection_mode: str = "dense"
+    projection_mode: str = "sjlt"
     sjlt_nnz: int = DEFAULT_SJLT_NNZ
     seed: int = 0
     chunk: int = 8

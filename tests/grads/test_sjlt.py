@@ -299,3 +299,9 @@ def test_cli_accepts_the_sjlt_mode(tmp_path, monkeypatch):
     (config,) = seen
     assert config.features().projection == ProjectionConfig(dim=64, mode="sjlt")
     assert config.features().to_dict()["projection"]["sjlt_nnz"] == DEFAULT_SJLT_NNZ
+    # sjlt is the default of `jraise select less|rose` (and of InfluenceRunConfig); dense one option away
+    for extra, mode in (([], "sjlt"), (["--projection-mode", "dense"], "dense")):
+        seen.clear()
+        assert CliRunner().invoke(app, [*args, *extra]).exit_code == 0
+        assert seen[0].projection_mode == mode and seen[0].features().projection.mode == mode
+    assert influence.InfluenceRunConfig(method="less").projection_mode == "sjlt"
