@@ -30,7 +30,6 @@ out of a params-shaped tree, for `jraise.grads.factored_full.adafactor_factors`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +42,7 @@ from jraise.model.transformer import (
     CausalLM,
     Projection,
     apply_rope,
+    grouped_attention,
     causal_padding_mask,
     default_positions,
     dtype_of,
@@ -52,7 +52,6 @@ from jraise.model.transformer import (
 __all__ = ["layer_kernels", "projection_names", "tapped_logits", "tapped_sft_loss"]
 
 Pytree = Any
-_MASKED = -1e30  # as in transformer.py: finite, so fully masked (padding) query rows give no NaN
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -75,20 +74,13 @@ def _tapped(projection: Projection, name: str, x: jax.Array, tap: Callable) -> j
 def _attention(attn, prefix: str, x, positions, mask, inv_freq, tap):
     """`Attention.__call__` (no cache) with tapped projections."""
     b, t, _ = x.shape
-    groups = attn.num_heads // attn.num_kv_heads
     q = _tapped(attn.q_proj, f"{prefix}.q_proj", x, tap).reshape(b, t, attn.num_heads, attn.head_dim)
     k = _tapped(attn.k_proj, f"{prefix}.k_proj", x, tap).reshape(b, t, attn.num_kv_heads, attn.head_dim)
     v = _tapped(attn.v_proj, f"{prefix}.v_proj", x, tap).reshape(b, t, attn.num_kv_heads, attn.head_dim)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    q = q.reshape(b, t, attn.num_kv_heads, groups, attn.head_dim)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / math.sqrt(attn.head_dim)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))
-    return _tapped(attn.o_proj, f"{prefix}.o_proj", out.reshape(b, t, attn.num_heads * attn.head_dim), tap)
+    return _tapped(attn.o_proj, f"{prefix}.o_proj", grouped_attention(q, k, v, mask), tap)
 
 
 def _mlp(mlp, prefix: str, x, tap):

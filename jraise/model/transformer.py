@@ -125,6 +125,22 @@ def causal_padding_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid:
     return causal[None, :, :] & key_valid[:, None, :].astype(bool)
 
 
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention: q [B, T, N, H], k and v [B, S, K, H] (N a multiple of K;
+    each group of N / K query heads shares one key/value head), mask [B, T, S] (True = attend) ->
+    [B, T, N * H]. Scores in float32, scaled by 1 / sqrt(H); a fully masked row gets uniform
+    weights instead of NaN (`_MASKED` is finite)."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))
+    return out.reshape(b, t, n * h)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share
     `num_key_value_heads` key/value heads in groups."""
@@ -146,7 +162,6 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
         b, t, _ = x.shape
-        groups = self.num_heads // self.num_kv_heads
         inv_freq = jnp.asarray(self._inv_freq, jnp.float32)
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -160,13 +175,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / math.sqrt(self.head_dim)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+        return self.o_proj(grouped_attention(q, k, v, mask)), new_cache
 
 
 class MLP(nnx.Module):
