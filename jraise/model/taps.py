@@ -43,8 +43,6 @@ from jraise.model.transformer import (
     Projection,
     apply_rope,
     grouped_attention,
-    causal_padding_mask,
-    default_positions,
     dtype_of,
     rope_inverse_frequencies,
 )
@@ -100,13 +98,7 @@ def tapped_logits(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Arr
         raise TypeError(f"tapped_logits needs a jraise CausalLM, got {type(model).__name__}")
     tap = (lambda name, x, y: y) if tap is None else tap
     config = model.config
-    b, t = input_ids.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-    if positions is None:
-        positions = default_positions(attention_mask)
-    slots = jnp.arange(t)
-    mask = causal_padding_mask(slots, slots, attention_mask, config.sliding_window)
+    positions, mask = model.causal_inputs(input_ids, attention_mask, positions)
     inv_freq = jnp.asarray(tuple(rope_inverse_frequencies(config).tolist()), jnp.float32)
     x = model.embed_tokens[...][input_ids].astype(dtype_of(config.dtype))
     for i, layer in enumerate(model.layers):

@@ -238,16 +238,23 @@ class CausalLM(nnx.Module):
             return jnp.einsum("BTD,VD->BTV", h, emb).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None) -> jax.Array:
-        """Final (normed) hidden states [B, T, D] on the cache-free path."""
+    def causal_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(positions [B, T], attention mask [B, T, T]) of the cache-free path: a missing
+        ``attention_mask`` means all tokens are real, missing positions count real tokens from 0
+        (left padding safe), and the mask is causal, padding-aware and windowed as the config says."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
         slots = jnp.arange(t)
-        mask = causal_padding_mask(slots, slots, attention_mask, self.config.sliding_window)
+        return positions, causal_padding_mask(slots, slots, attention_mask, self.config.sliding_window)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
+        """Final (normed) hidden states [B, T, D] on the cache-free path."""
+        positions, mask = self.causal_inputs(input_ids, attention_mask, positions)
         x = self._embed(input_ids)
         for layer in self.layers:
             if self.config.remat:
