@@ -135,6 +135,9 @@ MOMENT_SCALE = 1e-3  # typical size of Adam's first moment / sqrt of the second 
 SCORE_VAL, SCORE_GROUPS, SCORE_CHECKPOINTS = 64, 8, 4
 GOALS = {"jraise_over_less_reference": 10.0, "features_over_training": 0.5, "scoring_peak_bytes": 2 * 1024**3}
 SMOLLM2 = "smollm2-135m-instruct"
+# Options that take one number, or one per model ("small=64,smollm2-135m-instruct=16"): a big
+# model's settings need not shrink a small one's to a few milliseconds per pass.
+PER_MODEL = ("n_examples", "group", "n_buckets", "rounds", "chunk")
 RESULTS = Path(__file__).resolve().parent / "results"
 # The issue's full measurement, and --quick (a few minutes on a shared 2-core CPU). An option given
 # on the command line wins over both.
@@ -589,12 +592,12 @@ def _scoring_memory(work: str | None, rows: int, dim: int) -> dict:
 # ----------------------------------------------------------------------------- one setting
 
 
-def _mode_configs(args):
-    """(the dense FeatureConfig, {mode label: FeatureConfig} for ``--modes``)."""
+def _mode_configs(args, chunk: int):
+    """(the dense FeatureConfig, {mode label: FeatureConfig} for ``--modes``) at ``chunk``."""
     from jraise.grads.features import FeatureConfig
     from jraise.grads.projection import ProjectionConfig
 
-    dense = FeatureConfig(projection=ProjectionConfig(dim=args.proj_dim, seed=args.seed), chunk=args.chunk,
+    dense = FeatureConfig(projection=ProjectionConfig(dim=args.proj_dim, seed=args.seed), chunk=chunk,
                           group=args.group, n_buckets=args.n_buckets)
     modes = {}
     for mode in args.modes:
@@ -639,11 +642,13 @@ def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dic
 
     from jraise.grads.projection import factored_plan, tree_size
 
-    dense, modes = _mode_configs(args)
+    chunk = args.chunk
+    dense, modes = _mode_configs(args, chunk)
     rows = np.arange(len(pool))
     model, graphdef, trainable, frozen, moments = _jraise_setup(model_dir, rank, args.lora_alpha, args.seed)
     n_lora = tree_size(trainable)
     detail: dict = {"lora_rank": rank, "lora_alpha": args.lora_alpha, "lora_targets": "q,k,v,o", "lora_params": n_lora,
+                    "chunk": chunk,
                     "examples": len(rows), "real_tokens": int(pool.lengths.sum()),
                     "projections": {label: c.projection.to_dict() for label, c in modes.items()}}
     sides = {label: _features_side(graphdef, trainable, frozen, pool, rows, c, moments) for label, c in modes.items()}
@@ -688,11 +693,15 @@ def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dic
     rates: dict[str, list[float]] = {label: [] for label in sides}
     last: dict = {}
     names = list(sides)
+    passes: dict[str, list[int]] = {label: [] for label in sides}
     for r in range(args.rounds):
         for label in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            last[label] = sides[label]()
-            rates[label].append(n_real[label] / (time.perf_counter() - t0))
+            t0, count = time.perf_counter(), 0
+            while count == 0 or time.perf_counter() - t0 < args.min_round_s:  # whole passes only
+                last[label] = sides[label]()
+                count += 1
+            rates[label].append(count * n_real[label] / (time.perf_counter() - t0))
+            passes[label].append(count)
     if "less_reference" in sides and "dense" in last:  # same features: every example of the last round
         ref, ours = last["less_reference"], last["dense"]
         detail["max_rel_diff_features"] = float(f"{_rel(ref, ours):.3g}")
@@ -700,6 +709,7 @@ def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dic
             np.sum(ref * ours, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1))), 6)
     median = {label: statistics.median(v) for label, v in rates.items()}
     detail["rounds_examples_per_s"] = {label: [round(x, 2) for x in v] for label, v in rates.items()}
+    detail["rounds_passes"] = passes
     t0 = time.perf_counter()
     val_rows = np.arange(min(args.n_val, len(val_pool)))
     agreement = _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, modes, moments,
@@ -766,6 +776,28 @@ def _gb(n) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
+def _per_model(parser, option: str, text: str, models: list[str]) -> dict[str, int]:
+    """A `PER_MODEL` option: one positive number for every model, or ``model=number`` pairs
+    (comma-separated) naming every model of ``--models``."""
+    flag = "--" + option.replace("_", "-")
+    try:
+        if "=" not in text:
+            values = {m: int(text) for m in models}
+        else:
+            values = {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())}
+    except ValueError:
+        parser.error(f"{flag}: a positive number or model=number pairs, got {text!r}")
+    missing = [m for m in models if m not in values]
+    if missing or any(v < 1 for v in values.values()):
+        parser.error(f"{flag}: needs a positive number for every model ({', '.join(missing) or 'got <= 0'})")
+    return values
+
+
+def _for_model(args, name: str):
+    """``args`` with each `PER_MODEL` option at model ``name``'s value."""
+    return argparse.Namespace(**{**vars(args), **{option: getattr(args, option)[name] for option in PER_MODEL}})
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
@@ -800,18 +832,20 @@ def main(argv=None):
                         help=f"LoRA ranks on q,k,v,o, comma-separated (default {FULL['ranks']})")
     parser.add_argument("--modes", default="dense,factored,sjlt", help="projection modes, comma-separated")
     parser.add_argument("--sjlt-nnz", default="1", help="s of the sjlt mode, comma-separated: one side per s")
-    parser.add_argument("--n-examples", type=int, default=None,
-                        help=f"testbed pool size = examples timed (default {FULL['n_examples']})")
+    parser.add_argument("--n-examples", default=None,
+                        help=f"examples timed (the first of one testbed pool; default {FULL['n_examples']})")
     parser.add_argument("--n-val", type=int, default=None, help="validation examples of the agreement scores")
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--proj-dim", type=int, default=8192, help="d of the dense and sjlt modes")
     parser.add_argument("--factored-dim", type=int, default=None, help="d of the factored mode (default --proj-dim)")
-    parser.add_argument("--chunk", type=int, default=8, help="FeatureConfig.chunk")
-    parser.add_argument("--group", type=int, default=None,
+    parser.add_argument("--chunk", default="8", help="FeatureConfig.chunk")
+    parser.add_argument("--min-round-s", type=float, default=2.0,
+                        help="a timed round repeats whole passes over the examples until it has run this long")
+    parser.add_argument("--group", default=None,
                         help=f"FeatureConfig.group (= training batch; default {FULL['group']})")
-    parser.add_argument("--n-buckets", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {FULL['rounds']})")
+    parser.add_argument("--n-buckets", default="4")
+    parser.add_argument("--rounds", default=None, help=f"timed rounds (default {FULL['rounds']})")
     parser.add_argument("--lr", type=float, default=1e-4, help="training side")
     parser.add_argument("--ref-project-interval", type=int, default=16,
                         help="reference: gradients projected per product (LESS: 16)")
@@ -845,7 +879,11 @@ def main(argv=None):
     unknown = set(args.modes) - {"dense", "factored", "sjlt"}
     if unknown or not args.modes:
         parser.error(f"--modes: choose from dense, factored, sjlt (got {args.modes})")
-    _mode_configs(args)  # bad d / s combinations fail here, before any work
+    for option in PER_MODEL:  # a number, or model=number pairs
+        setattr(args, option, _per_model(parser, option, str(getattr(args, option)), args.models))
+    for name in args.models:
+        margs = _for_model(args, name)
+        _mode_configs(margs, margs.chunk)  # bad d / s / chunk / group combinations fail here, before any work
 
     import jax
 
@@ -859,6 +897,7 @@ def main(argv=None):
                    "examples": args.n_examples, "n_val": args.n_val, "max_len": args.max_len,
                    "proj_dim": args.proj_dim, "factored_dim": args.factored_dim or args.proj_dim,
                    "lora_alpha": args.lora_alpha, "lora_targets": "q,k,v,o", "chunk": args.chunk,
+                   "min_round_s": args.min_round_s,
                    "group": args.group, "n_buckets": args.n_buckets, "rounds": args.rounds, "seed": args.seed,
                    "ref_project_interval": args.ref_project_interval, "quick": args.quick,
                    "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
@@ -869,20 +908,21 @@ def main(argv=None):
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
-    _, modes = _mode_configs(args)
+    _, modes = _mode_configs(_for_model(args, args.models[0]), 1)  # (the labels only)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_testbed(f"{tmp}/testbed", n_train=args.n_examples, n_test_per_category=1, seed=args.seed)
-        testbed_tok = load_tokenizer(paths["tokenizer"])
         for name in args.models:
-            model_dir, tok, facts = _model_source(name, args, tmp, testbed_tok)
+            margs = _for_model(args, name)  # a pool of this model's --n-examples
+            paths = write_testbed(f"{tmp}/testbed-{name}", n_train=margs.n_examples, n_test_per_category=1,
+                                  seed=args.seed)
+            model_dir, tok, facts = _model_source(name, args, tmp, load_tokenizer(paths["tokenizer"]))
             pool = load_pool(paths["pool"], tok, max_len=args.max_len)
             val_pool = load_pool(paths["val"], tok, max_len=args.max_len)
             result["models"][name] = {**facts, "examples": len(pool), "real_tokens": int(pool.lengths.sum()),
                                       "mean_tokens": round(float(pool.lengths.mean()), 1)}
             for rank in args.ranks:
                 t0 = time.perf_counter()
-                flat, detail = _measure(name, model_dir, pool, val_pool, rank, args)
+                flat, detail = _measure(name, model_dir, pool, val_pool, rank, margs)
                 detail["setting_s"] = round(time.perf_counter() - t0, 1)
                 prefix = f"{name}/r{rank}_d{args.proj_dim}"
                 result.update(flat)

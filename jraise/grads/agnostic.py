@@ -22,8 +22,9 @@ real example, so the loss stays finite) and the padding dropped from the results
 The projection is the one `ProjectionConfig` defines for jraise's own features: dense mode is
 `project_tree` (leaves raveled and concatenated in ``jax.tree_util`` order, as
 `flatten_batched_tree` does, times the implicit random matrix of `project`); factored mode is
-`project_tree_factored`; sjlt mode is `project_tree_sjlt` (the same flattening, then the sparse
-JL transform of `project_sjlt`). Features of the same pytree structure under the same config are
+`project_tree_factored`; sjlt mode equals `project_tree_sjlt` (the same flattening, then the
+sparse JL transform of `project_sjlt`), computed on gradients laid out with the example axis last
+(`project_columns_sjlt`, no flattened copy). Features of the same pytree structure under the same config are
 therefore comparable with jraise's (up to float32 summation order). All three functions are
 jit-able with ``loss_fn``, ``chunk`` and ``projection`` static (e.g. via ``functools.partial``);
 the shape checks read only static shapes.
@@ -41,7 +42,14 @@ import jax
 import jax.numpy as jnp
 
 from jraise.grads.per_example import adam_precondition, chunked_grads
-from jraise.grads.projection import ProjectionConfig, project_tree, project_tree_factored, project_tree_sjlt
+from jraise.grads.projection import (
+    ProjectionConfig,
+    project_columns_sjlt,
+    project_tree,
+    project_tree_factored,
+    sjlt_table,
+    tree_size,
+)
 
 __all__ = ["AdamPreconditioner", "adam_preconditioner", "gradient_features", "per_example_grads"]
 
@@ -154,13 +162,12 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
         raise TypeError(f"projection must be a jraise.grads.projection.ProjectionConfig, "
                         f"got {type(projection).__name__}")
     _prepare(loss_fn, params, batch, chunk)
-    transform = None if precondition is None else jax.vmap(precondition)
-    if projection.mode == "sjlt":
-        project_fn = partial(project_tree_sjlt, nnz=projection.sjlt_nnz)
-    else:
-        project_fn = partial(project_tree_factored if projection.mode == "factored" else project_tree,
-                             kind=projection.kind)
     key = projection.key()
+    if projection.mode == "sjlt":
+        return _sjlt_features(loss_fn, params, batch, projection, precondition, chunk)
+    transform = None if precondition is None else jax.vmap(precondition)
+    project_fn = partial(project_tree_factored if projection.mode == "factored" else project_tree,
+                         kind=projection.kind)
 
     def one_chunk(tree):
         if transform is not None:
@@ -168,6 +175,24 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
         return project_fn(tree, key, projection.dim, block_rows=projection.block_rows)  # [c, d]
 
     return chunked_grads(loss_fn, params, batch, chunk, one_chunk)
+
+
+def _sjlt_features(loss_fn, params, batch, projection: ProjectionConfig, precondition, chunk: int) -> jax.Array:
+    """`gradient_features` in sjlt mode: each chunk's gradients laid out with the example axis
+    last, preconditioned there and sketched in place by `project_columns_sjlt` (equal to
+    `project_tree_sjlt` of the rows-first chunk, without its transposed copy); the hashes are drawn
+    once for all chunks."""
+    shapes = params if precondition is None else jax.eval_shape(precondition, params)
+    table = sjlt_table(projection.key(), tree_size(shapes), projection.dim, projection.sjlt_nnz,
+                       projection.block_rows)
+    transform = None if precondition is None else jax.vmap(precondition, in_axes=-1, out_axes=-1)
+
+    def one_chunk(tree):  # leaves [*param.shape, c]
+        if transform is not None:
+            tree = transform(tree)
+        return project_columns_sjlt(tree, table, projection.dim)  # [c, d]
+
+    return chunked_grads(loss_fn, params, batch, chunk, one_chunk, rows_last=True)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("mu", "nu"),

@@ -52,8 +52,10 @@ from jraise.grads.projection import (
     ProjectionConfig,
     flatten_tree,
     project,
-    project_sjlt,
+    project_columns_sjlt,
     project_tree_factored,
+    sjlt_table,
+    tree_size,
 )
 
 Pytree = object
@@ -109,7 +111,8 @@ def _precondition_and_flatten(adam: bool, flatten: bool = True):
 
 def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes, mesh=None):
     """One jitted program per (bucket shape): per-example gradients ``chunk`` at a time, then ONE
-    projection of the group's [group, P] matrix. Generating the random blocks costs as much as
+    projection of the group's [group, P] matrix (dense and factored modes; the sjlt mode projects
+    each chunk in place instead, `_sjlt_group_fn`). Generating the random blocks costs as much as
     applying them, so projecting per group instead of per chunk divides that cost by
     ``group / chunk`` (at chunk 8 the projection dominates the time; BUILD_NOTES).
 
@@ -119,6 +122,8 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
     from the same keys on every device, so the features equal the single-device ones.
     """
     proj = config.projection
+    if proj.mode == "sjlt":
+        return _jit_on(mesh, _sjlt_group_fn(graphdef, loss, adam, config, dtypes))
     factored = proj.mode == "factored"
     grads = make_per_example_fn(graphdef, loss, config.chunk, _precondition_and_flatten(adam, not factored), dtypes,
                                 config.beta, jit=False)
@@ -128,10 +133,39 @@ def _group_features_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, d
         key = extra[2] if adam else extra
         if factored:
             return project_tree_factored(per_example, key, proj.dim, proj.kind, proj.block_rows)
-        if proj.mode == "sjlt":
-            return project_sjlt(per_example, key, proj.dim, proj.sjlt_nnz, proj.block_rows)
         return project(per_example, key, proj.dim, proj.kind, proj.block_rows)
 
+    return _jit_on(mesh, fn)
+
+
+def _sjlt_group_fn(graphdef, loss: str, adam: bool, config: FeatureConfig, dtypes):
+    """The sjlt mode's group program: the sketch is applied chunk by chunk, inside the chunk loop.
+
+    Its cost is one scatter-add per coordinate, which is cheap only while the chunk's gradients
+    are read in place: the gradients come out with the example axis last (`chunked_grads`'
+    ``rows_last``), Adam preconditions them there (elementwise, the moments broadcast over the
+    chunk), and `project_columns_sjlt` adds each coordinate's row of ``chunk`` numbers into the
+    [d, chunk] accumulator. Neither the [group, P] matrix the other modes project, nor a flattened
+    or transposed copy of a chunk, is ever formed; the hashes (`sjlt_table`) are drawn once per
+    call. The features equal `project_sjlt` of the flattened gradients (same hashes, same order of
+    summation; BUILD_NOTES has the measured speed-up).
+    """
+    proj = config.projection
+    grads = make_per_example_fn(
+        graphdef, loss, config.chunk, _precondition_and_flatten(adam, flatten=False) if adam else None, dtypes,
+        config.beta, jit=False, rows_last=True,
+        on_chunk=lambda tree, extra: project_columns_sjlt(tree, extra[2] if adam else extra, proj.dim))
+
+    def fn(trainable, frozen, batch, extra):
+        key = extra[2] if adam else extra
+        table = sjlt_table(key, tree_size(trainable), proj.dim, proj.sjlt_nnz, proj.block_rows)
+        return grads(trainable, frozen, batch, (*extra[:2], table) if adam else table)
+
+    return fn
+
+
+def _jit_on(mesh, fn):
+    """``fn(trainable, frozen, batch, extra)`` jitted, its rows split over ``mesh`` when given."""
     if mesh is not None:
         whole, rows = PartitionSpec(), PartitionSpec(parallel.ROWS)
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(whole, whole, rows, whole), out_specs=rows, check_vma=False)

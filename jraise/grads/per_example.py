@@ -102,7 +102,8 @@ def example_grad_fn(graphdef: nnx.GraphDef, loss: str, dtypes: Pytree | None = N
 
 def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 8,
                         transform: Callable[[Pytree], Pytree] | None = None, dtypes: Pytree | None = None,
-                        beta: float = DPO_BETA, jit: bool = True) -> Callable:
+                        beta: float = DPO_BETA, jit: bool = True, rows_last: bool = False,
+                        on_chunk: Callable[[Pytree, Pytree], Pytree] | None = None) -> Callable:
     """A jitted ``fn(trainable, frozen, batch, extra) -> [G, ...]`` of per-example results: jraise's
     `CausalLM` as a ``loss_fn(params, example)`` for `chunked_grads`.
 
@@ -111,17 +112,31 @@ def make_per_example_fn(graphdef: nnx.GraphDef, loss: str = "sft", chunk: int = 
     (default: the gradient itself); ``extra`` is any pytree it needs (Adam moments, a projection
     key), passed through unbatched. Rows are processed ``chunk`` at a time; G need not be a
     multiple of ``chunk`` (the last chunk is padded with row 0, whose results are dropped).
-    ``jit=False`` returns the plain function, to be composed inside a caller's jit.
+    ``on_chunk(tree, extra)``, when given, then maps the whole chunk's (transformed) tree to a
+    pytree of ``[c, ...]`` leaves, e.g. a projection of the chunk. ``rows_last``: the chunk's
+    gradients are laid out with the example axis last (leaves ``[*param.shape, c]``, see
+    `chunked_grads`), ``transform`` still sees one example; what leaves without ``on_chunk`` is
+    moved back to rows first. ``jit=False`` returns the plain function, to be composed inside a
+    caller's jit.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     loss_of = example_loss_fn(graphdef, loss, dtypes, beta)
     keys = _batch_keys(loss)
+    axis = -1 if rows_last else 0
 
     def fn(trainable, frozen, batch, extra=None):
         rows = {k: batch[k] for k in keys}
-        keep = None if transform is None else jax.vmap(lambda grad: transform(grad, extra))
-        return chunked_grads(lambda params, row: loss_of(params, frozen, row), trainable, rows, chunk, keep)
+
+        def keep(tree):
+            if transform is not None:
+                tree = jax.vmap(lambda grad: transform(grad, extra), in_axes=axis, out_axes=axis)(tree)
+            if on_chunk is not None:
+                return on_chunk(tree, extra)
+            return jax.tree.map(lambda x: jnp.moveaxis(x, -1, 0), tree) if rows_last else tree
+
+        return chunked_grads(lambda params, row: loss_of(params, frozen, row), trainable, rows, chunk, keep,
+                             rows_last=rows_last)
 
     return jax.jit(fn) if jit else fn
 
@@ -151,16 +166,22 @@ def chunked_rows(fn: Callable[[Pytree], Pytree], batch: Pytree, chunk: int) -> P
 
 
 def chunked_grads(loss_fn: Callable, params: Pytree, batch: Pytree, chunk: int,
-                  on_chunk: Callable[[Pytree], Pytree] | None = None) -> Pytree:
+                  on_chunk: Callable[[Pytree], Pytree] | None = None, rows_last: bool = False) -> Pytree:
     """``on_chunk`` of the gradients of ``loss_fn(params, example)`` for every row of ``batch``,
     ``chunk`` rows at a time, stacked over the G rows (`chunked_rows`).
 
     Inside a chunk, ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`` gives the chunk's gradients
     (leaves ``[c, *param.shape]``), which ``on_chunk`` maps to a pytree of ``[c, ...]`` leaves
-    (default: kept as they are) before the next chunk is computed. No checks here: see
-    `jraise.grads.agnostic.per_example_grads` for the checked public form.
+    (default: kept as they are) before the next chunk is computed. ``rows_last=True`` asks the
+    vmap for the example axis last instead (leaves ``[*param.shape, c]``, ``out_axes=-1``): XLA
+    writes the per-example weight gradients in that layout directly, so a consumer that reads
+    one coordinate across the chunk (`jraise.grads.projection.project_columns_sjlt`) needs no
+    transpose; it needs an ``on_chunk``, which must still return ``[c, ...]`` leaves. No other
+    checks here: see `jraise.grads.agnostic.per_example_grads` for the checked public form.
     """
-    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+    if rows_last and on_chunk is None:
+        raise ValueError("rows_last=True needs an on_chunk that returns [c, ...] leaves")
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0), out_axes=-1 if rows_last else 0)
 
     def one_chunk(rows):
         tree = grads(params, rows)

@@ -148,6 +148,17 @@ def test_transform_runs_per_example_with_unbatched_extra():
         g = _row(raw, i)
         want = jax.tree.map(lambda g_, m, v: (0.9 * m + 0.1 * g_) / np.sqrt(0.999 * v + 0.001 * g_**2 + 1e-8), g, mu, nu)
         assert _rel_err(_row(got, i), want) < 1e-5
+    # The example axis last inside each chunk (the sjlt features' layout): the same numbers, and
+    # an on_chunk sees the whole chunk's transformed tree with the moments unbatched.
+    last = make_per_example_fn(graphdef, "sft", chunk=2, transform=transform, rows_last=True)
+    got_last = last(trainable, frozen, batch, (mu, nu))
+    for i in range(5):
+        assert _rel_err(_row(got_last, i), _row(got, i)) < 1e-6
+    sums = make_per_example_fn(graphdef, "sft", chunk=2, transform=transform, rows_last=True,
+                               on_chunk=lambda tree, extra: sum(x.reshape(-1, x.shape[-1]).sum(0)
+                                                                for x in jax.tree.leaves(tree)))
+    want_sums = [sum(float(np.sum(x)) for x in jax.tree.leaves(_row(got, i))) for i in range(5)]
+    np.testing.assert_allclose(np.asarray(sums(trainable, frozen, batch, (mu, nu))), want_sums, rtol=1e-4)
 
 
 def test_unknown_loss_and_bad_chunk():

@@ -16,14 +16,17 @@ import pytest
 
 from jraise.grads.agnostic import adam_preconditioner, gradient_features, per_example_grads
 from jraise.grads.features import FeatureConfig, compute_features
+from jraise.grads.per_example import chunked_grads
 from jraise.grads.projection import (
     DEFAULT_SJLT_NNZ,
     ProjectionConfig,
     flatten_batched_tree,
+    project_columns_sjlt,
     project_sjlt,
     project_tree_sjlt,
     sjlt_hashes,
     sjlt_matrix,
+    sjlt_table,
 )
 from jraise.jobs.influence import feature_store
 from jraise.train.step import split_trainable
@@ -89,6 +92,48 @@ def test_rows_are_independent_and_calls_repeat_bit_for_bit():
     tree = {"b": x[0, :, :100].reshape(3, 10, 10), "a": x[0, :, 100:]}
     np.testing.assert_array_equal(np.asarray(project_tree_sjlt(tree, key, 32, 2, 64)),
                                   np.asarray(project_sjlt(flatten_batched_tree(tree), key, 32, 2, 64)))
+
+
+@pytest.mark.parametrize("nnz", [1, 2])
+def test_the_rows_last_sketch_equals_the_rows_first_one_bit_for_bit(nnz):
+    """`project_columns_sjlt` (the chunk laid out [*shape, C], as the feature programs hold it) is
+    `project_tree_sjlt` of the same chunk rows first: same hashes (`sjlt_table`), same sums."""
+    key, dim, block_rows = ProjectionConfig(mode="sjlt", dim=32, seed=9).key(), 32, 64
+    x = jax.random.normal(jax.random.key(2), (5, 317))  # 5 blocks, the last one partial
+    tree = {"w": x[:, :120].reshape(5, 8, 15), "b": x[:, 120:150], "z": x[:, 150:].reshape(5, 167, 1)}
+    table = sjlt_table(key, 317, dim, nnz, block_rows)
+    outputs, signs = map(np.asarray, table)
+    assert outputs.shape == signs.shape == (nnz, 317)
+    for block in range(5):  # column i holds coordinate i's hashes
+        want_o, want_s = map(np.asarray, sjlt_hashes(key, block, block_rows, dim, nnz))
+        n = min(block_rows, 317 - block * block_rows)
+        np.testing.assert_array_equal(outputs[:, block * block_rows:block * block_rows + n], want_o[:, :n])
+        np.testing.assert_array_equal(signs[:, block * block_rows:block * block_rows + n], want_s[:, :n])
+    rows_last = jax.tree.map(lambda leaf: jnp.moveaxis(leaf, 0, -1), tree)
+    got = np.asarray(jax.jit(lambda t, tab: project_columns_sjlt(t, tab, dim))(rows_last, table))
+    np.testing.assert_array_equal(got, np.asarray(project_tree_sjlt(tree, key, dim, nnz, block_rows)))
+    with pytest.raises(ValueError, match="coordinates"):
+        project_columns_sjlt({"w": rows_last["w"]}, table, dim)
+    with pytest.raises(ValueError, match="trailing"):
+        project_columns_sjlt({**rows_last, "b": rows_last["b"][:, :4]}, table, dim)
+
+
+def test_rows_last_gradients_are_the_transposed_gradients():
+    """`chunked_grads(rows_last=True)` hands ``on_chunk`` the chunk's gradients with the example
+    axis last; without an ``on_chunk`` (nothing to bring the rows back first) it refuses."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.ones(3)}
+    batch = jax.random.normal(jax.random.key(3), (5, 2))
+
+    def loss_fn(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+    want = chunked_grads(loss_fn, params, batch, 2)
+    got = chunked_grads(loss_fn, params, batch, 2, lambda t: jax.tree.map(lambda g: jnp.moveaxis(g, -1, 0), t),
+                        rows_last=True)
+    for name in params:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6)
+    with pytest.raises(ValueError, match="on_chunk"):
+        chunked_grads(loss_fn, params, batch, 2, rows_last=True)
 
 
 def test_config_validation_and_identity():
