@@ -85,7 +85,12 @@ agreement pair, the factored split) and the scoring figure under ``"scoring"``.
 
 Timing: every side is warmed up first (one example per length bucket, so jit compiles every group
 shape; torch allocates), then the sides run ``--rounds`` rounds over the same examples, the order
-rotating from round to round; a figure is the median round. ``--breakdown`` adds a side that runs
+rotating from round to round; a round repeats whole passes until it has run ``--min-round-s``
+(so a pass of a few milliseconds is not timed alone); a figure is the median round.
+``--n-examples``, ``--group``, ``--n-buckets``, ``--rounds`` and ``--chunk`` take one number or
+one per model (``small=64,smollm2-135m-instruct=16``): each model gets its own testbed pool of its
+``--n-examples``, so one run can time the small preset at sizes where its passes are not
+overhead-bound and SmolLM2 at sizes this CPU finishes. ``--breakdown`` adds a side that runs
 `compute_features`' per-example program without the projection (gradients, Adam, flatten) on the
 same groups, and times one dense `project` call on a [chunk, P] block, to show where the time goes.
 
@@ -94,8 +99,9 @@ computes those padding rows like real ones, so a small pool wastes part of the j
 (``real_row_fraction``); a 4096-row store shard wastes a few percent. All jraise sides process the
 same groups; all rates count real examples only.
 
-Memory: jraise holds ``group x P`` float32 preconditioned gradients per group (SmolLM2 at r = 128:
-P = 14.7M, 3.8 GB at group 64, more inside the projection); lower ``--group`` on a small host.
+Memory: the dense and factored modes hold ``group x P`` float32 preconditioned gradients per group
+(SmolLM2 at r = 128: P = 14.7M, 3.8 GB at group 64, more inside the projection); lower
+``--group`` on a small host. The sjlt mode holds ``chunk x P`` (it sketches each chunk in place).
 
 Cost (shared 2-core CPU, loaded, 2026-12-06): ``--quick --ranks 8,128 --sjlt-nnz 1,4 --breakdown``
 took 7 minutes (small r = 8: 169 s, r = 128: 239 s, scoring 100k rows: seconds). On SmolLM2 every
@@ -108,6 +114,11 @@ run on this CPU: small 10 minutes, SmolLM2 r = 8 about 1.5-2 hours, SmolLM2 r = 
 host or an accelerator, or lower ``--n-examples`` / ``--rounds``.
 
     python benchmarks/grad_features.py                         # the full measurement (all of the above)
+    # issue 24's figures, both models in one run (about 40 minutes on 2 CPU cores):
+    python benchmarks/grad_features.py --models small,smollm2-135m-instruct --ranks 8,128 --skip-memory \
+        --n-examples small=256,smollm2-135m-instruct=32 --group small=64,smollm2-135m-instruct=16 \
+        --n-buckets small=4,smollm2-135m-instruct=1 --rounds small=3,smollm2-135m-instruct=1 \
+        --chunk small=16,smollm2-135m-instruct=8
     python benchmarks/grad_features.py --quick                 # small preset, r = 8, 64 examples
     python benchmarks/grad_features.py --models small --ranks 8,128 --sjlt-nnz 1,4 --skip-memory
     python benchmarks/grad_features.py --models smollm2-135m-instruct --ranks 8 --n-examples 64 --group 16
@@ -614,7 +625,7 @@ def _mode_configs(args, chunk: int):
 
 
 def _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, modes, moments,
-                       last) -> dict:
+                       last, n_seeds: int = 1) -> dict:
     """LESS-style scores of the same pool rows from the exact gradients, from every mode's features
     (a timed mode's last-round features) and from the dense mode of seed + 1; their agreement."""
     from jraise.grads.features import compute_features
@@ -632,7 +643,46 @@ def _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_ro
         scores[label] = _less_scores(train, val)
     pairs = [("exact", label) for label in configs] + [("dense", label) for label in configs if label != "dense"]
     out = {f"{a}_vs_{b}": _agreement(scores[a], scores[b]) for a, b in pairs}
+    if n_seeds > 1:
+        out["over_seeds"] = _agreement_over_seeds(graphdef, trainable, frozen, pool, rows, val_pool, val_rows,
+                                                  {"dense": dense, **modes}, moments, scores, n_seeds)
     return {"val_examples": len(val_rows), "exact_dim": exact_dim, **out}
+
+
+def _agreement_over_seeds(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, configs, moments, scores,
+                          n_seeds: int) -> dict:
+    """``--agreement-seeds``: every mode's agreement with the exact scores at projection seeds
+    seed .. seed + n - 1, and dense seed k against dense seed k + 1 for the same k (n pairs), as
+    {label: {"pearson": [...], "spearman": [...], "top5_overlap": [...], "mean": {...}}}. One
+    pool of 32 examples and 8 validation examples gives a noisy agreement figure; these spread it."""
+    import numpy as np
+
+    from jraise.grads.features import compute_features
+
+    def at_seed(config, seed):
+        config = dataclasses.replace(config, projection=dataclasses.replace(config.projection, seed=seed))
+        train = compute_features(graphdef, trainable, frozen, pool, rows, config, "sft", moments=moments)
+        return _less_scores(train, compute_features(graphdef, trainable, frozen, val_pool, val_rows, config, "sft"))
+
+    base = configs["dense"].projection.seed
+    runs: dict[str, list[dict]] = {label: [] for label in configs}
+    runs["dense_two_seeds"] = []
+    dense_scores = {base: scores["dense"], base + 1: scores["dense_other_seed"]}
+    for k in range(n_seeds):
+        for label, config in configs.items():
+            got = scores[label] if k == 0 else at_seed(config, base + k)
+            if label == "dense":
+                dense_scores[base + k] = got
+            runs[label].append(_agreement(scores["exact"], got))
+        if base + k + 1 not in dense_scores:
+            dense_scores[base + k + 1] = at_seed(configs["dense"], base + k + 1)
+        runs["dense_two_seeds"].append(_agreement(dense_scores[base + k], dense_scores[base + k + 1]))
+    out = {}
+    for label, items in runs.items():
+        fields = {f: [a[f] for a in items] for f in ("pearson", "spearman", "top5_overlap")}
+        out[label] = {**fields, "mean": {f: round(float(np.mean(v)), 4) for f, v in fields.items()},
+                      "min": {f: round(float(np.min(v)), 4) for f, v in fields.items()}}
+    return out
 
 
 def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dict, dict]:
@@ -713,7 +763,7 @@ def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dic
     t0 = time.perf_counter()
     val_rows = np.arange(min(args.n_val, len(val_pool)))
     agreement = _agreement_figures(graphdef, trainable, frozen, pool, rows, val_pool, val_rows, dense, modes, moments,
-                                   last)
+                                   last, args.agreement_seeds)
     detail["agreement_s"] = round(time.perf_counter() - t0, 1)
     detail["agreement"] = agreement
 
@@ -734,6 +784,9 @@ def _measure(name: str, model_dir, pool, val_pool, rank: int, args) -> tuple[dic
     a = agreement["dense_vs_dense_other_seed"]
     for key, field in (("pearson", "pearson"), ("spearman", "spearman"), ("top5", "top5_overlap")):
         flat[f"{prefix}/dense_two_seeds/agreement/{key}"] = a[field]
+    for label, runs in agreement.get("over_seeds", {}).items():
+        for key, field in (("pearson", "pearson"), ("spearman", "spearman"), ("top5", "top5_overlap")):
+            flat[f"{prefix}/{label}/agreement_mean_over_seeds/{key}"] = runs["mean"][field]
     return flat, detail
 
 
@@ -759,6 +812,13 @@ def _print_setting(prefix: str, flat: dict, detail: dict, modes) -> None:
     p = f"{prefix}/dense_two_seeds/agreement"
     print(f"    {'two dense seeds':16s} {'':9s} {'':12s} {'':13s}   {flat[f'{p}/pearson']:.4f} / "
           f"{flat[f'{p}/spearman']:.4f} / {flat[f'{p}/top5']:.3f} (dense vs dense seed+1)")
+    seeds = detail["agreement"].get("over_seeds")
+    if seeds:
+        n = len(seeds["dense_two_seeds"]["pearson"])
+        print(f"    over {n} projection seeds, mean (min) Pearson / Spearman:")
+        for label, runs in seeds.items():
+            m, lo = runs["mean"], runs["min"]
+            print(f"    {label:16s} {m['pearson']:.4f} ({lo['pearson']:.4f}) / {m['spearman']:.4f} ({lo['spearman']:.4f})")
 
 
 # ----------------------------------------------------------------------------- main
@@ -840,6 +900,9 @@ def main(argv=None):
     parser.add_argument("--proj-dim", type=int, default=8192, help="d of the dense and sjlt modes")
     parser.add_argument("--factored-dim", type=int, default=None, help="d of the factored mode (default --proj-dim)")
     parser.add_argument("--chunk", default="8", help="FeatureConfig.chunk")
+    parser.add_argument("--agreement-seeds", type=int, default=1,
+                        help="also the agreement at this many projection seeds (mean and min; dense vs dense: "
+                             "seed k vs k + 1)")
     parser.add_argument("--min-round-s", type=float, default=2.0,
                         help="a timed round repeats whole passes over the examples until it has run this long")
     parser.add_argument("--group", default=None,
