@@ -4,7 +4,8 @@ pool (or preference pool) + model weights [+ the checkpoint's Adam moments]
   -> fixed-size groups of examples of one length bucket (static shapes: a handful of programs)
   -> `make_per_example_fn`: per-example gradient -> [Adam preconditioning] -> flatten -> JL project
      (factored mode: the preconditioned tree -> a Kronecker JL projection per 2-D leaf;
-     sjlt mode: the flattened gradient -> a sparse JL transform)
+     sjlt mode: each chunk's gradients, example axis last, sketched in place by a sparse JL
+     transform, never flattened)
   -> rows [len(rows), d] in the order asked for (`compute_features`); every step is deterministic,
      so the same rows give the same features bit for bit.
 
@@ -66,8 +67,10 @@ class FeatureConfig:
     """How features are computed. ``group``: examples per jitted call (one static shape per length
     bucket) and per projection (the random blocks are generated once per group); ``chunk``:
     examples whose gradients exist at once inside it. Memory: chunk x (activations + gradients)
-    plus group x P floats for the flattened, preconditioned gradients awaiting projection (P =
-    trainable size: small under LoRA; lower ``group`` for full gradients of a large model).
+    plus, in the dense and factored modes, group x P floats for the flattened, preconditioned
+    gradients awaiting projection (P = trainable size: small under LoRA; lower ``group`` for full
+    gradients of a large model); the sjlt mode sketches each chunk in place (chunk x P at most,
+    plus its hash table, 8 bytes per coordinate and nonzero).
 
     ``projection.mode``: ``"dense"`` projects the flattened gradient by one JL matrix;
     ``"factored"`` projects each 2-D leaf by its own Kronecker matrix (LoGra) and the other leaves

@@ -89,7 +89,10 @@ spread over many coordinates. The hashes of input block b (coordinates ``b * blo
 block_rows), uint32)`` (`sjlt_hashes`), so nothing of size P x d exists and coordinate i's
 outputs depend only on ``(key, i, d, s, block_rows)``. A chunk [C, P] is projected block by block
 inside a ``lax.fori_loop`` by one scatter-add of the block's s x block_rows signed input columns
-(each a row of C numbers) into a [d, C] accumulator: O(C P s) work, flat in d. Like the factored
+(each a row of C numbers) into a [d, C] accumulator: O(C P s) work, flat in d. A chunk already
+laid out with the example axis last (leaves [*shape, C], as jraise's feature programs produce it)
+goes through `project_columns_sjlt` with the hashes of every coordinate drawn once
+(`sjlt_table`): the same sums, without the flattened copy and the transpose. Like the factored
 mode it is a different random projection from the dense one (compare by scores, not entry by
 entry); a store is keyed by the mode and s.
 """

@@ -1,20 +1,19 @@
 """jraise's `CausalLM` with a tap on every linear layer, for `jraise.grads.factored_full`.
 
 Stage: the model-side adapter of the never-materialised full-parameter features. `tapped_logits`
-re-runs the cache-free forward of `jraise.model.transformer.CausalLM` (embedding -> decoder layers
--> norm -> LM head, the same modules and the same operations in the same order) with every
-`Projection` call routed through ``tap(name, x, y)``: ``x`` is the layer's input cast to its compute
-dtype (what the kernel multiplies), ``y = projection(x)`` its output (bias and LoRA branch
-included). With ``tap = lambda n, x, y: y`` the logits are the model's own (tested).
+runs the cache-free forward of `jraise.model.transformer.CausalLM` itself inside
+`jraise.model.transformer.tapping`, which routes every named `Projection` call through
+``tap(name, x, y)``: ``x`` is the layer's input cast to its compute dtype (what the kernel
+multiplies), ``y = projection(x)`` its output (bias and LoRA branch included). With ``tap =
+lambda n, x, y: y`` the logits are the model's own (tested).
 
 Tapped layers (`projection_names`), named like their parameters' paths:
 ``layers.<i>.self_attn.{q,k,v,o}_proj``, ``layers.<i>.mlp.{gate,up,down}_proj`` and, when the
 model has an untied head, ``lm_head`` (``include_lm_head=False`` leaves it out: it is a [D, V]
 kernel, often the largest). Not tapped, hence not featurised: the embedding table (a gather, not
 a matmul; a tied head's matmul uses that table too), the RMSNorm scales and any bias (their
-gradients are not ``X^T Delta``). The transformer module itself is untouched: the forward here
-is a functional copy of ``CausalLM.__call__`` (without remat: the inputs it captures are kept
-anyway), so a change to the model's forward must be mirrored here; the tests compare the two.
+gradients are not ``X^T Delta``). There is one forward: the model's own, remat skipped while a
+tap is active (the inputs it captures are kept anyway).
 
 `tapped_sft_loss` gives ``tapped_loss_fn(params, row, tap)``: the SFT loss of
 `jraise.grads.per_example.example_loss` (mean NLL over the row's response tokens, dropout off,
@@ -38,14 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jraise.loglik import eval_view, example_nll
-from jraise.model.transformer import (
-    CausalLM,
-    Projection,
-    apply_rope,
-    grouped_attention,
-    dtype_of,
-    rope_inverse_frequencies,
-)
+from jraise.model.transformer import CausalLM, tapping
 
 __all__ = ["layer_kernels", "projection_names", "tapped_logits", "tapped_sft_loss"]
 
@@ -64,54 +56,20 @@ def projection_names(model: CausalLM, include_lm_head: bool = True) -> tuple[str
     return tuple(sorted(names))
 
 
-def _tapped(projection: Projection, name: str, x: jax.Array, tap: Callable) -> jax.Array:
-    x = x.astype(projection.dtype)
-    return tap(name, x, projection(x))
-
-
-def _attention(attn, prefix: str, x, positions, mask, inv_freq, tap):
-    """`Attention.__call__` (no cache) with tapped projections."""
-    b, t, _ = x.shape
-    q = _tapped(attn.q_proj, f"{prefix}.q_proj", x, tap).reshape(b, t, attn.num_heads, attn.head_dim)
-    k = _tapped(attn.k_proj, f"{prefix}.k_proj", x, tap).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-    v = _tapped(attn.v_proj, f"{prefix}.v_proj", x, tap).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    return _tapped(attn.o_proj, f"{prefix}.o_proj", grouped_attention(q, k, v, mask), tap)
-
-
-def _mlp(mlp, prefix: str, x, tap):
-    gate = _tapped(mlp.gate_proj, f"{prefix}.gate_proj", x, tap)
-    up = _tapped(mlp.up_proj, f"{prefix}.up_proj", x, tap)
-    return _tapped(mlp.down_proj, f"{prefix}.down_proj", jax.nn.silu(gate) * up, tap)
-
-
 def tapped_logits(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                   tap: Callable | None = None, positions: jax.Array | None = None,
                   include_lm_head: bool = True) -> jax.Array:
     """``model(input_ids, attention_mask, positions)`` (logits [B, T, V] float32) with
     ``y = tap(name, x, y)`` at every `Projection` named by `projection_names` (the LM head only
-    when ``include_lm_head``). Dropout is as the caller's model has it (`tapped_sft_loss` switches
-    it off); ``config.remat`` is ignored."""
+    when ``include_lm_head``), through `jraise.model.transformer.tapping`: the model's own forward,
+    so the logits are the model's. Dropout is as the caller's model has it (`tapped_sft_loss`
+    switches it off); ``config.remat`` is ignored while tapped."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"tapped_logits needs a jraise CausalLM, got {type(model).__name__}")
-    tap = (lambda name, x, y: y) if tap is None else tap
-    config = model.config
-    positions, mask = model.causal_inputs(input_ids, attention_mask, positions)
-    inv_freq = jnp.asarray(tuple(rope_inverse_frequencies(config).tolist()), jnp.float32)
-    x = model.embed_tokens[...][input_ids].astype(dtype_of(config.dtype))
-    for i, layer in enumerate(model.layers):
-        x = x + _attention(layer.self_attn, f"layers.{i}.self_attn", layer.input_layernorm(x), positions, mask,
-                           inv_freq, tap)
-        x = x + _mlp(layer.mlp, f"layers.{i}.mlp", layer.post_attention_layernorm(x), tap)
-    h = model.norm(x)
-    if model.lm_head is None:
-        emb = model.embed_tokens[...].astype(h.dtype)
-        return jnp.einsum("BTD,VD->BTV", h, emb).astype(jnp.float32)
-    if include_lm_head:
-        return _tapped(model.lm_head, "lm_head", h, tap).astype(jnp.float32)
-    return model.lm_head(h).astype(jnp.float32)
+    if tap is None:
+        return model(input_ids, attention_mask, positions)
+    with tapping(model, tap, frozenset(projection_names(model, include_lm_head))):
+        return model(input_ids, attention_mask, positions)
 
 
 def tapped_sft_loss(graphdef: nnx.GraphDef, *, include_lm_head: bool = True) -> Callable:

@@ -18,7 +18,10 @@ the unpadded row; this is also what transformers' `generate` uses.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +39,36 @@ def dtype_of(dtype) -> type:
     return _DTYPES[dtype_name(dtype)]
 
 
+# The active tap of `tapping`: ({id(projection): name}, tap) or None (the default: no effect).
+_TAP: contextvars.ContextVar = contextvars.ContextVar("jraise_projection_tap", default=None)
+
+
+@contextlib.contextmanager
+def tapping(model: nnx.Module, tap: Callable[[str, jax.Array, jax.Array], jax.Array],
+            names: frozenset[str] | None = None) -> Iterator[None]:
+    """Within the block, every `Projection` of ``model`` (those whose dotted path, e.g.
+    ``layers.0.self_attn.q_proj``, is in ``names``; default all) returns ``tap(name, x, y)`` instead
+    of ``y``, where ``x`` is its input cast to the compute dtype (what the kernel multiplies) and
+    ``y`` its output (bias and LoRA branch included). It acts while the forward is traced, so it
+    composes with jit, vmap and grad; `CausalLM.hidden_states` skips remat while a tap is active
+    (what the tap captures must leave the function). Used by `jraise.model.taps`."""
+    wanted = None if names is None else set(names)
+    found = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(model)
+             if isinstance(node, Projection)}
+    found = {key: name for key, name in found.items() if wanted is None or name in wanted}
+    token = _TAP.set((found, tap))
+    try:
+        yield
+    finally:
+        _TAP.reset(token)
+
+
 class Projection(nnx.Module):
     """A linear map `y = x @ kernel (+ bias)` with an optional LoRA branch.
 
     The LoRA branch (`lora_a` [in, r], `lora_b` [r, out], both `nnx.LoRAParam`) is absent until
     `jraise.model.lora.add_lora` attaches it; it adds `dropout(x) @ lora_a @ lora_b * lora_scale`.
+    Inside `tapping`, the output passes through the active tap.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
@@ -64,6 +92,9 @@ class Projection(nnx.Module):
             xd = self.lora_dropout(x) if self.lora_dropout is not None else x
             low = xd @ self.lora_a[...].astype(self.dtype)
             y = y + (low @ self.lora_b[...].astype(self.dtype)) * self.lora_scale
+        active = _TAP.get()
+        if active is not None and id(self) in active[0]:
+            y = active[1](active[0][id(self)], x, y)
         return y
 
 
@@ -257,7 +288,7 @@ class CausalLM(nnx.Module):
         positions, mask = self.causal_inputs(input_ids, attention_mask, positions)
         x = self._embed(input_ids)
         for layer in self.layers:
-            if self.config.remat:
+            if self.config.remat and _TAP.get() is None:
                 x = nnx.remat(_layer_without_cache)(layer, x, positions, mask)
             else:
                 x = _layer_without_cache(layer, x, positions, mask)

@@ -9,7 +9,7 @@ from flax import nnx
 from jraise.model import PRESETS, ModelConfig, init_model, parameter_count, preset_config
 from jraise.model.generate import generate, left_pad
 from jraise.model.lora import LoRAConfig, add_lora, merge_lora
-from jraise.model.transformer import causal_padding_mask, rope_inverse_frequencies
+from jraise.model.transformer import causal_padding_mask, rope_inverse_frequencies, tapping
 
 
 def _loss(model, ids):
@@ -27,6 +27,43 @@ def test_remat_gives_identical_loss_and_gradients():
     l2, g2 = nnx.jit(nnx.value_and_grad(_loss))(remat, ids)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_tapping_routes_the_named_projections_only_inside_the_block():
+    """`tapping`: inside the block each named Projection returns tap(name, x, y) with x its input
+    (compute dtype) and y its output; other projections, and every call after the block, are as
+    before; a remat model is tapped too (remat skipped while tapped), under jit."""
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, 50, (2, 7)))
+    for remat in (False, True):
+        model = init_model(preset_config("tiny", vocab_size=50, remat=remat), seed=3)
+        plain = np.asarray(model(ids))
+        seen = {}
+
+        def record(name, x, y):
+            seen[name] = (x.shape, y.shape)
+            return y
+
+        with tapping(model, record):
+            np.testing.assert_array_equal(np.asarray(model(ids)), plain)
+        assert set(seen) == {f"layers.{i}.{p}" for i in range(2) for p in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {"lm_head"}
+        d, f = model.config.hidden_size, model.config.intermediate_size
+        assert seen["layers.1.mlp.down_proj"] == ((2, 7, f), (2, 7, d))
+
+        def zero_head(name, x, y):
+            return jnp.zeros_like(y)
+
+        @jax.jit
+        def tapped(ids):
+            with tapping(model, zero_head, frozenset({"lm_head"})):
+                return model(ids)
+
+        np.testing.assert_array_equal(np.asarray(tapped(ids)), 0.0)  # only the head was replaced
+        with tapping(model, zero_head, frozenset({"layers.0.mlp.down_proj"})):
+            changed = np.asarray(model(ids))
+        assert np.abs(changed - plain).max() > 1e-6 and np.isfinite(changed).all()
+        np.testing.assert_array_equal(np.asarray(model(ids)), plain)  # nothing left behind
 
 
 def test_future_tokens_do_not_change_past_logits():
