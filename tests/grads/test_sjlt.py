@@ -325,28 +325,3 @@ def test_sjlt_features_on_8_devices_equal_one_device(tmp_path):
         np.testing.assert_allclose(results[mesh], one, rtol=1e-5, atol=1e-6 * np.abs(one).max(), err_msg=mesh)
     # The projection of the same rows is the same bit for bit on 1 and 8 devices.
     np.testing.assert_array_equal(results["projection/8"], results["projection/none"])
-
-
-def test_cli_accepts_the_sjlt_mode(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    import jraise.jobs.influence as influence
-    from jraise.cli import app
-
-    seen = []
-    monkeypatch.setattr(influence, "run_influence_selection", lambda *args, **kwargs: seen.append(args[4]))
-    for name in ("model", "pool.jsonl", "val.jsonl"):
-        (tmp_path / name).touch()
-    args = ["select", "less", "--model", str(tmp_path / "model"), "--pool", str(tmp_path / "pool.jsonl"), "--val",
-            str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out" / "sel.jsonl"), "--proj-dim", "64"]
-    result = CliRunner().invoke(app, [*args, "--projection-mode", "sjlt"])
-    assert result.exit_code == 0, result.output
-    (config,) = seen
-    assert config.features().projection == ProjectionConfig(dim=64, mode="sjlt")
-    assert config.features().to_dict()["projection"]["sjlt_nnz"] == DEFAULT_SJLT_NNZ
-    # sjlt is the default of `jraise select less|rose` (and of InfluenceRunConfig); dense one option away
-    for extra, mode in (([], "sjlt"), (["--projection-mode", "dense"], "dense")):
-        seen.clear()
-        assert CliRunner().invoke(app, [*args, *extra]).exit_code == 0
-        assert seen[0].projection_mode == mode and seen[0].features().projection.mode == mode
-    assert influence.InfluenceRunConfig(method="less").projection_mode == "sjlt"

@@ -121,3 +121,31 @@ def test_cli_less_with_the_factored_projection(testbed):
         assert identity["features"]["projection"]["dim"] == 64
         assert identity.get("adam_first_moment", "absent") == (False if meta.parent.name.startswith("train")
                                                                 else "absent")
+
+
+def test_cli_less_defaults_to_the_sjlt_projection(testbed):
+    """`jraise select less` without --projection-mode runs the sparse sketch (s = 1) end to end: its
+    feature stores say so, and the selection is written; dense is one option away (its config)."""
+    from typer.testing import CliRunner
+
+    from jraise.cli import app
+    from jraise.grads.projection import DEFAULT_SJLT_NNZ
+
+    root, paths, model = testbed
+    out = root / "cli-sjlt" / "sel.jsonl"
+    args = ["select", "less", "--model", str(model), "--pool", str(paths["pool"]), "--val",
+            str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
+            "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
+            "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 4
+    metas = sorted((out.with_name("sel.jsonl.work") / "features").glob("*/*/meta.json"))
+    assert metas
+    for meta in metas:
+        projection = json.loads(meta.read_text())["identity"]["features"]["projection"]
+        assert projection["mode"] == "sjlt" and projection["sjlt_nnz"] == DEFAULT_SJLT_NNZ == 1
+        assert projection["dim"] == 64
+    assert json.loads(out.with_name("sel.jsonl.meta.json").read_text())["config"]["projection_mode"] == "sjlt"
+    assert InfluenceRunConfig(method="less").projection_mode == "sjlt"
+    assert InfluenceRunConfig(method="less", projection_mode="dense").features().projection.mode == "dense"
