@@ -25,7 +25,7 @@ depend on (`FeatureConfig.to_dict` among it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -239,8 +239,11 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     if config.group % parallel.row_shards(mesh):
         raise ValueError(f"FeatureConfig.group ({config.group}) must be a multiple of the mesh's data x fsdp "
                          f"({parallel.row_shards(mesh)} devices)")
-    fn = _PROGRAMS.get((graphdef, loss, adam, config, dtypes_key(dtypes), mesh),
-                       lambda: _group_features_fn(graphdef, loss, adam, config, dtypes, mesh))
+    # The program reads the projection's key as an argument, so configs that differ only in the
+    # seed share one compiled program.
+    program_config = replace(config, projection=replace(config.projection, seed=0))
+    fn = _PROGRAMS.get((graphdef, loss, adam, program_config, dtypes_key(dtypes), mesh),
+                       lambda: _group_features_fn(graphdef, loss, adam, program_config, dtypes, mesh))
     if loss == "dpo":
         logprob_fn = _PROGRAMS.get((graphdef, "logprob", dtypes_key(dtypes)),
                                    lambda: make_sequence_logprob_fn(graphdef, dtypes))

@@ -2,6 +2,7 @@
 of its generated hashes and signs; preserves inner products with CountSketch's variance; gives the
 one-device features on 8 devices; is what `gradient_features` and the feature store apply."""
 
+import dataclasses
 import json
 import math
 import os
@@ -245,6 +246,16 @@ def test_compute_features_is_the_sjlt_projection_of_the_gradients(setup):
     proj = SJLT.projection
     want = np.asarray(sjlt_matrix(proj.key(), len(flat[0]), proj.dim, proj.sjlt_nnz, proj.block_rows))
     np.testing.assert_allclose(got, np.stack(flat) @ want, rtol=2e-4, atol=1e-6)
+    # Another seed: its own hashes, through the same compiled program (the key is an argument).
+    from jraise.grads import features
+
+    programs = len(features._PROGRAMS._entries)
+    other = dataclasses.replace(SJLT, projection=dataclasses.replace(proj, seed=proj.seed + 1))
+    got_other = compute_features(graphdef, trainable, frozen, pool, rows, other, "sft", moments=(mu, nu))
+    assert len(features._PROGRAMS._entries) == programs
+    want = np.asarray(sjlt_matrix(other.projection.key(), len(flat[0]), proj.dim, proj.sjlt_nnz, proj.block_rows))
+    np.testing.assert_allclose(got_other, np.stack(flat) @ want, rtol=2e-4, atol=1e-6)
+    assert np.abs(got_other - got).max() > 1e-3
 
 
 def test_feature_stores_of_other_modes_or_s_never_mix(setup):
