@@ -95,6 +95,14 @@ def test_skip_bad_runs_past_bad_lines_and_records_them(testbed):
     assert skipping.features() == config.features()  # same feature stores with or without skip_bad
 
 
+def _cli_less_args(paths, model, out) -> list[str]:
+    """`jraise select less` on the tiny testbed: a one-epoch warmup on 25%, LoRA r = 2, d = 64."""
+    return ["select", "less", "--model", str(model), "--pool", str(paths["pool"]), "--val",
+            str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
+            "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
+            "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
+
+
 def test_cli_less_with_the_factored_projection(testbed):
     from typer.testing import CliRunner
 
@@ -102,10 +110,7 @@ def test_cli_less_with_the_factored_projection(testbed):
 
     root, paths, model = testbed
     out = root / "cli-factored" / "sel.jsonl"
-    args = ["select", "less", "--model", str(model), "--pool", str(paths["pool"]), "--val",
-            str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
-            "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
-            "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
+    args = _cli_less_args(paths, model, out)
     assert CliRunner().invoke(app, [*args, "--projection-mode", "kron"]).exit_code != 0
     result = CliRunner().invoke(app, [*args, "--projection-mode", "factored", "--no-adam-first-moment"])
     assert result.exit_code == 0, result.output
@@ -133,11 +138,7 @@ def test_cli_less_defaults_to_the_sjlt_projection(testbed):
 
     root, paths, model = testbed
     out = root / "cli-sjlt" / "sel.jsonl"
-    args = ["select", "less", "--model", str(model), "--pool", str(paths["pool"]), "--val",
-            str(paths["val"]), "--out", str(out), "--fraction", "0.1", "--warmup-fraction", "0.25",
-            "--warmup-epochs", "1", "--warmup-lr", "1e-3", "--warmup-batch-size", "8", "--lora-rank", "2",
-            "--lora-alpha", "4", "--max-len", "256", "--proj-dim", "64"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, _cli_less_args(paths, model, out))
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 4
     metas = sorted((out.with_name("sel.jsonl.work") / "features").glob("*/*/meta.json"))
