@@ -162,9 +162,9 @@ def gradient_features(loss_fn: Callable, params: Pytree, batch: Pytree, *, proje
         raise TypeError(f"projection must be a jraise.grads.projection.ProjectionConfig, "
                         f"got {type(projection).__name__}")
     _prepare(loss_fn, params, batch, chunk)
-    key = projection.key()
     if projection.mode == "sjlt":
         return _sjlt_features(loss_fn, params, batch, projection, precondition, chunk)
+    key = projection.key()
     transform = None if precondition is None else jax.vmap(precondition)
     project_fn = partial(project_tree_factored if projection.mode == "factored" else project_tree,
                          kind=projection.kind)
