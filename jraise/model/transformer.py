@@ -52,10 +52,9 @@ def tapping(model: nnx.Module, tap: Callable[[str, jax.Array, jax.Array], jax.Ar
     ``y`` its output (bias and LoRA branch included). It acts while the forward is traced, so it
     composes with jit, vmap and grad; `CausalLM.hidden_states` skips remat while a tap is active
     (what the tap captures must leave the function). Used by `jraise.model.taps`."""
-    wanted = None if names is None else set(names)
-    found = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(model)
-             if isinstance(node, Projection)}
-    found = {key: name for key, name in found.items() if wanted is None or name in wanted}
+    paths = ((id(node), ".".join(map(str, path))) for path, node in nnx.iter_graph(model)
+             if isinstance(node, Projection))
+    found = {key: name for key, name in paths if names is None or name in names}
     token = _TAP.set((found, tap))
     try:
         yield
