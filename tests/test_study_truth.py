@@ -57,11 +57,24 @@ def test_a_generative_category_is_asked_for_the_right_options_text():
 def test_standard_error_and_checks_read_the_rows():
     config = RealStudyConfig(targets=("boolq", "piqa"), n_test=100)
     assert target_standard_error({"boolq": 0.5, "piqa": 0.5}, config) == pytest.approx(np.sqrt(0.005) / 2)
-    rows = [{"method": "oracle", "target_acc": 0.7, "per_category": {"boolq": 0.5, "piqa": 0.5}},
-            {"method": "random", "target_acc": 0.55}, {"method": "less", "clean_target_share": 0.6, "noisy_share": 0.1}]
+    rows = [{"method": "oracle", "seed": 0, "target_acc": 0.7, "per_category": {"boolq": 0.5, "piqa": 0.5}},
+            {"method": "random", "seed": 0, "target_acc": 0.55},
+            {"method": "less", "seed": 0, "clean_target_share": 0.6, "noisy_share": 0.1}]
     result = {"rows": rows, "base": {"target_acc": 0.5},
               "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.16}}
     lines = checks(result, config)
     se = np.sqrt(0.005) / 2
     assert f"{0.2 / se:+.1f} SE" in lines[1] and f"{0.15 / se:+.1f} SE" in lines[2]
     assert "3.8x the pool's" in lines[3] and "noisy share 0.10 (pool 0.20)" in lines[3]
+
+
+def test_checks_time_a_seed_only_when_it_has_every_method():
+    config = RealStudyConfig(methods=("random", "less"))
+    rows = [{"method": "random", "seed": 0, "total_seconds": 600.0},
+            {"method": "less", "seed": 0, "total_seconds": 1800.0, "clean_target_share": 0.5, "noisy_share": 0.1},
+            {"method": "random", "seed": 1, "total_seconds": 900.0}]
+    result = {"rows": rows, "base": {"target_acc": 0.1},
+              "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.1}}
+    timed = [line for line in checks(result, config) if "one seed of every method" in line]
+    assert timed == ["seed 0: one seed of every method (2 rows) took 40 min on this machine (the rows' own times, "
+                     "summed; the bar: 90 min on 2 CPU cores)"]
