@@ -53,20 +53,28 @@ def cluster_order(gamma: np.ndarray) -> np.ndarray:
     return np.asarray(leaves_list(z), dtype=np.int64)
 
 
-def _check_gamma_names(gamma: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+def check_gamma(gamma, names: Sequence[str] | None = None) -> np.ndarray:
+    """``gamma`` as a float64 (C, C) array, refused (ValueError naming the entry) when it is not
+    square, has non-finite entries, or ``names`` (if given) are not C unique names."""
     g = np.asarray(gamma, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
-    names = [str(n) for n in names]
-    if len(names) != g.shape[0]:
-        raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
-    if len(set(names)) != len(names):
-        raise ValueError("category names must be unique")
+    if names is not None:
+        if len(names) != g.shape[0]:
+            raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
+        if len(set(names)) != len(names):
+            raise ValueError("category names must be unique")
     bad = np.argwhere(~np.isfinite(g))
     if len(bad):
         r, k = (int(x) for x in bad[0])
-        raise ValueError(f"gamma contains non-finite values: gamma[{r}, {k}] (target {names[r]!r}, source "
-                         f"{names[k]!r}) is {g[r, k]}")
+        which = f" (target {names[r]!r}, source {names[k]!r})" if names is not None else ""
+        raise ValueError(f"gamma contains non-finite values: gamma[{r}, {k}]{which} is {g[r, k]}")
+    return g
+
+
+def _check_gamma_names(gamma: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    names = [str(n) for n in names]
+    g = check_gamma(gamma, names)
     _check_diagonal(g, names, lambda r: f"gamma[{r}, {r}]")
     return g, names
 

@@ -23,6 +23,8 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from jraise.data.gamma import check_gamma
+
 BASE, MIDDLE, DEPENDENT = 0, 1, 2
 DEFAULT_THRESHOLD = 0.1
 
@@ -47,23 +49,6 @@ __all__ = [
 ]
 
 
-def _check_gamma(gamma: np.ndarray, names: Sequence[str] | None) -> np.ndarray:
-    g = np.asarray(gamma, dtype=np.float64)
-    if g.ndim != 2 or g.shape[0] != g.shape[1]:
-        raise ValueError(f"gamma must be a square (C, C) matrix, got shape {g.shape}")
-    if names is not None:
-        if len(names) != g.shape[0]:
-            raise ValueError(f"names has {len(names)} entries, gamma is {g.shape}")
-        if len(set(names)) != len(names):
-            raise ValueError("category names must be unique")
-    bad = np.argwhere(~np.isfinite(g))
-    if len(bad):
-        r, k = (int(x) for x in bad[0])
-        which = f" (target {names[r]!r}, source {names[k]!r})" if names is not None else ""
-        raise ValueError(f"gamma contains non-finite values: gamma[{r}, {k}]{which} is {g[r, k]}")
-    return g
-
-
 def prerequisite_matrix(gamma: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """Boolean ``(C, C)`` adjacency ``A[a, b]``: category a is a prerequisite of b.
 
@@ -71,7 +56,7 @@ def prerequisite_matrix(gamma: np.ndarray, threshold: float = DEFAULT_THRESHOLD)
     to target b (in b-equivalents) than one source-b instruction is worth to target a; training
     on a helps b more than b helps a. With ``threshold >= 0`` an edge never has a reverse edge.
     """
-    g = _check_gamma(gamma, None)
+    g = check_gamma(gamma, None)
     asym = g.T - g  # asym[a, b] = Gamma[b, a] - Gamma[a, b]
     adj = asym > threshold
     np.fill_diagonal(adj, False)
@@ -87,7 +72,7 @@ def prerequisite_edges(
     above the +-0.02 per-cell precision of the digitized paper matrix (so +-0.04 on a difference)
     and keeps only clear asymmetries. Edges are listed in (a, b) index order.
     """
-    _check_gamma(gamma, names)
+    check_gamma(gamma, names)
     return adjacency_edges(prerequisite_matrix(gamma, threshold), names)
 
 
@@ -193,7 +178,7 @@ def dependency_taxonomy(
     ranking into ``n_tiers`` groups of (nearly) equal size (``numpy.array_split``); no threshold
     is involved.
     """
-    g = _check_gamma(gamma, names)
+    g = check_gamma(gamma, names)
     return _taxonomy(g, prerequisite_matrix(g, threshold), names, n_tiers, method)
 
 
@@ -256,7 +241,7 @@ def replicated_prerequisite_matrix(
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     for g in gs:
-        _check_gamma(g, None)
+        check_gamma(g, None)
     asym = np.swapaxes(gs, 1, 2) - gs  # asym[s, a, b] = Gamma_s[b, a] - Gamma_s[a, b]
     s = gs.shape[0]
     mean, sd = asym.mean(axis=0), asym.std(axis=0, ddof=1)
@@ -281,7 +266,7 @@ def replicated_taxonomy(
     from the mean Gamma. Tier rules as in `dependency_taxonomy`."""
     adj = replicated_prerequisite_matrix(gammas, threshold, alpha)
     mean = np.asarray(gammas, dtype=np.float64).mean(axis=0)
-    _check_gamma(mean, names)
+    check_gamma(mean, names)
     return _taxonomy(mean, adj, names, n_tiers, method)
 
 
