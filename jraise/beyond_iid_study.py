@@ -3,8 +3,7 @@ construction, EE-CPO vs the baseline mix, DT-CSFT vs shuffled order, at one budg
 
 This is the standalone study of the two Beyond-IID methods (``benchmarks/beyond_iid_study.py``
 is its command line); inside the selection study they run as two more selectors
-(`jraise.study_beyond_iid`). Protocol (Beyond IID, arXiv 2409.07045;
-`shared/methods/beyond_iid.md`), sizes in `BeyondIIDStudyConfig`:
+(`jraise.study_beyond_iid`). Protocol (Beyond IID, arXiv 2409.07045), sizes in `BeyondIIDStudyConfig`:
 
 1. **Base model.** One ``small`` model trained from scratch on a clean testbed of the 14 default
    categories (`jraise.study.build_base` with no held-out targets, ``base_steps`` steps): the

@@ -1,7 +1,7 @@
 """Random Johnson-Lindenstrauss projections of per-example gradients, never stored as a matrix.
 
 Stage: ``jraise.grads``, between per-example gradients and the feature store. LESS (Xia et al.
-2024, arXiv 2402.04333, section 2 of ``shared/methods/less_rose.md``) projects every gradient
+2024, arXiv 2402.04333) projects every gradient
 (length P, up to millions) to d = 8192 dimensions with a fixed random matrix and compares the
 projections by cosine; the same projection must be used for every checkpoint and for the
 validation side.

@@ -1,7 +1,7 @@
 """DT-CSFT: dependency-taxonomy-guided curriculum for supervised fine-tuning.
 
-Method: Beyond IID (Zhao et al. 2024, arXiv 2409.07045), section 4 of
-``shared/methods/beyond_iid.md``. Categories are split into three tiers -- base (root skills
+Method: Beyond IID (Zhao et al. 2024, arXiv 2409.07045, the dependency
+curriculum). Categories are split into three tiers -- base (root skills
 such as math and code), middle, dependent (e.g. summarization, creative writing, knowledge QA) --
 and the N training records are laid out as a 3-stage, 3N-record sequence that shows base skills
 early and dependent ones late while every record is seen exactly three times.

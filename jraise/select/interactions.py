@@ -1,7 +1,7 @@
 """Category interaction ("effect equivalence") matrix Gamma.
 
-Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045), section 2 of
-``shared/methods/beyond_iid.md``. From a baseline set D0 one fine-tune per source category i is
+Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045, the interaction
+estimate). From a baseline set D0 one fine-tune per source category i is
 run with the amount of category i changed by ``Delta_i``; the performance ``P_j`` on every
 target category j is measured. The per-instruction effect is
 

@@ -1,8 +1,8 @@
 """Beyond-IID intervention runs for jraise's own model: N+1 fine-tunes of a ``CausalLM`` on an
 ``InstructionPool`` -> per-category performance -> the interaction matrix Gamma.
 
-Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045), section 2 of
-``shared/methods/beyond_iid.md``. From a baseline subset D0 of the pool (``n0_k`` examples of
+Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045, the interaction
+estimate). From a baseline subset D0 of the pool (``n0_k`` examples of
 category k) build R = N+1 training sets: run 0 is D0, run k (1-based) is D0 with category k-1
 changed by ``Delta_k``. Fine-tune the same starting model on each set with the same
 hyperparameters, measure the performance of every run on every category of a held-out pool and

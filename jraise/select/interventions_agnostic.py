@@ -1,8 +1,8 @@
 """Beyond-IID intervention runs over the user's own JAX training step: N+1 fine-tunes of any model
 -> per-category performance -> the interaction matrix Gamma.
 
-Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045), section 2 of
-``shared/methods/beyond_iid.md``. From a baseline subset D0 of the pool build R = N+1 training
+Method: Beyond IID (Zhao, Du, Ju, Wu, Pan 2024, arXiv 2409.07045, the interaction
+estimate). From a baseline subset D0 of the pool build R = N+1 training
 sets (run 0 = D0, run k+1 = D0 with category ``names[k]`` changed by ``deltas[k]``), fine-tune the
 same starting state on each with the same step, measure every run on every category and turn the
 [R, N] table into ``Gamma[target, source]``::

@@ -1,7 +1,7 @@
 """EE-CPO: effect-equivalence-based category proportion optimisation by linear programming.
 
-Method: Beyond IID (Zhao et al. 2024, arXiv 2409.07045), section 3 of
-``shared/methods/beyond_iid.md``. The paper maximises ``alpha^T Gamma w`` (alpha = importance of
+Method: Beyond IID (Zhao et al. 2024, arXiv 2409.07045, the mixture
+optimisation). The paper maximises ``alpha^T Gamma w`` (alpha = importance of
 each target category, by default the baseline proportions; w = amount per source category) and
 then moves a small share (3%) of the data. jraise solves the clean LP of the method page:
 

@@ -1,4 +1,4 @@
-"""RAISE building blocks (``shared/methods/raise.md``): per-cluster set sampling, the policy, PPO.
+"""RAISE building blocks (Lv, Li et al. 2025, arXiv 2504.07282): per-cluster set sampling, the policy, PPO.
 
 * `sampling`: padded cluster layout, Gumbel-top-b sampling, Plackett-Luce log-probabilities, top-b.
 * `policy`: the fused 39-number state, the acquisition MLP (actor) and the critic.

@@ -1,6 +1,6 @@
 """RAISE around a user's own learner: the fused episode and PPO for any JAX model and training step.
 
-Stage: ``jraise.select`` (RAISE, "Formulation" and "RL" in ``shared/methods/raise.md``; Lv, Li et
+Stage: ``jraise.select`` (RAISE, its formulation and RL; Lv, Li et
 al., "RAISE: Reinforced Adaptive Instruction Selection For Large Language Models", Findings of
 EMNLP 2025, arXiv 2504.07282). The user brings two pure, jit-compatible functions of a pytree
 state (their model, optimizer state, anything else):

@@ -1,7 +1,7 @@
 """RAISE actor and critic: the fused per-instruction state, the acquisition MLP and the value network.
 
-Stage: ``jraise.select`` (RAISE, "state fusion", "acquisition function" and "RL" in
-``shared/methods/raise.md``). Per step t = 1..T, every instruction i gets a fused state of
+Stage: ``jraise.select`` (RAISE, Lv, Li et al. 2025, arXiv 2504.07282: state
+fusion, acquisition function and RL). Per step t = 1..T, every instruction i gets a fused state of
 ``STAGE_DIM + S + 1`` numbers (39 with the paper's S = 4 + 32 static features):
 
     column  0:2    stage         `stage_features` (the same two numbers for every instruction)

@@ -1,6 +1,6 @@
 """PPO pieces for RAISE on rlax: GAE advantages, the per-cluster clipped surrogate, the value loss.
 
-Stage: ``jraise.select`` (RAISE, "RL" in ``shared/methods/raise.md``; PPO: Schulman et al. 2017,
+Stage: ``jraise.select`` (RAISE, Lv, Li et al. 2025, arXiv 2504.07282; PPO: Schulman et al. 2017,
 arXiv 1707.06347; GAE: Schulman et al. 2016, arXiv 1506.02438). One episode is T selection steps;
 step t's action is C independent per-cluster choices, each with its Plackett-Luce log-probability
 (`jraise.select.rl.sampling.plackett_luce_logp`), and one scalar reward R_t = P(M_t) - P(M_{t-1}).

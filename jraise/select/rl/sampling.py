@@ -1,6 +1,7 @@
 """Per-cluster set selection for RAISE: padded cluster layout, Gumbel-top-b sampling, Plackett-Luce.
 
-Stage: ``jraise.select`` (RAISE, section "Diversity constraint" and "RL" of ``shared/methods/raise.md``).
+Stage: ``jraise.select`` (RAISE, Lv, Li et al. 2025, arXiv 2504.07282: its diversity
+constraint and RL).
 K-means splits the pool into C clusters once; at every step the policy takes b instructions from each
 cluster, B = C * b in all. Clusters have different sizes, so they are padded to one static shape:
 
