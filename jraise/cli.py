@@ -358,7 +358,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, help="Write the report JSON here."),
     kinds: str = typer.Option("loss,exact_match", help="Comma-separated: loss, exact_match, multiple_choice."),
     max_new_tokens: int = typer.Option(32), batch_size: int = typer.Option(16),
-    normaliser: str = typer.Option("testbed", help="Answer normaliser for exact match: testbed, gsm8k, exact."),
+    normaliser: str = typer.Option("testbed", help="Answer normaliser for exact match: testbed, gsm8k, exact, squad."),
     length_normalise: bool = typer.Option(False, help="Multiple choice: divide option log-probs by length."),
     step: Optional[int] = typer.Option(None, help="Evaluate this checkpoint step of a run (needs --base)."),
     base: Optional[Path] = typer.Option(None, help="The base model directory of the run (with --step)."),
@@ -472,7 +472,7 @@ def pairs_cmd(
     out: Path = typer.Option(..., help="Preference pairs (JSONL) for `jraise select rose --val`; "
                                        ".meta.json beside it."),
     max_new_tokens: int = typer.Option(32), batch_size: int = typer.Option(16),
-    normaliser: str = typer.Option("testbed", help="What counts as a right answer (skipped): testbed, gsm8k, exact."),
+    normaliser: str = typer.Option("testbed", help="What counts as a right answer (skipped): testbed, gsm8k, exact, squad."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the model's)."),
     max_len: Optional[int] = typer.Option(
         None, help="Longest prompt plus --max-new-tokens, in tokens (default: 2048, or the model's "

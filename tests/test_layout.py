@@ -116,3 +116,46 @@ def test_module_level_imports_form_no_cycle():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+# README "Layout": the floors, bottom up; a module may import from its own floor and those below.
+FLOORS = {
+    "jraise.errors": 1, "jraise.atomic": 1, "jraise.lock": 1, "jraise.parallel": 1, "jraise.compile_cache": 1,
+    "jraise.loglik": 1,
+    "jraise.model": 2,
+    "jraise.data": 3,
+    "jraise.train": 4, "jraise.eval": 4,
+    "jraise.grads": 5, "jraise.select": 5,
+    "jraise.testbed": 6, "jraise.fetch": 6, "jraise.real_pool": 6,
+    "jraise.jobs": 7,
+    "jraise.study_common": 8, "jraise.study_beyond_iid": 8, "jraise.study": 8, "jraise.study_real": 8,
+    "jraise.demo": 8, "jraise.beyond_iid_study": 8,
+    "jraise.cli": 9, "jraise.paper_configs": 9,
+}
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in FLOORS:
+            return FLOORS[".".join(parts[:n])]
+    return None
+
+
+def test_every_module_has_a_floor_and_imports_only_from_its_floor_or_below():
+    problems = []
+    for path in _sources():
+        module = _module_name(path)
+        if module == "jraise":
+            continue  # the package's own __init__
+        floor = _floor(module)
+        if floor is None:
+            problems.append(f"{path.relative_to(ROOT)}: on no floor of README's Layout (add it to FLOORS)")
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for line, imported, names in _imports(tree, module, path.name == "__init__.py"):  # function-level too
+            targets = [imported] + [f"{imported}.{n}" for n in names]
+            above = {t: _floor(t) for t in targets if t.startswith("jraise.") and (_floor(t) or 0) > floor}
+            for target, its_floor in above.items():
+                problems.append(f"{path.relative_to(ROOT)}:{line}: floor {floor} imports {target} (floor {its_floor})")
+    assert not problems, "\n".join(problems)

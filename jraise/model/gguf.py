@@ -68,9 +68,19 @@ def _gguf_version() -> str:
     return version("gguf")
 
 
+def _gguf_package():
+    """The `gguf` package, or a `GGUFError` saying how to install it (it is an optional extra)."""
+    try:
+        import gguf
+    except ImportError as err:
+        raise GGUFError("reading a GGUF file needs the gguf package: pip install 'jraise[gguf]' "
+                        f"(or 'gguf>=0.17'); importing it failed: {err}") from err
+    return gguf
+
+
 @functools.cache
 def _reader_class():
-    import gguf
+    gguf = _gguf_package()
 
     class CheckedReader(gguf.GGUFReader):
         """`gguf.GGUFReader` that names the tensor at fault where the base class would fail with a
@@ -268,7 +278,7 @@ def tensor_targets(config: ModelConfig) -> dict[str, TensorTarget]:
 @functools.cache
 def can_dequantize(tensor_type) -> bool:
     """Whether `gguf.quants.dequantize` handles this `GGMLQuantizationType` (probed on one block)."""
-    import gguf
+    gguf = _gguf_package()
 
     block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
     try:
@@ -313,7 +323,7 @@ def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def hf_tensor(tensor, target: TensorTarget) -> np.ndarray:
     """One GGUF tensor as float32 in HF layout: dequantised, rotary permutation undone."""
-    import gguf
+    gguf = _gguf_package()
 
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(target.shape)
     if target.rotary_heads is not None:

@@ -421,3 +421,17 @@ def test_existing_output_directory(good_gguf, tmp_path):
     empty.mkdir()
     assert (convert_gguf(good_gguf, empty) / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_missing_gguf_package_is_a_readable_error(monkeypatch):
+    """gguf is an optional extra: without it the converter says how to install it (a `GGUFError`,
+    which the command line prints as a short message) instead of a bare ModuleNotFoundError."""
+    import sys
+
+    from jraise.errors import is_expected
+    from jraise.model.gguf import TensorTarget, hf_tensor
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(GGUFError, match=r"jraise\[gguf\]") as info:
+        hf_tensor(None, TensorTarget("model.embed_tokens.weight", (2, 2)))
+    assert is_expected(info.value)
