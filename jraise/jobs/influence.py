@@ -123,6 +123,14 @@ class InfluenceRunConfig:
 IDENTITY_ABSENT_MEANS = {"features.projection.mode": "dense", "adam_first_moment": True}
 
 
+def val_store_name(loss: str, val) -> str:
+    """The validation store's directory name in a work directory: one per validation loss and
+    validation set (``val-<loss>-<first 16 hex digits of the set's fingerprint>``), so LESS, ROSE
+    and ROSE on other pairs share the train-side stores without overwriting each other's
+    validation side."""
+    return f"val-{loss}-{val.fingerprint[:16]}"
+
+
 def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, pool, config: FeatureConfig,
                   identity: dict, loss: str = "sft", moments: tuple | None = None, reference=None, dtypes=None,
                   progress: bool = True, adam_first_moment: bool = True) -> FeatureStore:
@@ -317,8 +325,9 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
         train_mats.append(store.matrix())
         echo(f"checkpoint {step}: validation features ({config.val_loss})")
         reference = zero_reference(trainable) if config.val_loss == "dpo" else None
-        val_store = feature_store(work / "features" / str(step) / f"val-{config.val_loss}", graphdef, trainable,
-                                  frozen, val, features, identity, loss=config.val_loss, reference=reference)
+        val_store = feature_store(work / "features" / str(step) / val_store_name(config.val_loss, val), graphdef,
+                                  trainable, frozen, val, features, identity, loss=config.val_loss,
+                                  reference=reference)
         val_feats.append(val_store.matrix().rows(0, len(val)))
     weights = checkpoint_weights([c["epoch_mean_lr"] for c in checkpoints])
     groups = [c if c is not None else "all" for c in val.categories]

@@ -47,6 +47,18 @@ def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
                                     InfluenceRunConfig(method="rose", **SMALL), echo=lambda *_: None)
     np.testing.assert_array_equal(again.indices, sel.indices)
 
+    # ROSE on other pairs in the same work directory (the study's `rose_model` beside `rose`): the
+    # train-side stores are reused, the new pairs get their own validation store.
+    other_pairs = root / "other_pairs.jsonl"
+    other_pairs.write_text("\n".join(paths["val_pref"].read_text().splitlines()[:-1]) + "\n")
+    other = run_influence_selection(model, paths["pool"], other_pairs, root / "rose2" / "sel.jsonl",
+                                    InfluenceRunConfig(method="rose", **SMALL), work_dir=work, echo=lambda *_: None)
+    assert len(other.indices) == 4
+    for ckpt in ckpts:
+        stores = sorted(p.name for p in (work / "features" / str(ckpt["step"])).iterdir())
+        assert [n for n in stores if n.startswith("train")] == ["train"]
+        assert len([n for n in stores if n.startswith("val-margin-")]) == 2, stores
+
     # LESS on the same warmup run (SFT validation gradients).
     less = run_influence_selection(model, paths["pool"], paths["val"], root / "less" / "sel.jsonl",
                                    InfluenceRunConfig(method="less", **SMALL), warmup_run=work / "warmup",
@@ -115,8 +127,8 @@ def test_cli_less_with_the_factored_projection(testbed):
     result = CliRunner().invoke(app, [*args, "--projection-mode", "factored", "--no-adam-first-moment"])
     assert result.exit_code == 0, result.output
     assert json.loads(out.with_name("sel.jsonl.meta.json").read_text())["config"]["adam_first_moment"] is False
-    assert {p.name for p in (out.with_name("sel.jsonl.work") / "features").glob("*/*")} == {
-        "train-no-first-moment", "val-sft"}
+    names = {p.name for p in (out.with_name("sel.jsonl.work") / "features").glob("*/*")}
+    assert {n for n in names if not n.startswith("val-sft-")} == {"train-no-first-moment"} and len(names) == 2
     assert len(out.read_text().splitlines()) == 4
     metas = sorted((out.with_name("sel.jsonl.work") / "features").glob("*/*/meta.json"))
     assert metas  # a train store and a validation store per checkpoint
