@@ -141,3 +141,27 @@ def test_loss_and_pool_kind_must_match(setup):
         compute_features(graphdef, trainable, frozen, pool, [0], CONFIG, "margin")
     with pytest.raises(ValueError, match="reference"):
         compute_features(graphdef, trainable, frozen, pref, [0], CONFIG, "dpo")
+
+
+def test_a_buckets_last_group_is_padded_to_whole_chunks_only():
+    from jraise.grads.features import grouped_indices
+
+    lengths = np.array([5] * 10 + [40] * 3)
+    shapes = [(b, len(ix), int((ix >= 0).sum())) for b, ix in
+              grouped_indices(lengths, np.arange(13), (16, 64), group=8, tail_multiple=2)]
+    assert shapes == [(16, 8, 8), (16, 2, 2), (64, 4, 3)]
+    full = [(b, len(ix)) for b, ix in grouped_indices(lengths, np.arange(13), (16, 64), group=8)]
+    assert full == [(16, 8), (16, 8), (64, 8)]  # without tail_multiple every group is whole
+
+
+def test_features_do_not_depend_on_the_group_size(setup):
+    """7 rows in groups of 16 (one short group of 8 rows) and in groups of 2: the same features."""
+    _, pool, _, graphdef, trainable, frozen = setup
+    rows = np.array([5, 0, 17, 3, 29, 11, 8])
+    for mode in ("dense", "sjlt"):
+        projection = ProjectionConfig(dim=32, seed=5, block_rows=64, mode=mode)
+        big = compute_features(graphdef, trainable, frozen, pool, rows,
+                               FeatureConfig(projection=projection, chunk=2, group=16), "sft")
+        small = compute_features(graphdef, trainable, frozen, pool, rows,
+                                 FeatureConfig(projection=projection, chunk=2, group=2), "sft")
+        np.testing.assert_allclose(big, small, rtol=1e-5, atol=1e-6)
