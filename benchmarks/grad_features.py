@@ -18,7 +18,8 @@ taken within one setting of one run). A setting is ``r<rank>_d<d>``.
 2. **vs a plain jitted training step on the same examples (``vs_training``).** The same LoRA model
    trains with `make_train_step` + `make_optimizer` (AdamW, constant lr, clipping at 1.0) on
    exactly the groups `compute_features` builds (`grouped_indices`: one length bucket per group,
-   padding rows included, batch = ``FeatureConfig.group`` rows, one update per group). Both count
+   padding rows included, batch = ``FeatureConfig.group`` rows, a bucket's last group padded to
+   whole chunks only, one update per group). Both count
    real examples only. The ratio says what per-example gradients, Adam preconditioning and the
    projection cost on top of one batched forward/backward.
 
@@ -230,7 +231,7 @@ def _train_side(model, graphdef, pool, rows, config, lr: float):
     keys = ("input_ids", "attention_mask", "loss_mask", "example_mask")
     buckets = length_buckets(pool.lengths, config.n_buckets)
     batches, n_real = [], 0
-    for bucket, index in grouped_indices(pool.lengths, rows, buckets, config.group):
+    for bucket, index in grouped_indices(pool.lengths, rows, buckets, config.group, config.chunk):
         b = make_batch(pool, index, bucket)
         n_real += int(b["example_mask"].sum())
         batches.append(jax.device_put({k: b[k][None] for k in keys}))  # [A=1, group, L]
@@ -259,7 +260,7 @@ def _grads_side(graphdef, trainable, frozen, pool, rows, config, moments):
                              transform=lambda g, extra: flatten_tree(adam_precondition(g, *extra)))
     buckets = length_buckets(pool.lengths, config.n_buckets)
     batches = [make_batch(pool, index, bucket) for bucket, index in
-               grouped_indices(pool.lengths, rows, buckets, config.group)]
+               grouped_indices(pool.lengths, rows, buckets, config.group, config.chunk)]
 
     def run(warm: bool = False):
         for batch in _one_per_shape(batches) if warm else batches:
@@ -329,7 +330,7 @@ def _exact_groups(graphdef, trainable, frozen, pool, rows, config, moments):
 
     fn = _exact_fn(graphdef, config.chunk, moments is not None)
     for bucket, index in grouped_indices(pool.lengths, rows, length_buckets(pool.lengths, config.n_buckets),
-                                         config.group):
+                                         config.group, config.chunk):
         batch = {k: v for k, v in make_batch(pool, index, bucket).items() if k != "index"}
         vecs = np.asarray(fn(trainable, frozen, batch, moments))
         real = index != PAD_INDEX
