@@ -143,6 +143,9 @@ def pool_categories(pool: InstructionPool) -> tuple[str, ...]:
 # (tx, step) per model structure, optimizer and dtypes, and the stacked eval step: the same step
 # object on every call lets `train_runs_fn` reuse its compiled programs.
 _FUNCTIONS = CompiledCache(16)
+# Bytes of float32 logits one stacked evaluation call may hold (all R runs x rows x length x
+# vocabulary, with the log-softmax beside them): `eval_rows_per_call` shrinks the batch to fit.
+EVAL_LOGITS_BUDGET = 2 * 2**30
 
 
 def _run_step(graphdef: nnx.GraphDef, opt_args: dict, dtypes: Pytree) -> tuple[optax.GradientTransformation, Callable]:
@@ -294,6 +297,17 @@ def eval_names(eval_pool: InstructionPool, names: Sequence[str] | None) -> tuple
     return names, cats
 
 
+def eval_rows_per_call(n_runs: int, max_len: int, vocab_size: int, batch_size: int,
+                       budget: int | None = None) -> int:
+    """Rows of one stacked evaluation call: ``batch_size``, or fewer (at least 1) where the R
+    runs' float32 logits and their log-softmax, ``2 * 4 * R * rows * max_len * vocab`` bytes, would
+    exceed ``budget`` (default `EVAL_LOGITS_BUDGET`). A 49k-token vocabulary (SmolLM2) with 11 runs and 192 tokens needs about
+    0.8 GB per row, so 64 rows would need 53 GB; a testbed vocabulary fits any batch."""
+    per_row = 2 * 4 * n_runs * max_len * vocab_size
+    budget = EVAL_LOGITS_BUDGET if budget is None else budget
+    return max(1, min(batch_size, budget // per_row))
+
+
 def evaluate_runs(model: nnx.Module, stacked_trainable: Pytree, eval_pool: InstructionPool,
                   metric: str = "loss", *, names: Sequence[str] | None = None, batch_size: int = 16,
                   n_buckets: int = 4, tokenizer=None, max_new_tokens: int = 32) -> np.ndarray:
@@ -303,7 +317,9 @@ def evaluate_runs(model: nnx.Module, stacked_trainable: Pytree, eval_pool: Instr
 
     ``metric="loss"``: mean response-token NLL per category (total NLL / total response tokens of
     the category's examples, the rule of `jraise.train.loop.evaluate_loss`), all R runs at once:
-    the trainer's eval step vmapped over the run axis, each eval batch shared by the runs.
+    the trainer's eval step vmapped over the run axis, each eval batch shared by the runs (at most
+    ``batch_size`` rows, fewer where the runs' logits would not fit `EVAL_LOGITS_BUDGET`:
+    `eval_rows_per_call`).
     ``metric="exact_match"``: greedy-decoding accuracy per category via `jraise.eval.evaluate`,
     one run after another on a copy of the model (needs ``tokenizer``): the eager ``eval_fn`` of
     `evaluate_runs_fn` (``jit_eval=False``).
@@ -325,8 +341,9 @@ def evaluate_runs(model: nnx.Module, stacked_trainable: Pytree, eval_pool: Instr
         frozen = jax.device_put(frozen, replicated)
         order = np.argsort(eval_pool.lengths, kind="stable")  # similar lengths together: less padding
         buckets = length_buckets(eval_pool.lengths, n_buckets)
+        rows = eval_rows_per_call(n_runs, max(buckets), model.config.vocab_size, batch_size)
         pending = []
-        for batch in iterate_batches(eval_pool, order, batch_size, buckets):
+        for batch in iterate_batches(eval_pool, order, rows, buckets):
             inputs = jax.device_put({k: batch[k] for k in MODEL_KEYS}, replicated)
             pending.append((batch["index"], eval_fn(stacked, frozen, inputs)))  # no sync per batch
         sum_nll = np.zeros((n_runs, len(eval_pool)), np.float64)

@@ -265,6 +265,22 @@ def test_evaluate_runs_equals_evaluating_each_run(testbed, full_runs):
         evaluate_runs(model, vmapped, eval_pool, names=["upper"], batch_size=8)
 
 
+def test_stacked_evaluation_shrinks_its_batch_to_the_logits_budget(testbed, full_runs, monkeypatch):
+    """A real vocabulary (49,152, SmolLM2) with 11 runs at 192 tokens fits the
+    default budget in calls of 2 rows; with the budget forced down to one row, the scores are unchanged."""
+    from jraise.select import intervention
+
+    assert intervention.eval_rows_per_call(11, 192, 49152, 64) == 2  # 0.83 GB a row
+    assert intervention.eval_rows_per_call(11, 192, 64, 64) == 64  # a testbed vocabulary: the batch as asked
+    assert intervention.eval_rows_per_call(2, 100, 1000, 64, budget=2 * 4 * 2 * 100 * 1000 * 3) == 3
+    _, _, eval_pool, _ = testbed
+    model, vmapped, _, _ = full_runs
+    whole = evaluate_runs(model, vmapped, eval_pool, batch_size=8, n_buckets=1)
+    monkeypatch.setattr(intervention, "EVAL_LOGITS_BUDGET", 1)
+    np.testing.assert_allclose(evaluate_runs(model, vmapped, eval_pool, batch_size=8, n_buckets=1), whole,
+                               rtol=1e-5)
+
+
 def test_measure_interactions_writes_gamma(testbed, full_runs):
     root, pool, eval_pool, _ = testbed
     model = full_runs[0]
