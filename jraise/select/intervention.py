@@ -301,8 +301,9 @@ def eval_rows_per_call(n_runs: int, max_len: int, vocab_size: int, batch_size: i
                        budget: int | None = None) -> int:
     """Rows of one stacked evaluation call: ``batch_size``, or fewer (at least 1) where the R
     runs' float32 logits and their log-softmax, ``2 * 4 * R * rows * max_len * vocab`` bytes, would
-    exceed ``budget`` (default `EVAL_LOGITS_BUDGET`). A 49k-token vocabulary (SmolLM2) with 11 runs and 192 tokens needs about
-    0.8 GB per row, so 64 rows would need 53 GB; a testbed vocabulary fits any batch."""
+    exceed ``budget`` (default `EVAL_LOGITS_BUDGET`). A 49k-token vocabulary (SmolLM2) with 11 runs
+    and 192 tokens needs about 0.8 GB per row, so 64 rows would need 53 GB; a testbed vocabulary
+    fits any batch."""
     per_row = 2 * 4 * n_runs * max_len * vocab_size
     budget = EVAL_LOGITS_BUDGET if budget is None else budget
     return max(1, min(batch_size, budget // per_row))
