@@ -268,6 +268,7 @@ def test_evaluate_runs_equals_evaluating_each_run(testbed, full_runs):
 def test_stacked_evaluation_shrinks_its_batch_to_the_logits_budget(testbed, full_runs, monkeypatch):
     """A real vocabulary (49,152, SmolLM2) with 11 runs at 192 tokens fits the
     default budget in calls of 2 rows; with the budget forced down to one row, the scores are unchanged."""
+    from jraise.data.batching import iterate_batches
     from jraise.select import intervention
 
     assert intervention.eval_rows_per_call(11, 192, 49152, 64) == 2  # 0.83 GB a row
@@ -276,9 +277,17 @@ def test_stacked_evaluation_shrinks_its_batch_to_the_logits_budget(testbed, full
     _, _, eval_pool, _ = testbed
     model, vmapped, _, _ = full_runs
     whole = evaluate_runs(model, vmapped, eval_pool, batch_size=8, n_buckets=1)
+    sizes = []
+
+    def recording(pool, order, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return iterate_batches(pool, order, batch_size, *args, **kwargs)
+
     monkeypatch.setattr(intervention, "EVAL_LOGITS_BUDGET", 1)
+    monkeypatch.setattr(intervention, "iterate_batches", recording)
     np.testing.assert_allclose(evaluate_runs(model, vmapped, eval_pool, batch_size=8, n_buckets=1), whole,
                                rtol=1e-5)
+    assert sizes == [1]  # the budget, not batch_size, set the rows of each call
 
 
 def test_measure_interactions_writes_gamma(testbed, full_runs):
