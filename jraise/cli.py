@@ -177,6 +177,8 @@ def real_pool_cmd(
     n_val: int = typer.Option(8, help="Few-shot validation records (and preference pairs) per target."),
     n_test: int = typer.Option(300, help="Test records per target."),
     per_category: int = typer.Option(300, help="Most pool records per category (0: no cap)."),
+    per_target: Optional[int] = typer.Option(None, help="Most pool records per target category (default: "
+                                                        "--per-category)."),
     max_tokens: int = typer.Option(384, help="Longest instruction + output kept, in SmolLM2 tokens."),
     cache: Optional[Path] = typer.Option(None, help="Cache directory (default: $JRAISE_CACHE, else ~/.cache/jraise)."),
 ):
@@ -188,7 +190,7 @@ def real_pool_cmd(
     names = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else DEFAULT_TARGETS
     paths = write_real_pool(out_dir, eval_data_dir=fetch_eval_data(cache), targets=names, noise=noise, seed=seed,
                             n_val=n_val, n_test=n_test, per_category=per_category or None, max_tokens=max_tokens,
-                            tokenizer=load_tokenizer(fetch_smollm2(cache)))
+                            tokenizer=load_tokenizer(fetch_smollm2(cache)), per_target=per_target)
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 

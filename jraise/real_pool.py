@@ -36,7 +36,9 @@ Rules:
   two held-out records share a key, and no pool record, of any category, shares a key with a
   held-out one. A question repeated with other options or under another id is therefore never
   both trained on and tested.
-* Cap: at most `per_category` pool records per category (the first in the seeded order).
+* Cap: at most `per_category` pool records per category (the first in the seeded order); a
+  target category's cap is `per_target` when given (a pool whose target share is small, so that
+  random selection seldom draws a target record).
 * Noise: exactly ``round(noise * n_pool)`` pool records, chosen by the seed, get a wrong output.
   The kinds cycle through `NOISE_KINDS` over the chosen records: ``wrong_option`` (another option
   of a multiple-choice record; for a numeric set a number one or two units of its last digit
@@ -336,7 +338,8 @@ def preference_pair(record: dict, answers: Sequence[str], rng: np.random.Generat
 
 
 def _check_arguments(sources: Mapping[str, Sequence[dict]], targets: Sequence[str], noise: float, n_val: int,
-                     n_test: int, per_category: int | None, n_val_other: int = 0, n_test_other: int = 0) -> None:
+                     n_test: int, per_category: int | None, n_val_other: int = 0, n_test_other: int = 0,
+                     per_target: int | None = None) -> None:
     unknown = [t for t in targets if t not in sources]
     if unknown:
         raise ValueError(f"unknown target categories {unknown}; known: {', '.join(sources)}")
@@ -346,8 +349,9 @@ def _check_arguments(sources: Mapping[str, Sequence[dict]], targets: Sequence[st
         raise ValueError(f"noise must be in [0, 1], got {noise!r}")
     if n_val < 0 or n_test < 1:
         raise ValueError(f"need n_val >= 0 and n_test >= 1, got {n_val} and {n_test}")
-    if per_category is not None and per_category < 1:
-        raise ValueError(f"per_category must be >= 1 or None, got {per_category}")
+    for name, cap in (("per_category", per_category), ("per_target", per_target)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {cap}")
     if n_val_other < 0 or n_test_other < 0:
         raise ValueError(f"need n_val_other >= 0 and n_test_other >= 0, got {n_val_other} and {n_test_other}")
 
@@ -366,6 +370,7 @@ def build_real_pool(
     max_length: int | None = None,
     n_val_other: int = 0,
     n_test_other: int = 0,
+    per_target: int | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, dict[str, int]]]:
     """The splits (`SPLITS`) and per-category counts of a pool built from `sources`.
 
@@ -373,8 +378,9 @@ def build_real_pool(
     the length policy (None: keep every record). Counts per category: ``source``, ``too_long``,
     ``val``, ``test``, ``same_content_as_held_out`` (pool candidates dropped for disjointness),
     ``over_cap``, ``pool``, ``noisy``. The splits include ``val_other`` only when `n_val_other` > 0.
+    A target category's cap is `per_target` when given, else `per_category`.
     """
-    _check_arguments(sources, targets, noise, n_val, n_test, per_category, n_val_other, n_test_other)
+    _check_arguments(sources, targets, noise, n_val, n_test, per_category, n_val_other, n_test_other, per_target)
     counts: dict[str, dict[str, int]] = {}
     candidates: dict[str, list[dict]] = {}
     val, val_other, test, held_keys = [], [], [], set()
@@ -399,7 +405,8 @@ def build_real_pool(
     clean_pool = []
     for category, records in candidates.items():
         disjoint = without_content(records, held_keys)
-        capped = disjoint if per_category is None else disjoint[:per_category]
+        cap = per_target if category in targets and per_target is not None else per_category
+        capped = disjoint if cap is None else disjoint[:cap]
         counts[category] |= {"same_content_as_held_out": len(records) - len(disjoint),
                              "over_cap": len(disjoint) - len(capped), "pool": len(capped)}
         clean_pool += capped
@@ -483,11 +490,13 @@ def write_real_pool(
     categories: Sequence[str] | None = None,
     n_val_other: int = 0,
     n_test_other: int = 0,
+    per_target: int | None = None,
 ) -> dict[str, Path]:
     """Builds the real pool from the evaluation sets in `eval_data_dir` and writes it to `out_dir`.
 
     Returns {split: path} for `SPLITS` plus "manifest". The length limit is `max_tokens` tokens of
-    `tokenizer` when one is given, else `max_chars` characters; `per_category` None means no cap;
+    `tokenizer` when one is given, else `max_chars` characters; `per_category` None means no cap,
+    `per_target` (None: `per_category`) caps the target categories;
     `categories` restricts the source sets (default: all); `n_val_other` / `n_test_other` hold out
     records of the non-target categories too (``val_other.jsonl``; ``test.jsonl``). The same
     arguments give byte-identical files. The directory appears whole (built beside `out_dir`, then renamed); an existing
@@ -499,7 +508,7 @@ def write_real_pool(
     splits, counts = build_real_pool(sources, targets=tuple(targets), normalisers=normalisers, noise=noise,
                                      seed=seed, n_val=n_val, n_test=n_test, per_category=per_category,
                                      lengths=lengths, max_length=max_length, n_val_other=n_val_other,
-                                     n_test_other=n_test_other)
+                                     n_test_other=n_test_other, per_target=per_target)
     written = [split for split in (*SPLITS, "val_other") if split in splits]
     kinds_used = {kind: sum(t["kind"] == kind for t in splits["noise"]) for kind in NOISE_KINDS}
     manifest = {
@@ -510,6 +519,7 @@ def write_real_pool(
         "n_test": n_test,
         **({"n_val_other": n_val_other, "n_test_other": n_test_other} if n_val_other or n_test_other else {}),
         "per_category": per_category,
+        **({"per_target": per_target} if per_target is not None else {}),
         "length_policy": {
             "unit": "tokens" if tokenizer is not None else "characters",
             "max": max_length,

@@ -120,12 +120,14 @@ class StudyConfig:
     sspl_refresh_every: int = 30
     # EE-CPO / DT-CSFT (`jraise.study_beyond_iid`): Gamma from N+1 runs of `gamma_steps` on D0 = `fraction`
     # of the pool with Delta_k = +`gamma_delta` n0_k; EE-CPO moves up to `ee_cpo_edit` of D0, at most
-    # `ee_cpo_max_change` of that edit budget per category.
+    # `ee_cpo_max_change` of that edit budget per category and keeps at least `ee_cpo_min_per_category`
+    # records in a category it deletes from (the paper's floor of 5 is for a D0 of thousands).
     gamma_steps: int = 120
     gamma_delta: float = 0.5
     gamma_relative_floor: float = 0.25
     ee_cpo_edit: float = 0.25
     ee_cpo_max_change: float | None = 0.34
+    ee_cpo_min_per_category: int = 5
     # DT-CSFT tiers from Gamma: "net_asymmetry" (rank by mean asymmetry, thirds) because with 14 noisy
     # categories the prerequisite graph of the "depth" method is one strongly connected component,
     # which puts every category in the middle tier (BUILD_NOTES).
@@ -460,6 +462,7 @@ class TestbedBench:
     the test split. ``columns``: (row key, table header, digits)."""
 
     name = "built-in testbed"
+    data_per_seed = True  # a fresh testbed (test split included) per seed: the base row is scored per seed
     columns = (("target_em", "target EM", 2), ("all_em", "all EM", 2), ("target_loss", "target loss", 3),
                ("noisy_share", "noisy share", 2), ("target_share", "target share", 2),
                ("select_seconds", "selection s", 0))
@@ -551,6 +554,8 @@ def run_study(work: str | Path, config: StudyConfig = StudyConfig(), echo: Calla
 
             pool_row = pool_shares(truth, set(config.targets))
             base_row = done.get((BASE_ROW, seed))
+            if base_row is None and not bench.data_per_seed:  # the same test set for every seed
+                base_row = next((r for (m, _), r in done.items() if m == BASE_ROW), None)
             if base_row is None:
                 base_row = {"method": BASE_ROW, "seed": seed,
                             **bench.scores(load_model(base_dir)[0], load_tokenizer(base_dir), paths, config),

@@ -127,7 +127,7 @@ def ee_cpo_subset(measured: dict, categories: list[str], config, seed: int, keys
         raise ValueError(f"none of the targets {list(config.targets)} is a category of the pool")
     chosen, plan = ee_cpo_remix(measured["gamma"], names, measured["base_indices"], categories, keys, seed,
                                 edit_fraction=config.ee_cpo_edit, max_change_fraction=config.ee_cpo_max_change,
-                                importance=importance)
+                                min_per_category=config.ee_cpo_min_per_category, importance=importance)
     return chosen, {"counts_before": dict(zip(names, plan.counts_before.tolist())),
                     "counts_after": dict(zip(names, plan.counts_after.tolist())), "edits": plan.edits,
                     "max_change": plan.max_change, "coefficients": dict(zip(names, plan.coefficients.tolist()))}

@@ -246,3 +246,21 @@ def test_split_held_out_fills_val_alone_when_no_test_records_are_asked():
     records = [gen(f"t-{i}", f"Question {i}", f"answer {i}") for i in range(5)]
     val, test, rest = split_held_out(records, 2, 0)
     assert [r["id"] for r in val] == ["t-0", "t-1"] and test == [] and [r["id"] for r in rest] == ["t-2", "t-3", "t-4"]
+
+
+def test_per_target_caps_only_the_target_categories():
+    quiz = [mc(f"q-{i}", f"Quiz question {i}?", [f"yes {i}", f"no {i}"], 0) for i in range(20)]
+    trivia = [gen(f"t-{i}", f"Trivia question {i}", f"answer {i}") for i in range(20)]
+    sources = {"quiz": quiz, "trivia": trivia}
+    same, _ = build_real_pool(sources, targets=["quiz"], noise=0.25, seed=2, n_val=2, n_test=3, per_category=12)
+    splits, counts = build_real_pool(sources, targets=["quiz"], noise=0.25, seed=2, n_val=2, n_test=3,
+                                     per_category=12, per_target=4)
+    assert counts["quiz"]["pool"] == 4 and counts["trivia"]["pool"] == 12 and len(splits["pool"]) == 16
+    assert counts["quiz"]["over_cap"] == 20 - 5 - 4
+    assert len(splits["noise"]) == 4  # round(0.25 x 16): the noise follows the smaller pool
+    # Held-out records and the kept target records (the first in the seeded order) are unchanged.
+    assert splits["val"] == same["val"] and splits["test"] == same["test"]
+    kept = {r["id"] for r in splits["pool"] if r["category"] == "quiz"}
+    assert kept < {r["id"] for r in same["pool"] if r["category"] == "quiz"}
+    with pytest.raises(ValueError, match="per_target"):
+        build_real_pool(sources, targets=["quiz"], per_target=0)

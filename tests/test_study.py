@@ -83,6 +83,37 @@ def test_settings_key_of_a_row_ignores_other_methods_options():
     assert _gamma_settings(a, 0) != _gamma_settings(StudyConfig(base_preset="tiny"), 0)  # another base model
 
 
+def test_ee_cpo_floor_decides_whether_a_small_d0_can_be_edited():
+    """D0 of 2-3 records per category (the real study's 5% of 480): with the testbed's floor of 5
+    no category may lose a record, so the re-mix is D0 unchanged; a floor of 1 lets EE-CPO move
+    records from the categories Gamma says hurt the target to the one that helps it."""
+    from jraise.study_beyond_iid import ee_cpo_subset
+    from jraise.study_common import options_key
+
+    names = [f"c{k}" for k in range(10)]
+    categories = [names[k % 10] for k in range(480)]
+    keys = [f"text {k}" for k in range(480)]
+    d0 = np.arange(24)  # categories c0..c9: 3, 3, 3, 3, 2, 2, 2, 2, 2, 2 records
+    gamma = np.full((10, 10), -0.1)
+    gamma[:, 1] = 1.0  # every category's loss falls most with c1 records
+    measured = {"names": names, "gamma": gamma.tolist(), "base_indices": d0.tolist()}
+    config = StudyConfig(targets=("c0",), ee_cpo_edit=0.25, ee_cpo_max_change=0.34)
+    chosen, plan = ee_cpo_subset(measured, categories, config, 0, keys)
+    assert plan["edits"] == 0 and chosen.tolist() == d0.tolist()
+    floor1 = StudyConfig(targets=("c0",), ee_cpo_edit=0.25, ee_cpo_max_change=0.34, ee_cpo_min_per_category=1)
+    chosen, plan = ee_cpo_subset(measured, categories, floor1, 0, keys)
+    # T = 6 edits; at most ceil(0.34 x 6) = 3 per category: c1 gains 3, others lose 3 in all.
+    assert plan["edits"] > 0 and plan["counts_after"]["c1"] == 6 and len(chosen) == 24
+    assert all(plan["counts_after"][n] >= 1 for n in names)
+    assert sum(plan["counts_after"].values()) == 24
+    assert [categories[i] for i in chosen].count("c1") == 6
+    # Only EE-CPO's rows depend on the floor.
+    assert options_key(config, "ee_cpo", ("gamma_", "ee_cpo_")) != options_key(floor1, "ee_cpo", ("gamma_", "ee_cpo_"))
+    from jraise.study import settings_key
+
+    assert settings_key(config, "dt_csft") == settings_key(floor1, "dt_csft")
+
+
 def test_study_runs_end_to_end_and_resumes(tmp_path, study_work):
     from jraise.study import full_run_steps
 

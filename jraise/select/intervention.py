@@ -143,9 +143,25 @@ def pool_categories(pool: InstructionPool) -> tuple[str, ...]:
 # (tx, step) per model structure, optimizer and dtypes, and the stacked eval step: the same step
 # object on every call lets `train_runs_fn` reuse its compiled programs.
 _FUNCTIONS = CompiledCache(16)
-# Bytes of float32 logits one stacked evaluation call may hold (all R runs x rows x length x
-# vocabulary, with the log-softmax beside them): `eval_rows_per_call` shrinks the batch to fit.
-EVAL_LOGITS_BUDGET = 2 * 2**30
+# Bytes of float32 logits one stacked call may hold (all its runs x rows x length x vocabulary,
+# with what is computed beside them): `eval_rows_per_call` shrinks an evaluation batch to fit,
+# `train_runs_per_call` splits the runs of a vmapped training step into groups that fit.
+LOGITS_BUDGET = 2 * 2**30
+
+
+def train_runs_per_call(n_runs: int, rows: int, max_len: int, vocab_size: int, n_devices: int = 1,
+                        budget: int | None = None) -> int:
+    """Runs of one vmapped training call: all ``n_runs``, or fewer (at least ``n_devices``, and a
+    multiple of it where possible, so the run axis stays sharded) where their float32 logits, the
+    log-softmax and the logits' gradient, ``3 * 4 * runs * rows * max_len * vocab`` bytes with
+    ``rows`` the micro-batch, would exceed ``budget`` (default `LOGITS_BUDGET`). SmolLM2's 49k
+    vocabulary with 8 rows of 192 tokens needs about 0.9 GB a run, so 11 runs would need 10 GB."""
+    per_run = 3 * 4 * rows * max_len * vocab_size
+    budget = LOGITS_BUDGET if budget is None else budget
+    fit = max(1, budget // per_run)
+    if fit >= n_runs:
+        return n_runs
+    return max(n_devices, fit - fit % n_devices)
 
 
 def _run_step(graphdef: nnx.GraphDef, opt_args: dict, dtypes: Pytree) -> tuple[optax.GradientTransformation, Callable]:
@@ -191,14 +207,16 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     data order and padding); `train_runs_fn` runs them.
 
     ``mode="vmap"``: all R runs as one program per step, the run axis sharded over the devices
-    when R is a multiple of their number (`run_mesh`). ``mode="sequential"``: the runs one after
-    another with the plain jitted step on the same padded batches and dropout keys: the same math,
-    so the results agree to float tolerance; the speed baseline. ``budget="epochs"`` needs
+    when R is a multiple of their number (`run_mesh`); where the R runs' logits would not fit
+    `LOGITS_BUDGET` (a real vocabulary), groups of `train_runs_per_call` runs one after another,
+    with the same results. ``mode="sequential"``: the runs one after another with the plain jitted
+    step on the same padded batches and dropout keys: the same math, so the results agree to float
+    tolerance; the speed baseline. ``budget="epochs"`` needs
     ``mode="sequential"``.
 
-    ``stats``, when given, is filled with ``mode``, ``runs``, ``steps``, ``compile_s`` (compilation
-    of every step shape used; 0 when already compiled in this process), ``train_s`` (the training
-    loop, batch building included), ``bucket_lengths``, ``devices`` and ``train_loss`` (float64
+    ``stats``, when given, is filled with ``mode``, ``runs``, ``runs_per_call``, ``steps``,
+    ``compile_s`` (compilation of every step shape used; 0 when already compiled in this process),
+    ``train_s`` (the training loop, batch building included), ``bucket_lengths``, ``devices`` and ``train_loss`` (float64
     [R, steps], each step's mean response NLL per run; under ``budget="epochs"`` ``steps`` is the
     longest run's length, ``run_steps`` lists every run's, and a shorter run's row is NaN after its
     last step).
@@ -229,11 +247,16 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     base_key = jax.random.key(config.seed)
     train_loss = np.full((n_runs, longest), np.nan)  # NaN after a shorter run's last step
     runs_by_length = {n: [r for r, m in enumerate(lengths) if m == n] for n in sorted(set(lengths))}
+    per_call = n_runs
+    if mode == "vmap":  # groups of runs whose logits fit the budget (all of them on a small vocabulary)
+        per_call = train_runs_per_call(n_runs, config.batch_size // config.accum, max(step_buckets),
+                                       model.config.vocab_size, jax.device_count())
+    groups = [(n, runs[i:i + per_call]) for n, runs in runs_by_length.items() for i in range(0, len(runs), per_call)]
     states, compile_s, train_s = [], 0.0, 0.0
-    bar = tqdm(total=longest if mode == "vmap" else sum(lengths), disable=None if progress else True,
-               desc=f"interventions ({mode}, {n_runs} runs)", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=sum(n for n, _ in groups) if mode == "vmap" else sum(lengths),
+               disable=None if progress else True, desc=f"interventions ({mode}, {n_runs} runs)", unit="step", dynamic_ncols=True)
     try:
-        for n_steps, runs in runs_by_length.items():  # one length under the fixed step budget
+        for n_steps, runs in groups:  # one length under the fixed step budget
             tx, step = _run_step(graphdef, config.optimizer_args(n_steps), dtypes)
             part: dict = {}
             (trained, _), loss = train_runs_fn(
@@ -248,12 +271,12 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
         bar.close()
     if len(states) == 1:
         state = states[0]
-    else:  # runs grouped by length -> back in run order
-        back = np.argsort(np.concatenate(list(runs_by_length.values())), kind="stable")
+    else:  # runs grouped by length and by the logits budget -> back in run order
+        back = np.argsort(np.concatenate([runs for _, runs in groups]), kind="stable")
         state = jax.tree.map(lambda *xs: jnp.concatenate(xs)[back], *states)
     if stats is not None:
-        stats.update({"mode": mode, "runs": n_runs, "steps": longest, "run_steps": lengths, "compile_s": compile_s,
-                      "train_s": train_s, "bucket_lengths": sorted(set(step_buckets)),
+        stats.update({"mode": mode, "runs": n_runs, "runs_per_call": per_call, "steps": longest,
+                      "run_steps": lengths, "compile_s": compile_s, "train_s": train_s, "bucket_lengths": sorted(set(step_buckets)),
                       "devices": jax.device_count(), "train_loss": train_loss})
     return state
 
@@ -301,11 +324,11 @@ def eval_rows_per_call(n_runs: int, max_len: int, vocab_size: int, batch_size: i
                        budget: int | None = None) -> int:
     """Rows of one stacked evaluation call: ``batch_size``, or fewer (at least 1) where the R
     runs' float32 logits and their log-softmax, ``2 * 4 * R * rows * max_len * vocab`` bytes, would
-    exceed ``budget`` (default `EVAL_LOGITS_BUDGET`). A 49k-token vocabulary (SmolLM2) with 11 runs
+    exceed ``budget`` (default `LOGITS_BUDGET`). A 49k-token vocabulary (SmolLM2) with 11 runs
     and 192 tokens needs about 0.8 GB per row, so 64 rows would need 53 GB; a testbed vocabulary
     fits any batch."""
     per_row = 2 * 4 * n_runs * max_len * vocab_size
-    budget = EVAL_LOGITS_BUDGET if budget is None else budget
+    budget = LOGITS_BUDGET if budget is None else budget
     return max(1, min(batch_size, budget // per_row))
 
 
@@ -319,7 +342,7 @@ def evaluate_runs(model: nnx.Module, stacked_trainable: Pytree, eval_pool: Instr
     ``metric="loss"``: mean response-token NLL per category (total NLL / total response tokens of
     the category's examples, the rule of `jraise.train.loop.evaluate_loss`), all R runs at once:
     the trainer's eval step vmapped over the run axis, each eval batch shared by the runs (at most
-    ``batch_size`` rows, fewer where the runs' logits would not fit `EVAL_LOGITS_BUDGET`:
+    ``batch_size`` rows, fewer where the runs' logits would not fit `LOGITS_BUDGET`:
     `eval_rows_per_call`).
     ``metric="exact_match"``: greedy-decoding accuracy per category via `jraise.eval.evaluate`,
     one run after another on a copy of the model (needs ``tokenizer``): the eager ``eval_fn`` of

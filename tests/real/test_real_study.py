@@ -12,8 +12,8 @@ import pytest
 
 from jraise.study_real import RealStudyConfig, run_real_study, write_report
 
-SLICE = dict(categories=("piqa", "openbookqa", "asdiv"), targets=("piqa",), generative=("piqa",), per_category=8, max_tokens=64,
-             max_len=112, fraction=0.25, n_val=2, n_val_other=2, n_test=3, n_test_other=2, steps=2, batch_size=4,
+SLICE = dict(categories=("piqa", "openbookqa", "asdiv"), targets=("piqa",), generative=("piqa",), per_category=8,
+             per_target=8, max_tokens=64, max_len=112, fraction=0.25, n_val=2, n_val_other=2, n_test=3, n_test_other=2, steps=2, batch_size=4,
              raise_episodes=1, raise_steps=2, raise_clusters=2, influence_proj_dim=64, influence_warmup_epochs=1,
              seeds=(0,))
 
@@ -86,3 +86,8 @@ def test_demo_real_prints_the_table_and_verdict_and_writes_chart(tmp_path, smoll
     assert json.loads(before.splitlines()[0])["method"] == "base (no fine-tune)"
     again = run_demo(tmp_path, real=True, methods=("random", "oracle"), echo=lambda *_: None, **sizes)
     assert (tmp_path / "rows.jsonl").read_text() == before and again["rows"] == result["rows"]
+    # Every seed scores the same test set: another seed reads the base row back.
+    run_demo(tmp_path, seed=1, real=True, methods=("random",), echo=lambda *_: None, **sizes)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows if r["method"] == "base (no fine-tune)"] == [0]
+    assert (rows[-1]["method"], rows[-1]["seed"]) == ("random", 1)

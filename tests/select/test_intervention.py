@@ -283,11 +283,31 @@ def test_stacked_evaluation_shrinks_its_batch_to_the_logits_budget(testbed, full
         sizes.append(batch_size)
         return iterate_batches(pool, order, batch_size, *args, **kwargs)
 
-    monkeypatch.setattr(intervention, "EVAL_LOGITS_BUDGET", 1)
+    monkeypatch.setattr(intervention, "LOGITS_BUDGET", 1)
     monkeypatch.setattr(intervention, "iterate_batches", recording)
     np.testing.assert_allclose(evaluate_runs(model, vmapped, eval_pool, batch_size=8, n_buckets=1), whole,
                                rtol=1e-5)
     assert sizes == [1]  # the budget, not batch_size, set the rows of each call
+
+
+def test_vmapped_training_splits_its_runs_to_the_logits_budget(testbed, full_runs, monkeypatch):
+    """11 runs with SmolLM2's vocabulary (8 rows of 192 tokens, 0.9 GB of logits a run) train 2
+    runs a call under the default budget; forced down to one run a call, the states are those of
+    the single vmapped program."""
+    from jraise.select import intervention
+
+    assert intervention.train_runs_per_call(11, 8, 192, 49152) == 2
+    assert intervention.train_runs_per_call(11, 8, 192, 64) == 11  # a testbed vocabulary: all runs at once
+    assert intervention.train_runs_per_call(11, 8, 192, 49152, n_devices=4) == 4  # never below the devices
+    assert intervention.train_runs_per_call(11, 1, 10, 10, n_devices=4, budget=3 * 4 * 100 * 6) == 4
+    _, pool, _, _ = testbed
+    model, vmapped, _, stats = full_runs
+    assert stats["vmap"]["runs_per_call"] == 4
+    monkeypatch.setattr(intervention, "LOGITS_BUDGET", 1)
+    split = {}
+    again = train_interventions(model, pool, CONFIG, "vmap", progress=False, stats=split)
+    assert split["runs_per_call"] == 1
+    assert _max_rel_err(again, vmapped) < 1e-5
 
 
 def test_measure_interactions_writes_gamma(testbed, full_runs):
