@@ -170,3 +170,13 @@ def test_an_earlier_pool_is_replaced_and_other_directories_are_kept(eval_data_di
         write_real_pool(other, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "pool"]
     assert (other / "keep.txt").read_text() == "x"
+
+
+def test_per_target_caps_the_targets_and_is_recorded(eval_data_dir, tmp_path):
+    paths = write_real_pool(tmp_path / "pool", eval_data_dir=eval_data_dir, categories=("openbookqa", "siqa"),
+                            targets=("siqa",), n_test=20, per_category=50, per_target=10)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["per_target"] == 10 and manifest["per_category"] == 50
+    assert manifest["categories"]["siqa"]["pool"] == 10 and manifest["categories"]["openbookqa"]["pool"] == 50
+    assert sum(r["category"] == "siqa" for r in read_jsonl(paths["pool"])) == 10
+    assert len(read_jsonl(paths["noise"])) == round(0.2 * 60)
