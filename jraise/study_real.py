@@ -307,7 +307,8 @@ def _mean_over_seeds(rows: Sequence[dict], method: str, key: str) -> float | Non
 
 def checks(result: dict, config: RealStudyConfig) -> list[str]:
     """The acceptance figures in words: the oracle's margin over the base and random in standard
-    errors of the target accuracy, the time of each seed that has a row of every method in
+    errors of the target accuracy (and, with several seeds of both, their seed-to-seed spread beside
+    that SE), the time of each seed that has a row of every method in
     ``config.methods``, and LESS's / ROSE's clean-target share against the pool's."""
     rows, base, pool = result["rows"], result["base"], result["pool"]
     lines = [f"pool: noisy share {pool['noisy_share']:.2f}, target share {pool['target_share']:.2f}, "
@@ -321,6 +322,10 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
                 in_se = f"{(acc - ref) / se:+.1f} SE" if se > 0 else "undefined in SE (accuracies of 0 or 1)"
                 lines.append(f"oracle vs {name}: target acc. {acc:.3f} vs {ref:.3f}, margin {acc - ref:+.3f} = "
                              f"{in_se} (SE {se:.3f}; needs > 2)")
+        spread = {m: [r["target_acc"] for r in rows if r["method"] == m] for m in ("oracle", "random")}
+        if all(len(v) > 1 for v in spread.values()):
+            said = ", ".join(f"{m} {np.std(v, ddof=1):.3f} over {len(v)} seeds" for m, v in spread.items())
+            lines.append(f"seed spread of target acc. (sample std): {said}; the test set's SE is {se:.3f}")
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["method"]: r for r in rows if r["seed"] == seed}
         if set(config.methods) <= set(mine):

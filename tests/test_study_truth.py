@@ -66,6 +66,13 @@ def test_standard_error_and_checks_read_the_rows():
     se = np.sqrt(0.005) / 2
     assert f"{0.2 / se:+.1f} SE" in lines[1] and f"{0.15 / se:+.1f} SE" in lines[2]
     assert "3.8x the pool's" in lines[3] and "noisy share 0.10 (pool 0.20)" in lines[3]
+    assert not any("seed spread" in line for line in lines)  # one seed each: no spread
+    more = rows + [{"method": "oracle", "seed": 1, "target_acc": 0.6},
+                   {"method": "random", "seed": 1, "target_acc": 0.45},
+                   {"method": "random", "seed": 2, "target_acc": 0.65}]
+    spread = [line for line in checks({**result, "rows": more}, config) if "seed spread" in line]
+    assert spread == [f"seed spread of target acc. (sample std): oracle {np.std([0.7, 0.6], ddof=1):.3f} over 2 seeds, "
+                      f"random 0.100 over 3 seeds; the test set's SE is {se:.3f}"]
 
 
 def test_checks_time_a_seed_only_when_it_has_every_method():

@@ -216,10 +216,10 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
 
     ``stats``, when given, is filled with ``mode``, ``runs``, ``runs_per_call``, ``steps``,
     ``compile_s`` (compilation of every step shape used; 0 when already compiled in this process),
-    ``train_s`` (the training loop, batch building included), ``bucket_lengths``, ``devices`` and ``train_loss`` (float64
-    [R, steps], each step's mean response NLL per run; under ``budget="epochs"`` ``steps`` is the
-    longest run's length, ``run_steps`` lists every run's, and a shorter run's row is NaN after its
-    last step).
+    ``train_s`` (the training loop, batch building included), ``bucket_lengths``, ``devices`` and
+    ``train_loss`` (float64 [R, steps], each step's mean response NLL per run; under
+    ``budget="epochs"`` ``steps`` is the longest run's length, ``run_steps`` lists every run's, and
+    a shorter run's row is NaN after its last step).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -254,7 +254,8 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
     groups = [(n, runs[i:i + per_call]) for n, runs in runs_by_length.items() for i in range(0, len(runs), per_call)]
     states, compile_s, train_s = [], 0.0, 0.0
     bar = tqdm(total=sum(n for n, _ in groups) if mode == "vmap" else sum(lengths),
-               disable=None if progress else True, desc=f"interventions ({mode}, {n_runs} runs)", unit="step", dynamic_ncols=True)
+               disable=None if progress else True, desc=f"interventions ({mode}, {n_runs} runs)", unit="step",
+               dynamic_ncols=True)
     try:
         for n_steps, runs in groups:  # one length under the fixed step budget
             tx, step = _run_step(graphdef, config.optimizer_args(n_steps), dtypes)
@@ -276,8 +277,9 @@ def train_interventions(model: nnx.Module, pool: InstructionPool, config: Interv
         state = jax.tree.map(lambda *xs: jnp.concatenate(xs)[back], *states)
     if stats is not None:
         stats.update({"mode": mode, "runs": n_runs, "runs_per_call": per_call, "steps": longest,
-                      "run_steps": lengths, "compile_s": compile_s, "train_s": train_s, "bucket_lengths": sorted(set(step_buckets)),
-                      "devices": jax.device_count(), "train_loss": train_loss})
+                      "run_steps": lengths, "compile_s": compile_s, "train_s": train_s,
+                      "bucket_lengths": sorted(set(step_buckets)), "devices": jax.device_count(),
+                      "train_loss": train_loss})
     return state
 
 

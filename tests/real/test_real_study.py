@@ -13,9 +13,9 @@ import pytest
 from jraise.study_real import RealStudyConfig, run_real_study, write_report
 
 SLICE = dict(categories=("piqa", "openbookqa", "asdiv"), targets=("piqa",), generative=("piqa",), per_category=8,
-             per_target=8, max_tokens=64, max_len=112, fraction=0.25, n_val=2, n_val_other=2, n_test=3, n_test_other=2, steps=2, batch_size=4,
-             raise_episodes=1, raise_steps=2, raise_clusters=2, influence_proj_dim=64, influence_warmup_epochs=1,
-             seeds=(0,))
+             per_target=8, max_tokens=64, max_len=112, fraction=0.25, n_val=2, n_val_other=2, n_test=3, n_test_other=2,
+             steps=2, batch_size=4, raise_episodes=1, raise_steps=2, raise_clusters=2, influence_proj_dim=64,
+             influence_warmup_epochs=1, seeds=(0,))
 
 
 @pytest.fixture(scope="module")
