@@ -36,6 +36,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--targets", default=None, help="comma-separated target categories (default: the size's)")
     parser.add_argument("--generative", default=None, help="comma-separated categories scored by greedy exact "
                         "match of the right option's text (default: the size's; '' for none)")
+    parser.add_argument("--noise", type=float, default=None, help="share of pool records given a wrong answer "
+                                                                     "(default: the size's)")
+    parser.add_argument("--per-target", type=int, default=None, help="pool records per target category "
+                                                                      "(default: the size's)")
     parser.add_argument("--extra-seeds", default=None, help="comma-separated seeds run after the main ones for "
                                                             "--extra-methods only (rows from the same work directory)")
     parser.add_argument("--extra-methods", default="random,less,rose,raise")
@@ -50,6 +54,10 @@ def main(argv=None) -> dict:
         overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.targets:
         overrides["targets"] = tuple(args.targets.split(","))
+    if args.noise is not None:
+        overrides["noise"] = args.noise
+    if args.per_target is not None:
+        overrides["per_target"] = args.per_target
     if args.generative is not None:
         overrides["generative"] = tuple(c for c in args.generative.split(",") if c)
     config = real_study_size(args.size, **overrides)
