@@ -121,7 +121,7 @@ class StudyConfig:
     # EE-CPO / DT-CSFT (`jraise.study_beyond_iid`): Gamma from N+1 runs of `gamma_steps` on D0 = `fraction`
     # of the pool with Delta_k = +`gamma_delta` n0_k; EE-CPO moves up to `ee_cpo_edit` of D0, at most
     # `ee_cpo_max_change` of that edit budget per category and keeps at least `ee_cpo_min_per_category`
-    # records in a category it deletes from (the paper's floor of 5 is for a D0 of thousands).
+    # records in a category it deletes from (5, the released script's floor, suits a D0 of hundreds).
     gamma_steps: int = 120
     gamma_delta: float = 0.5
     gamma_relative_floor: float = 0.25

@@ -13,7 +13,8 @@ reference rows), with three things swapped for real ones by `RealBench`:
   LoRA initialisation, batch order), not the data, so every row is scored on the same test
   records (and the base row is scored once). The targets hold ``per_target`` pool records each,
   fewer than the other categories' ``per_category``: with a small target share a random 5%
-  seldom holds a target record, so what target records add shows against random. The selectors see ``pool.jsonl`` and the targets' few-shot ``val.jsonl`` /
+  seldom holds a target record, so what target records add shows against random. The
+  selectors see ``pool.jsonl`` and the targets' few-shot ``val.jsonl`` /
   ``val_pref.jsonl``; Gamma (EE-CPO, DT-CSFT) also reads ``val_other.jsonl`` (few records of every
   other category: it measures how categories act on each other); nothing reads ``noise.jsonl``
   or ``test.jsonl`` but the study's own truth and scores.
