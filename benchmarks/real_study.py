@@ -9,7 +9,7 @@ keeps finished rows, so an interrupted run resumes where it stopped (a fresh ``-
 recomputes everything); ``--methods`` runs a subset; ``--size gpu`` scales pool, steps and seeds up.
 
     python benchmarks/real_study.py --work /tmp/jraise_real_study              # one seed, every method
-    python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2   # + 2 seeds of random/LESS/ROSE/RAISE
+    python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2   # + 2 seeds of random/oracle/LESS/ROSE/RAISE
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main(argv=None) -> dict:
                                                                       "(default: the size's)")
     parser.add_argument("--extra-seeds", default=None, help="comma-separated seeds run after the main ones for "
                                                             "--extra-methods only (rows from the same work directory)")
-    parser.add_argument("--extra-methods", default="random,less,rose,raise")
+    parser.add_argument("--extra-methods", default="random,oracle,less,rose,raise",
+                        help="methods run at --extra-seeds (default: the issue's four with 3 seeds, and the oracle, "
+                             "whose seed spread the informativeness check reads)")
     parser.add_argument("--cache", default=None, help="jraise cache (default $JRAISE_CACHE or ~/.cache/jraise)")
     parser.add_argument("--out", default=str(RESULTS / "real_study"), help="prefix of the .md/.json/.png")
     args = parser.parse_args(argv)

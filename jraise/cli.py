@@ -752,8 +752,9 @@ def categories_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), help="Working directory for the demo's files (re-running resumes)."),
-    steps: Optional[int] = typer.Option(None, help="Update steps per method (default: the demo's 120)."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated subset of the methods (default: all)."),
+    steps: Optional[int] = typer.Option(None, help="Update steps per method (default: the demo's 120; with --real 8)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated subset of the methods (default: all; with "
+                                          "--real random, LESS, ROSE, RAISE and the oracle)."),
     seed: int = typer.Option(0),
     real: bool = typer.Option(False, "--real", help="The real-model study instead: SmolLM2-135M-Instruct + LoRA on "
                               "real data (fetched into the cache on first use); tens of minutes on 2 CPU cores."),

@@ -56,6 +56,7 @@ CPU_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa"
                   "hellaswag")
 REAL_METHODS = ("random", "full", "longest", "perplexity", "ifd", "rds", "less", "rose", "rose_model",
                 "less_per_target", "rose_per_target", "ee_cpo", "dt_csft", "sspl", "raise", "raise_sampled")
+FULL_STUDY_METHODS = REAL_METHODS + ("oracle", "full_run")  # the issue's 90-minute bar is for one seed of these
 POOL_DIR = "pool"
 POOL_SETTINGS = "pool_settings.json"
 
@@ -69,7 +70,7 @@ class RealStudyConfig(StudyConfig):
     ``rose_pairs="testbed"`` means the data's own pairs, here the real pool's ``val_pref.jsonl``.
     """
 
-    methods: tuple[str, ...] = REAL_METHODS + ("oracle", "full_run")
+    methods: tuple[str, ...] = FULL_STUDY_METHODS
     seeds: tuple[int, ...] = (0,)
     targets: tuple[str, ...] = ("boolq", "siqa")
     # 40% planted noise: at this scale a fine-tune on 24 records learns the answer form, and wrong
@@ -169,10 +170,13 @@ ALL_CATEGORIES = ("mmlu", "boolq", "commonsenseqa", "piqa", "siqa", "openbookqa"
 def real_demo_config(**overrides) -> RealStudyConfig:
     """`jraise demo --real`: a smaller pool and test set and the four headline methods with the
     oracle (aimed at about 20 minutes on 2 CPU cores; measured times in BUILD_NOTES)."""
+    # 8 x 24 + 2 x 10 = 212 records (5%: 11); 8 steps of 8, and a RAISE episode as long as the
+    # deployed run (`steps` overridden alone moves it too); LESS warms up for one epoch, so its
+    # features come from one checkpoint, not two (half the per-example gradients, the largest cost).
+    steps = overrides.get("steps", 8)
     return RealStudyConfig(**{"methods": ("random", "less", "rose", "raise", "oracle"), "per_category": 24,
-                              "per_target": 10,
-                              "n_test": 100, "n_test_other": 0, "n_val_other": 0, "steps": 12, "raise_episodes": 2,
-                              "raise_steps": 12, **overrides})
+                              "per_target": 10, "n_test": 100, "n_test_other": 0, "n_val_other": 0, "steps": steps,
+                              "influence_warmup_epochs": 1, "raise_episodes": 2, "raise_steps": steps, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,12 +336,21 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
         if all(len(v) > 1 for v in spread.values()):
             said = ", ".join(f"{m} {np.std(v, ddof=1):.3f} over {len(v)} seeds" for m, v in spread.items())
             lines.append(f"seed spread of target acc. (sample std): {said}; the test set's SE is {se:.3f}")
+            # The seed-level view: the SE of the difference of the two seed means, which holds the
+            # test-set noise and each row's seed-to-seed spread (Welch: sqrt(s_o^2/n_o + s_r^2/n_r)).
+            o, r = (np.asarray(spread[m], np.float64) for m in ("oracle", "random"))
+            diff_se = float(np.sqrt(o.var(ddof=1) / len(o) + r.var(ddof=1) / len(r)))
+            margin = float(o.mean() - r.mean())
+            in_diff = f"{margin / diff_se:+.1f}x" if diff_se > 0 else "undefined (no spread)"
+            lines.append(f"oracle vs random over seeds: margin {margin:+.3f} = {in_diff} the SE of the difference of "
+                         f"seed means ({diff_se:.3f}, seed-to-seed variation included)")
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["method"]: r for r in rows if r["seed"] == seed}
         if set(config.methods) <= set(mine):
             minutes = sum(mine[m]["total_seconds"] for m in config.methods) / 60
+            bar = "; the bar: 90 min on 2 CPU cores" if set(FULL_STUDY_METHODS) <= set(config.methods) else ""
             lines.append(f"seed {seed}: one seed of every method ({len(config.methods)} rows) took {minutes:.0f} min "
-                         f"on this machine (the rows' own times, summed; the bar: 90 min on 2 CPU cores)")
+                         f"on this machine (the rows' own times, summed{bar})")
     for method in INFLUENCE_METHODS:
         share = _mean_over_seeds(rows, method, "clean_target_share")
         if share is not None:
@@ -357,10 +370,11 @@ def write_report(result: dict, config: RealStudyConfig, out_prefix: str | Path, 
     bench = RealBench
     keys = tuple(key for key, _, _ in bench.columns)
     summary = summarise(result["rows"], keys)
+    per_target = f" ({config.per_target} per target)" if config.per_target is not None else ""
     header = (f"{title}\n\n"
               f"SmolLM2-135M-Instruct (LoRA r={config.lora_rank}) on the real pool: targets "
               f"{', '.join(config.targets)}; {len(config.categories)} categories, at most {config.per_category} "
-              f"records each, instruction + output <= {config.max_tokens} tokens, {config.noise:.0%} planted noise; "
+              f"records each{per_target}, instruction + output <= {config.max_tokens} tokens, {config.noise:.0%} planted noise; "
               f"{config.fraction:.0%} budget / {config.steps} update steps of {config.batch_size}; seeds "
               f"{sorted({r['seed'] for r in result['rows']})} (mean ± std over each method's seeds); "
               f"{config.n_test} test records per target, {config.n_test_other} per other category; the rows' "

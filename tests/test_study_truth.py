@@ -40,6 +40,11 @@ def test_real_config_checks_targets_and_lora_and_sizes():
     gpu = real_study_size("gpu")
     assert "medqa" in gpu.categories and gpu.seeds == (0, 1, 2) and gpu.max_tokens == 384
     assert real_study_size("cpu", targets=("piqa", "siqa")).targets == ("piqa", "siqa")
+    # The demo: a RAISE episode is as long as the deployed run, also when only the steps are given.
+    from jraise.study_real import real_demo_config
+
+    assert (real_demo_config().steps, real_demo_config().raise_steps) == (8, 8)
+    assert (real_demo_config(steps=12).raise_steps, real_demo_config(steps=12, raise_steps=5).raise_steps) == (12, 5)
     with pytest.raises(ValueError, match="generative"):
         RealStudyConfig(generative=("medqa",))
 
@@ -73,6 +78,11 @@ def test_standard_error_and_checks_read_the_rows():
     spread = [line for line in checks({**result, "rows": more}, config) if "seed spread" in line]
     assert spread == [f"seed spread of target acc. (sample std): oracle {np.std([0.7, 0.6], ddof=1):.3f} over 2 seeds, "
                       f"random 0.100 over 3 seeds; the test set's SE is {se:.3f}"]
+    # Over seeds: the SE of the difference of the seed means, sqrt(0.005 / 2 + 0.01 / 3).
+    over = [line for line in checks({**result, "rows": more}, config) if "over seeds" in line]
+    diff_se = np.sqrt(0.005 / 2 + 0.01 / 3)
+    assert over == [f"oracle vs random over seeds: margin +0.100 = {0.1 / diff_se:+.1f}x the SE of the difference "
+                    f"of seed means ({diff_se:.3f}, seed-to-seed variation included)"]
 
 
 def test_checks_time_a_seed_only_when_it_has_every_method():
@@ -83,5 +93,15 @@ def test_checks_time_a_seed_only_when_it_has_every_method():
     result = {"rows": rows, "base": {"target_acc": 0.1},
               "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.1}}
     timed = [line for line in checks(result, config) if "one seed of every method" in line]
+    # Two of the study's methods (a demo's subset): the time, without the bar meant for all of them.
     assert timed == ["seed 0: one seed of every method (2 rows) took 40 min on this machine (the rows' own times, "
-                     "summed; the bar: 90 min on 2 CPU cores)"]
+                     "summed)"]
+    from jraise.study_real import FULL_STUDY_METHODS
+
+    full = RealStudyConfig()
+    everything = [{"method": m, "seed": 0, "total_seconds": 300.0, "target_acc": 0.4, "clean_target_share": 0.5,
+                   "noisy_share": 0.1, "per_category": {"boolq": 0.5, "siqa": 0.3}} for m in FULL_STUDY_METHODS]
+    timed = [line for line in checks({**result, "rows": everything}, full) if "one seed of every method" in line]
+    assert timed == [f"seed 0: one seed of every method ({len(FULL_STUDY_METHODS)} rows) took "
+                     f"{5 * len(FULL_STUDY_METHODS)} min on this machine (the rows' own times, summed; the bar: "
+                     "90 min on 2 CPU cores)"]
