@@ -25,6 +25,7 @@ with features of the old one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,14 +176,47 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
     return store
 
 
+def warmup_size(n_pool: int, config: InfluenceRunConfig) -> tuple[int, int]:
+    """(records in the warmup subset, its batch size): ``warmup_fraction`` of the pool, at least 1."""
+    n = max(1, round(config.warmup_fraction * n_pool))
+    return n, min(config.warmup_batch_size, n)
+
+
+def warmup_epoch_lrs(n_pool: int, config: InfluenceRunConfig) -> np.ndarray:
+    """Each warmup epoch's mean learning rate under the warmup's schedule (the LESS checkpoint
+    weights, `checkpoint_weights`), known before any training. Raises ValueError when every one is
+    0, which is what a warmup of a single update step gets from any ``warmup_ratio`` > 0 (the
+    schedule starts at 0, as transformers' does): nothing would be learnt, and the error would
+    otherwise come only after the features were computed."""
+    from jraise.train.loop import TrainConfig, optimizer_args
+    from jraise.train.step import lr_schedule
+
+    n, batch = warmup_size(n_pool, config)
+    per_epoch = math.ceil(n / batch)
+    total = per_epoch * config.warmup_epochs
+    args = optimizer_args(TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule,
+                                      warmup_ratio=config.warmup_ratio, epochs=config.warmup_epochs,
+                                      batch_size=batch), total)
+    schedule = lr_schedule(args["lr"], total, args["warmup_steps"], args["schedule"])
+    lrs = np.array([float(schedule(s)) for s in range(total)], np.float64).reshape(config.warmup_epochs, per_epoch)
+    means = lrs.mean(axis=1)
+    if not means.sum() > 0:
+        raise ValueError(f"the LESS warmup would learn nothing: {n} records ({config.warmup_fraction:g} of {n_pool}) "
+                         f"at batch {batch} for {config.warmup_epochs} epoch(s) is {total} update step(s), all at "
+                         f"learning rate 0 under warmup_ratio {config.warmup_ratio:g}; use more records "
+                         "(warmup_fraction), more epochs, a smaller batch, or warmup_ratio 0")
+    return means
+
+
 def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> Path:
     """The LESS warmup run in ``run_dir`` (resumed when it exists); returns ``run_dir``."""
     from jraise.model import load_model
     from jraise.model.lora import LoRAConfig, add_lora
     from jraise.train import TrainConfig, train
 
+    warmup_epoch_lrs(len(pool), config)  # refuses a warmup that cannot learn, before it runs
     rng = np.random.default_rng([config.seed, 17])
-    n = max(1, round(config.warmup_fraction * len(pool)))
+    n, batch = warmup_size(len(pool), config)
     subset = np.sort(rng.choice(len(pool), size=n, replace=False))
     orders = [subset[np.random.default_rng([config.seed, 18, e]).permutation(n)]
               for e in range(config.warmup_epochs)]
@@ -190,7 +224,7 @@ def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> 
     add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout),
              seed=config.seed)
     train_config = TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule, warmup_ratio=config.warmup_ratio,
-                               epochs=config.warmup_epochs, batch_size=min(config.warmup_batch_size, n),
+                               epochs=config.warmup_epochs, batch_size=batch,
                                seed=config.seed)
     train(model, pool, train_config, run_dir, order=orders, resume=True, export=False)
     return run_dir

@@ -10,6 +10,7 @@ from jraise.jobs.influence import (
     InfluenceRunConfig,
     epoch_checkpoints,
     run_influence_selection,
+    warmup_epoch_lrs,
 )
 
 SMALL = dict(fraction=0.1, warmup_fraction=0.25, warmup_epochs=2, warmup_lr=1e-3, warmup_batch_size=8,
@@ -38,6 +39,9 @@ def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
     work = root / "rose" / "sel.jsonl.work"
     ckpts = epoch_checkpoints(work / "warmup")
     assert [c["epoch"] for c in ckpts] == [0, 1]
+    # The checkpoint weights known before training are the ones the run recorded.
+    np.testing.assert_allclose(warmup_epoch_lrs(40, InfluenceRunConfig(method="rose", **SMALL)),
+                               [c["epoch_mean_lr"] for c in ckpts], rtol=1e-6)
     assert sorted(p.name for p in (work / "features").iterdir()) == sorted(str(c["step"]) for c in ckpts)
     scores = np.load(out.with_name("sel.jsonl.scores.npy"))
     assert scores.shape == (40,) and np.all(np.isfinite(scores)) and np.all(np.abs(scores) <= 1 + 1e-5)
@@ -64,6 +68,27 @@ def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
                                    InfluenceRunConfig(method="less", **SMALL), warmup_run=work / "warmup",
                                    echo=lambda *_: None)
     assert less.method == "less" and len(less.indices) == 4
+
+
+def test_a_warmup_of_one_step_is_refused_before_it_runs(testbed):
+    # 5% of 160 records is 8, one batch of 8: a single update, at learning rate 0 (the schedule's
+    # warmup starts at 0). 212 records give 11, two updates, the second at the peak.
+    one_step = InfluenceRunConfig(method="less", warmup_fraction=0.05, warmup_epochs=1, warmup_batch_size=8,
+                                  warmup_lr=5e-4)
+    with pytest.raises(ValueError, match=r"learn nothing: 8 records \(0.05 of 160\) at batch 8 for 1 epoch\(s\) "
+                                         r"is 1 update step\(s\), all at learning rate 0 under warmup_ratio 0.03"):
+        warmup_epoch_lrs(160, one_step)
+    np.testing.assert_allclose(warmup_epoch_lrs(212, one_step), [2.5e-4])
+    np.testing.assert_allclose(warmup_epoch_lrs(160, InfluenceRunConfig(method="less", warmup_fraction=0.05,
+                                                                        warmup_epochs=1, warmup_batch_size=8,
+                                                                        warmup_lr=5e-4, warmup_ratio=0.0)), [5e-4])
+    # The job stops there, before any model is loaded or feature computed.
+    root, paths, model = testbed
+    with pytest.raises(ValueError, match="learn nothing"):
+        run_influence_selection(model, paths["pool"], paths["val"], root / "one_step" / "sel.jsonl",
+                                InfluenceRunConfig(method="less", **{**SMALL, "warmup_fraction": 0.2,
+                                                                     "warmup_epochs": 1}), echo=lambda *_: None)
+    assert not (root / "one_step" / "sel.jsonl.work" / "warmup").exists()
 
 
 def test_config_errors():
