@@ -757,7 +757,7 @@ def demo_cmd(
                                           "--real random, LESS, ROSE, RAISE and the oracle)."),
     seed: int = typer.Option(0),
     real: bool = typer.Option(False, "--real", help="The real-model study instead: SmolLM2-135M-Instruct + LoRA on "
-                              "real data (fetched into the cache on first use); tens of minutes on 2 CPU cores."),
+                              "real data (fetched into the cache on first use); about half an hour on 2 CPU cores."),
     cache: Optional[Path] = typer.Option(None, help="With --real: cache directory (default: $JRAISE_CACHE, else "
                                          "~/.cache/jraise)."),
 ):
