@@ -104,7 +104,8 @@ class StudyConfig:
     influence_adam_first_moment: bool = False
     # True: LESS and ROSE rows of a seed share one work directory (warmup run and train-side
     # feature stores, whose identities make the reuse exact), so the second of them computes only
-    # its validation side; its selection seconds then leave out the shared part.
+    # its validation side; its selection seconds (this call's wall time) then leave out the shared
+    # part, which its `select_recorded_seconds` (the stores' recorded cost) includes.
     influence_shared_work: bool = False
     # ROSE's validation pairs: "model" (chosen = the right answer, rejected = the base model's own greedy
     # answer; `jraise.select.preference_pairs`) or "testbed" (the testbed's near misses: the right answer
@@ -273,7 +274,8 @@ def _model_answer_pairs(base_dir: Path, paths: dict, out: Path) -> Path:
 
 
 def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyConfig, seed: int,
-                      out: Path) -> np.ndarray:
+                      out: Path):
+    """The `Selection` of a static ``method`` (LESS and ROSE's carry their recorded ``seconds``)."""
     if method in INFLUENCE_METHODS:
         from jraise.jobs.influence import InfluenceRunConfig, run_influence_selection
 
@@ -299,7 +301,7 @@ def _static_selection(method: str, base_dir: Path, paths: dict, config: StudyCon
 
         selection = run_baseline(method, paths["pool"], out, model_dir=base_dir, val_file=paths["val_target"],
                                  fraction=config.fraction, max_len=config.max_len, seed=seed)
-    return np.asarray(selection.indices)
+    return selection
 
 
 class PoolTruth(NamedTuple):
@@ -496,6 +498,7 @@ def run_method(method: str, base_dir: Path, paths: dict, truth: PoolTruth, confi
     run_dir = work / f"seed{seed}" / method
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished or other-settings attempt
     t0 = time.perf_counter()
+    extra = {}
     if method in DYNAMIC_METHODS:
         model, trained_on, select_s = _dynamic_run(method, base_dir, paths, config, seed, run_dir)
     elif method in ("ee_cpo", "dt_csft"):
@@ -508,14 +511,18 @@ def run_method(method: str, base_dir: Path, paths: dict, truth: PoolTruth, confi
             indices = oracle_indices(truth, set(config.targets), config.fraction, seed)
             select_s, order = 0.0, _epoch_orders(indices, config.steps, config.batch_size, seed)
         else:
-            indices = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
-            select_s = time.perf_counter() - t0
+            selection = _static_selection(method, base_dir, paths, config, seed, run_dir / "selection.jsonl")
+            indices, select_s = np.asarray(selection.indices), time.perf_counter() - t0
+            if selection.seconds.get("total") is not None:
+                # LESS / ROSE: the selection's recorded cost (warmup, feature stores, scoring), shared
+                # and resumed parts included, beside the wall time of this call.
+                extra["select_recorded_seconds"] = selection.seconds["total"]
             order = _epoch_orders(indices, config.steps, config.batch_size, seed)
         model = _finetune_on(base_dir, pool, order, config, seed, run_dir / "finetune", epochs)
         trained_on = indices
     shares = _shares(truth, trained_on, set(config.targets))
     scores = bench.scores(model, tok, paths, config)
-    return {"method": method, "seed": seed, **scores, **shares, "select_seconds": round(select_s, 1),
+    return {"method": method, "seed": seed, **scores, **shares, "select_seconds": round(select_s, 1), **extra,
             "total_seconds": round(time.perf_counter() - t0, 1)}
 
 

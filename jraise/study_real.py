@@ -356,9 +356,13 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
         if share is not None:
             noisy = _mean_over_seeds(rows, method, "noisy_share")
             ratio = f"{share / pool['clean_target_share']:.1f}x" if pool["clean_target_share"] else "n/a"
+            recorded = _mean_over_seeds([r for r in rows if "select_recorded_seconds" in r], method,
+                                        "select_recorded_seconds")
+            cost = (f"; selection {recorded:.0f} s as recorded (warmup, features, scoring; shared and resumed parts "
+                    "included)") if recorded is not None else ""
             lines.append(f"{method} top {config.fraction:.0%}: clean target share {share:.2f} = "
                          f"{ratio} the pool's (needs >= 2.5x); noisy share "
-                         f"{noisy:.2f} (pool {pool['noisy_share']:.2f})")
+                         f"{noisy:.2f} (pool {pool['noisy_share']:.2f}){cost}")
     return lines
 
 

@@ -260,6 +260,10 @@ def test_rose_row_builds_its_pairs_from_the_base_models_answers(tmp_path, study_
     assert meta["near_miss_fallbacks"] == len(meta["skipped"]["empty"]) + len(meta["skipped"]["correct"])
     selection = json.loads((tmp_path / "seed0" / "rose" / "selection.jsonl.meta.json").read_text())
     assert selection["method"] == "rose" and len(selection["indices"]) == round(0.1 * 280)
+    # The row carries the selection's recorded cost beside this call's wall time.
+    row = result["rows"][0]
+    assert row["select_recorded_seconds"] == pytest.approx(selection["seconds"]["total"])
+    assert row["select_recorded_seconds"] > 0
 
 
 def test_model_answer_pairs_of_a_model_that_answers_take_its_answers(tmp_path):

@@ -64,13 +64,16 @@ def test_standard_error_and_checks_read_the_rows():
     assert target_standard_error({"boolq": 0.5, "piqa": 0.5}, config) == pytest.approx(np.sqrt(0.005) / 2)
     rows = [{"method": "oracle", "seed": 0, "target_acc": 0.7, "per_category": {"boolq": 0.5, "piqa": 0.5}},
             {"method": "random", "seed": 0, "target_acc": 0.55},
-            {"method": "less", "seed": 0, "clean_target_share": 0.6, "noisy_share": 0.1}]
+            {"method": "less", "seed": 0, "clean_target_share": 0.6, "noisy_share": 0.1,
+             "select_recorded_seconds": 1830.4}]
     result = {"rows": rows, "base": {"target_acc": 0.5},
               "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.16}}
     lines = checks(result, config)
     se = np.sqrt(0.005) / 2
     assert f"{0.2 / se:+.1f} SE" in lines[1] and f"{0.15 / se:+.1f} SE" in lines[2]
     assert "3.8x the pool's" in lines[3] and "noisy share 0.10 (pool 0.20)" in lines[3]
+    assert lines[3].endswith("; selection 1830 s as recorded (warmup, features, scoring; shared and resumed parts "
+                             "included)")
     assert not any("seed spread" in line for line in lines)  # one seed each: no spread
     more = rows + [{"method": "oracle", "seed": 1, "target_acc": 0.6},
                    {"method": "random", "seed": 1, "target_acc": 0.45},

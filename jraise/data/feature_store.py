@@ -13,6 +13,9 @@ Layout
     <store_dir>/shard-00000.npy    rows [0, shard_rows)
     <store_dir>/shard-00001.npy    rows [shard_rows, 2 * shard_rows)
     ...                            the last shard may be shorter
+    <store_dir>/seconds.json       {"shards": {"<i>": seconds}}: what computing each shard took
+                                   (`FeatureStore.fill`), so a store filled across several runs
+                                   still tells its whole cost (`FeatureStore.compute_seconds`)
 
 Each shard is a standard ``.npy`` file (``numpy.lib.format``, C order, little-endian float16)
 of shape ``[rows, dim]``; ``np.load`` reads it. ``meta.json`` holds the `StoreMeta`: the
@@ -81,22 +84,24 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from jraise.atomic import atomic_write_bytes, temp_sibling
+from jraise.atomic import atomic_write_bytes, atomic_write_text, temp_sibling
 
 FORMAT_VERSION = 1
 STORE_KIND = "jraise.grads.FeatureStore"
 META_FILE = "meta.json"
+SECONDS_FILE = "seconds.json"
 DTYPE = "float16"
 DEFAULT_SHARD_ROWS = 4096
 
 _SHARD_RE = re.compile(r"shard-(\d{5,})\.npy")
-_TEMP_RE = re.compile(r"\.(?:meta\.json|shard-\d{5,}\.npy)\.(\d+)\.[0-9a-f]+\.tmp")
+_TEMP_RE = re.compile(r"\.(?:meta\.json|seconds\.json|shard-\d{5,}\.npy)\.(\d+)\.[0-9a-f]+\.tmp")
 _ABSENT = object()
 
 
@@ -452,12 +457,36 @@ class FeatureStore:
             for i in todo:
                 if fixed or not self.shard_path(i).exists():
                     start, stop = self.shard_range(i)
-                    features = compute_fn(start, stop)
+                    t0 = time.perf_counter()
+                    features = np.asarray(compute_fn(start, stop))  # waits for an asynchronous result
+                    seconds = time.perf_counter() - t0
                     if write:
                         self.write_shard(i, features, normalise=normalise)
+                        self._record_seconds(i, seconds)
                         written += 1
                 bar.update(1)
         return written
+
+    def _record_seconds(self, i: int, seconds: float) -> None:
+        """Adds shard ``i``'s compute seconds to ``seconds.json`` (rewritten atomically)."""
+        recorded = self._recorded_seconds()
+        recorded[str(i)] = round(float(seconds), 3)
+        atomic_write_text(self.dir / SECONDS_FILE, json.dumps({"shards": recorded}, sort_keys=True) + "\n")
+
+    def _recorded_seconds(self) -> dict[str, float]:
+        try:
+            shards = json.loads((self.dir / SECONDS_FILE).read_text())["shards"]
+            return {str(k): float(v) for k, v in shards.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}  # absent (a store written before the file existed) or unreadable: no times
+
+    def compute_seconds(self) -> float | None:
+        """Seconds spent computing the store's shards, summed over every run that filled it; None
+        when a shard's time is not on record (a store filled before ``seconds.json`` existed)."""
+        recorded = self._recorded_seconds()
+        if any(str(i) not in recorded for i in range(self.n_shards)):
+            return None
+        return float(sum(recorded[str(i)] for i in range(self.n_shards)))
 
     def matrix(self) -> ShardedMatrix:
         """The complete N x d matrix as a memory-mapped `ShardedMatrix`.

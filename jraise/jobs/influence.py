@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,22 @@ def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> 
     return run_dir
 
 
+def _run_seconds(run_dir: Path) -> float | None:
+    """The training seconds a run's latest checkpoint records (summed over resumes), if any."""
+    from jraise.train import load_meta
+
+    elapsed = load_meta(run_dir).get("elapsed")
+    return round(float(elapsed), 3) if elapsed is not None else None
+
+
+def recorded_total(recorded: dict) -> float | None:
+    """The sum of a selection's recorded seconds (warmup, every feature store, scoring), or None
+    when a part's time is not on record (a feature store filled before stores kept their times):
+    the selection's cost however many runs it took, which the wall time of a resumed run is not."""
+    parts = [recorded["warmup"], *recorded["train_features"], *recorded["val_features"], recorded["scoring"]]
+    return None if any(p is None for p in parts) else round(float(sum(parts)), 3)
+
+
 def epoch_checkpoints(run_dir: Path) -> list[dict]:
     """The run's epoch-end checkpoints (step, epoch, epoch_mean_lr), in order."""
     from jraise.train import list_checkpoints
@@ -344,6 +361,7 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
     checkpoints = epoch_checkpoints(run_dir)
     features = config.features()
     train_mats, val_feats = [], []
+    recorded = {"warmup": _run_seconds(run_dir), "train_features": [], "val_features": []}
     for ckpt in checkpoints:
         step = ckpt["step"]
         model = restore_model(run_dir, model_dir, step)
@@ -357,18 +375,23 @@ def _run_locked(model_dir: Path, pool_file, val_file, out: Path, config: Influen
         store = feature_store(work / "features" / str(step) / train_dir, graphdef, trainable, frozen, pool, features,
                               identity, loss="sft", moments=moments, adam_first_moment=config.adam_first_moment)
         train_mats.append(store.matrix())
+        recorded["train_features"].append(store.compute_seconds())
         echo(f"checkpoint {step}: validation features ({config.val_loss})")
         reference = zero_reference(trainable) if config.val_loss == "dpo" else None
         val_store = feature_store(work / "features" / str(step) / val_store_name(config.val_loss, val), graphdef,
                                   trainable, frozen, val, features, identity, loss=config.val_loss,
                                   reference=reference)
         val_feats.append(val_store.matrix().rows(0, len(val)))
+        recorded["val_features"].append(val_store.compute_seconds())
+    t0 = time.perf_counter()
     weights = checkpoint_weights([c["epoch_mean_lr"] for c in checkpoints])
     groups = [c if c is not None else "all" for c in val.categories]
     selection = select_by_influence(config.method, train_mats, val_feats, weights, pool.fingerprint, config.fraction,
                                     groups, group_budget=config.group_budget,
                                     config={**asdict(config), "warmup_run": str(run_dir),
                                                     "checkpoints": [c["step"] for c in checkpoints]})
+    recorded["scoring"] = round(time.perf_counter() - t0, 3)
+    selection = replace(selection, seconds={**recorded, "total": recorded_total(recorded)})
     paths = write_selection(selection, pool, out, inputs=(val,))
     echo(f"selected {len(selection.indices)} of {len(pool)} -> {paths['selection']}")
     return selection

@@ -30,10 +30,12 @@ class Selection:
     pool_fingerprint: str
     scores: np.ndarray | None = None  # float32 [N] or None
     config: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # what the selection cost, by part, where the method records it
 
     def metadata(self) -> dict:
-        return {"method": self.method, "pool_fingerprint": self.pool_fingerprint, "config": self.config,
+        meta = {"method": self.method, "pool_fingerprint": self.pool_fingerprint, "config": self.config,
                 "n_selected": len(self.indices), "indices": [int(i) for i in self.indices]}
+        return {**meta, "seconds": self.seconds} if self.seconds else meta
 
 
 def top_fraction(scores: np.ndarray, fraction: float | None = None, k: int | None = None) -> np.ndarray:

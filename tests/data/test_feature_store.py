@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jraise.data.feature_store import (
+    SECONDS_FILE,
     FeatureStore,
     ShardedMatrix,
     StoreMeta,
@@ -32,7 +33,8 @@ def features(start: int, stop: int, dim: int = 8) -> np.ndarray:
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """The store's files but its compute times (``seconds.json``, which differ run to run)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != SECONDS_FILE}
 
 
 def make(tmp_path: Path, n=10, dim=8, shard_rows=4, identity=IDENTITY, name="store") -> FeatureStore:
@@ -122,6 +124,31 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
     assert reopened.is_complete
     assert dir_bytes(reopened.dir) == dir_bytes(reference.dir)
     assert reopened.fill(recording) == 0 and len(calls) == 3  # nothing left to do
+    # Both runs' shard times are on record: the store's cost is known though it took two runs.
+    recorded = json.loads((reopened.dir / SECONDS_FILE).read_text())["shards"]
+    assert sorted(recorded, key=int) == [str(i) for i in range(6)]
+    assert reopened.compute_seconds() == pytest.approx(sum(recorded.values()))
+
+
+def test_compute_seconds_sums_every_shard_and_is_none_for_an_untimed_one(tmp_path):
+    import time
+
+    def slow(start, stop):
+        time.sleep(0.02)
+        return features(start, stop)
+
+    store = make(tmp_path)  # 10 rows, 3 shards
+    assert store.compute_seconds() is None  # nothing computed yet
+    store.fill(slow, progress=False)
+    assert 0.06 <= store.compute_seconds() < 5
+    # A shard written without a time (as by code from before seconds.json): the total is unknown.
+    untimed = make(tmp_path, name="untimed")
+    untimed.fill(slow, progress=False)
+    untimed.write_shard(1, features(4, 8))
+    (untimed.dir / SECONDS_FILE).write_text(json.dumps({"shards": {"0": 0.1, "2": 0.1}}))
+    assert untimed.compute_seconds() is None
+    (untimed.dir / SECONDS_FILE).write_text("not json")
+    assert untimed.compute_seconds() is None and untimed.is_complete
 
 
 def test_crash_during_write_leaves_no_partial_shard(tmp_path, monkeypatch):

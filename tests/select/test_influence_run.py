@@ -36,6 +36,11 @@ def test_rose_end_to_end_then_less_reusing_the_warmup(testbed):
     assert out.read_text().splitlines() == [pool_lines[i] for i in sel.indices]  # records unchanged
     meta = json.loads(out.with_name("sel.jsonl.meta.json").read_text())
     assert meta["method"] == "rose" and meta["config"]["val_loss"] == "margin"
+    # What the selection cost, by part; the total is their sum (the stores' times are on record).
+    cost = meta["seconds"]
+    assert len(cost["train_features"]) == len(cost["val_features"]) == 2 and cost["warmup"] > 0
+    parts = [cost["warmup"], *cost["train_features"], *cost["val_features"], cost["scoring"]]
+    assert all(p > 0 for p in parts) and cost["total"] == pytest.approx(sum(parts), abs=1e-2)
     work = root / "rose" / "sel.jsonl.work"
     ckpts = epoch_checkpoints(work / "warmup")
     assert [c["epoch"] for c in ckpts] == [0, 1]
