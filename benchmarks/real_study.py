@@ -10,6 +10,7 @@ recomputes everything); ``--methods`` runs a subset; ``--size gpu`` scales pool,
 
     python benchmarks/real_study.py --work /tmp/jraise_real_study              # one seed, every method
     python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2   # + 2 seeds of random/oracle/LESS/ROSE/RAISE
+    python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2 --also 3,4:random  # + random 3, 4
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> dict:
-    from jraise.study_real import SIZES, real_study_size, run_real_study, write_report
+    from dataclasses import replace
+
+    from jraise.study_real import SIZES, more_seed_runs, real_study_size, run_real_study, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/jraise_real_study", help="work directory (resumable)")
@@ -45,6 +48,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--extra-methods", default="random,oracle,less,rose,raise",
                         help="methods run at --extra-seeds (default: the issue's four with 3 seeds, and the oracle, "
                              "whose seed spread the informativeness check reads)")
+    parser.add_argument("--also", action="append", default=[], metavar="SEEDS:METHODS",
+                        help="more rows after the extra seeds, e.g. 3,4:random (repeatable)")
     parser.add_argument("--cache", default=None, help="jraise cache (default $JRAISE_CACHE or ~/.cache/jraise)")
     parser.add_argument("--out", default=str(RESULTS / "real_study"), help="prefix of the .md/.json/.png")
     args = parser.parse_args(argv)
@@ -63,14 +68,15 @@ def main(argv=None) -> dict:
     if args.generative is not None:
         overrides["generative"] = tuple(c for c in args.generative.split(",") if c)
     config = real_study_size(args.size, **overrides)
+    try:
+        more = more_seed_runs(args.extra_seeds, args.extra_methods, args.also)
+    except ValueError as e:
+        parser.error(str(e))
     start = time.perf_counter()
     result = run_real_study(args.work, config, cache=args.cache)
-    if args.extra_seeds:
-        from dataclasses import replace
-
-        extra = replace(config, seeds=tuple(int(s) for s in args.extra_seeds.split(",")),
-                        methods=tuple(args.extra_methods.split(",")))
-        result["rows"] += run_real_study(args.work, extra, cache=args.cache)["rows"]
+    for seeds, methods in more:
+        result["rows"] += run_real_study(args.work, replace(config, seeds=seeds, methods=methods),
+                                         cache=args.cache)["rows"]
     title = f"Real-model study: `python benchmarks/real_study.py {' '.join(argv or [])}`".rstrip()
     text = write_report(result, config, args.out, title, time.perf_counter() - start)
     print("\n" + text)

@@ -179,6 +179,26 @@ def real_demo_config(**overrides) -> RealStudyConfig:
                               "influence_warmup_epochs": 1, "raise_episodes": 2, "raise_steps": steps, **overrides})
 
 
+def more_seed_runs(extra_seeds: str | None, extra_methods: str, also: Sequence[str] = ()) -> list[tuple]:
+    """The benchmark's runs after its main seeds, as [(seeds, methods)]: ``extra_seeds`` ("1,2") of
+    ``extra_methods`` ("random,less"), then each ``also`` item "SEEDS:METHODS" ("3,4:random").
+    Raises ValueError naming an item that is not of that form."""
+    def ints(text: str, where: str) -> tuple[int, ...]:
+        try:
+            seeds = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"{where}: seeds must be comma-separated integers, got {text!r}") from None
+        return seeds
+
+    runs = [(ints(extra_seeds, "--extra-seeds"), tuple(extra_methods.split(",")))] if extra_seeds else []
+    for item in also:
+        seeds, sep, methods = item.partition(":")
+        if not sep or not seeds or not methods:
+            raise ValueError(f"--also {item!r}: expected SEEDS:METHODS, e.g. 3,4:random")
+        runs.append((ints(seeds, f"--also {item!r}"), tuple(methods.split(","))))
+    return runs
+
+
 # ----------------------------------------------------------------------------------------------
 # Data and scores
 

@@ -108,3 +108,18 @@ def test_checks_time_a_seed_only_when_it_has_every_method():
     assert timed == [f"seed 0: one seed of every method ({len(FULL_STUDY_METHODS)} rows) took "
                      f"{5 * len(FULL_STUDY_METHODS)} min on this machine (the rows' own times, summed; the bar: "
                      "90 min on 2 CPU cores)"]
+
+
+def test_more_seed_runs_reads_the_extra_seeds_and_each_also_item():
+    from jraise.study_real import more_seed_runs
+
+    assert more_seed_runs(None, "random,less") == []
+    assert more_seed_runs("1,2", "random,less", ["3,4:random", "5:oracle,random"]) == [
+        ((1, 2), ("random", "less")), ((3, 4), ("random",)), ((5,), ("oracle", "random"))]
+    assert more_seed_runs(None, "random", ["3:random"]) == [((3,), ("random",))]
+    with pytest.raises(ValueError, match=r"--also '3,4': expected SEEDS:METHODS, e.g. 3,4:random"):
+        more_seed_runs(None, "random", ["3,4"])
+    with pytest.raises(ValueError, match=r"--also 'x:random': seeds must be comma-separated integers, got 'x'"):
+        more_seed_runs(None, "random", ["x:random"])
+    with pytest.raises(ValueError, match=r"--extra-seeds: seeds must be comma-separated integers"):
+        more_seed_runs("1,two", "random")
