@@ -628,16 +628,20 @@ def plot_summary(summary: Sequence[dict], path: str | Path, bench=None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     names = [e["method"] for e in summary]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 3.8))
+    width = max(6, len(names) * 0.9)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
     (target, _, _), (everything, _, _) = bench.columns[:2]
     for offset, col, label in ((-0.2, target, "target categories"), (0.2, everything, "all categories")):
         ax.bar(x + offset, [e[col] for e in summary], 0.4, yerr=[e[col + "_std"] for e in summary], label=label,
                capsize=3)
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel(bench.score_label)
-    ax.set_title(f"Selection methods at one budget ({bench.name})")
+    # Wrapped to the figure (about 9 title characters an inch), so a long bench name is not cut off.
+    ax.set_ylabel(textwrap.fill(bench.score_label, 36))
+    ax.set_title(textwrap.fill(f"Selection methods at one budget ({bench.name})", int(width * 9)))
     ax.legend()
     fig.tight_layout()
     path = Path(path)
