@@ -177,10 +177,14 @@ def feature_store(store_dir: str | os.PathLike, graphdef, trainable, frozen, poo
     return store
 
 
-def warmup_size(n_pool: int, config: InfluenceRunConfig) -> tuple[int, int]:
-    """(records in the warmup subset, its batch size): ``warmup_fraction`` of the pool, at least 1."""
+def warmup_plan(n_pool: int, config: InfluenceRunConfig):
+    """(records in the warmup subset, the warmup's `TrainConfig`): ``warmup_fraction`` of the pool,
+    at least 1, at a batch no larger than the subset. The run and `warmup_epoch_lrs` both read it."""
+    from jraise.train import TrainConfig
+
     n = max(1, round(config.warmup_fraction * n_pool))
-    return n, min(config.warmup_batch_size, n)
+    return n, TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule, warmup_ratio=config.warmup_ratio,
+                          epochs=config.warmup_epochs, batch_size=min(config.warmup_batch_size, n), seed=config.seed)
 
 
 def warmup_epoch_lrs(n_pool: int, config: InfluenceRunConfig) -> np.ndarray:
@@ -189,15 +193,14 @@ def warmup_epoch_lrs(n_pool: int, config: InfluenceRunConfig) -> np.ndarray:
     0, which is what a warmup of a single update step gets from any ``warmup_ratio`` > 0 (the
     schedule starts at 0, as transformers' does): nothing would be learnt, and the error would
     otherwise come only after the features were computed."""
-    from jraise.train.loop import TrainConfig, optimizer_args
+    from jraise.train.loop import optimizer_args
     from jraise.train.step import lr_schedule
 
-    n, batch = warmup_size(n_pool, config)
+    n, train_config = warmup_plan(n_pool, config)
+    batch = train_config.batch_size
     per_epoch = math.ceil(n / batch)
     total = per_epoch * config.warmup_epochs
-    args = optimizer_args(TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule,
-                                      warmup_ratio=config.warmup_ratio, epochs=config.warmup_epochs,
-                                      batch_size=batch), total)
+    args = optimizer_args(train_config, total)
     schedule = lr_schedule(args["lr"], total, args["warmup_steps"], args["schedule"])
     lrs = np.array([float(schedule(s)) for s in range(total)], np.float64).reshape(config.warmup_epochs, per_epoch)
     means = lrs.mean(axis=1)
@@ -213,20 +216,17 @@ def warmup(model_dir: Path, pool, config: InfluenceRunConfig, run_dir: Path) -> 
     """The LESS warmup run in ``run_dir`` (resumed when it exists); returns ``run_dir``."""
     from jraise.model import load_model
     from jraise.model.lora import LoRAConfig, add_lora
-    from jraise.train import TrainConfig, train
+    from jraise.train import train
 
     warmup_epoch_lrs(len(pool), config)  # refuses a warmup that cannot learn, before it runs
     rng = np.random.default_rng([config.seed, 17])
-    n, batch = warmup_size(len(pool), config)
+    n, train_config = warmup_plan(len(pool), config)
     subset = np.sort(rng.choice(len(pool), size=n, replace=False))
     orders = [subset[np.random.default_rng([config.seed, 18, e]).permutation(n)]
               for e in range(config.warmup_epochs)]
     model, _ = load_model(model_dir)
     add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout),
              seed=config.seed)
-    train_config = TrainConfig(lr=config.warmup_lr, schedule=config.warmup_schedule, warmup_ratio=config.warmup_ratio,
-                               epochs=config.warmup_epochs, batch_size=batch,
-                               seed=config.seed)
     train(model, pool, train_config, run_dir, order=orders, resume=True, export=False)
     return run_dir
 
