@@ -11,6 +11,7 @@ recomputes everything); ``--methods`` runs a subset; ``--size gpu`` scales pool,
     python benchmarks/real_study.py --work /tmp/jraise_real_study              # one seed, every method
     python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2   # + 2 seeds of random/oracle/LESS/ROSE/RAISE
     python benchmarks/real_study.py --work /tmp/jraise_real_study --extra-seeds 1,2 --also 3,4:random  # + random 3, 4
+    python benchmarks/real_study.py --work /tmp/new_work --rows-from benchmarks/results/real_study.json  # resume a report
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> dict:
     from dataclasses import replace
 
-    from jraise.study_real import SIZES, more_seed_runs, real_study_size, run_real_study, write_report
+    from jraise.study_real import SIZES, more_seed_runs, real_study_size, rows_from_report, run_real_study, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/jraise_real_study", help="work directory (resumable)")
@@ -50,6 +51,9 @@ def main(argv=None) -> dict:
                              "whose seed spread the informativeness check reads)")
     parser.add_argument("--also", action="append", default=[], metavar="SEEDS:METHODS",
                         help="more rows after the extra seeds, e.g. 3,4:random (repeatable)")
+    parser.add_argument("--rows-from", default=None, metavar="REPORT.json",
+                        help="first add the finished rows of an earlier report (e.g. benchmarks/results/"
+                             "real_study.json) to --work, so a fresh work directory resumes where it stopped")
     parser.add_argument("--cache", default=None, help="jraise cache (default $JRAISE_CACHE or ~/.cache/jraise)")
     parser.add_argument("--out", default=str(RESULTS / "real_study"), help="prefix of the .md/.json/.png")
     args = parser.parse_args(argv)
@@ -72,6 +76,8 @@ def main(argv=None) -> dict:
         more = more_seed_runs(args.extra_seeds, args.extra_methods, args.also)
     except ValueError as e:
         parser.error(str(e))
+    if args.rows_from:
+        print(f"{rows_from_report(args.work, args.rows_from)} finished rows added from {args.rows_from}")
     start = time.perf_counter()
     result = run_real_study(args.work, config, cache=args.cache)
     for seeds, methods in more:

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_jsonl, atomic_write_text
+from jraise.errors import JraiseError
 from jraise.study import INFLUENCE_METHODS, PoolTruth, StudyConfig, read_jsonl
 
 # The categories whose short records are plentiful under the CPU length policy (128 tokens):
@@ -197,6 +198,44 @@ def more_seed_runs(extra_seeds: str | None, extra_methods: str, also: Sequence[s
             raise ValueError(f"--also {item!r}: expected SEEDS:METHODS, e.g. 3,4:random")
         runs.append((ints(seeds, f"--also {item!r}"), tuple(methods.split(","))))
     return runs
+
+
+def rows_from_report(work: str | Path, report: str | Path) -> int:
+    """Adds the finished rows of an earlier report (``write_report``'s JSON: its ``base`` and
+    ``rows``) to ``work``'s ``rows.jsonl``, so a fresh work directory (the pool and base are rebuilt
+    deterministically) resumes where that report stopped. A row already there for the same method,
+    seed and settings is kept; rows whose settings differ from the run's are ignored by
+    `jraise.study.run_study` as usual. Returns how many rows were added; ``rows.jsonl`` is
+    rewritten atomically. Raises JraiseError naming the file, row and field of a malformed report."""
+    report = Path(report)
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise JraiseError(f"{report}: not JSON ({e.msg}, line {e.lineno})", path=report) from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise JraiseError(f"{report}: field 'rows': expected a list of study rows (a real_study.json report)",
+                          path=report, field="rows")
+    named = [(f"rows[{i}]", row) for i, row in enumerate(data["rows"])]
+    if data.get("base"):
+        named.insert(0, ("base", data["base"]))
+    for where, row in named:
+        if not isinstance(row, dict):
+            raise JraiseError(f"{report}: {where}: expected an object", path=report, record=where)
+        for field in ("method", "seed", "settings"):
+            if field not in row:
+                raise JraiseError(f"{report}: {where}: missing field {field!r}", path=report, record=where,
+                                  field=field)
+    found = [row for _, row in named]
+    work = Path(work)
+    rows_file = work / "rows.jsonl"
+    old = read_jsonl(rows_file) if rows_file.exists() else []
+    have = {(r.get("method"), r.get("seed"), r.get("settings")) for r in old}
+    added = [r for r in found if (r["method"], r["seed"], r["settings"]) not in have]
+    added = list({(r["method"], r["seed"], r["settings"]): r for r in added}.values())  # one per key
+    if added:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_jsonl(rows_file, old + added)
+    return len(added)
 
 
 # ----------------------------------------------------------------------------------------------

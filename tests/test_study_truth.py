@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jraise.study import PoolTruth, oracle_indices, pool_shares
+from jraise.atomic import atomic_write_jsonl
+from jraise.study import PoolTruth, oracle_indices, pool_shares, read_jsonl
 from jraise.study_real import RealStudyConfig, checks, pool_truth, real_study_size, target_standard_error
 
 
@@ -123,3 +124,54 @@ def test_more_seed_runs_reads_the_extra_seeds_and_each_also_item():
         more_seed_runs(None, "random", ["x:random"])
     with pytest.raises(ValueError, match=r"--extra-seeds: seeds must be comma-separated integers"):
         more_seed_runs("1,two", "random")
+
+
+def _report(path, base, rows):
+    path.write_text(json.dumps({"config": {}, "base": base, "pool": {}, "summary": [], "rows": rows}))
+    return path
+
+
+def test_rows_from_report_adds_a_reports_rows_once_and_keeps_the_work_directorys_own(tmp_path):
+    from jraise.study_real import rows_from_report
+
+    base = {"method": "base (no fine-tune)", "seed": 0, "target_acc": 0.04, "settings": "b"}
+    rows = [{"method": "random", "seed": 0, "target_acc": 0.3, "settings": "r"},
+            {"method": "random", "seed": 1, "target_acc": 0.4, "settings": "r"},
+            {"method": "less", "seed": 0, "target_acc": 0.5, "settings": "l"}]
+    report = _report(tmp_path / "report.json", base, rows)
+    work = tmp_path / "work"
+    assert rows_from_report(work, report) == 4
+    assert read_jsonl(work / "rows.jsonl") == [base, *rows]
+    assert rows_from_report(work, report) == 0  # nothing twice
+    assert read_jsonl(work / "rows.jsonl") == [base, *rows]
+
+    # A work directory's own row of the same method, seed and settings wins; a row of other
+    # settings does not count as the same row.
+    other = tmp_path / "other"
+    own = [{**rows[0], "target_acc": 0.9}, {**rows[2], "settings": "older"}]
+    atomic_write_jsonl(other / "rows.jsonl", own)
+    assert rows_from_report(other, report) == 3
+    assert read_jsonl(other / "rows.jsonl") == [*own, base, rows[1], rows[2]]
+
+
+def test_rows_from_report_names_the_file_row_and_field_and_writes_nothing(tmp_path):
+    from jraise.errors import JraiseError
+    from jraise.study_real import rows_from_report
+
+    work = tmp_path / "work"
+    atomic_write_jsonl(work / "rows.jsonl", [{"method": "random", "seed": 0, "settings": "r"}])
+    before = (work / "rows.jsonl").read_bytes()
+    bad = _report(tmp_path / "bad.json", None, [{"method": "less", "seed": 0, "settings": "l"},
+                                                 {"method": "rose", "seed": 0}])
+    with pytest.raises(JraiseError, match=r"bad\.json: rows\[1\]: missing field 'settings'") as err:
+        rows_from_report(work, bad)
+    assert (err.value.record, err.value.field) == ("rows[1]", "settings")
+    (tmp_path / "cut.json").write_text('{"rows": [')
+    with pytest.raises(JraiseError, match=r"cut\.json: not JSON"):
+        rows_from_report(work, tmp_path / "cut.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(JraiseError, match=r"list\.json: field 'rows': expected a list"):
+        rows_from_report(work, tmp_path / "list.json")
+    with pytest.raises(FileNotFoundError):
+        rows_from_report(work, tmp_path / "missing.json")
+    assert (work / "rows.jsonl").read_bytes() == before
