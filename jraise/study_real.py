@@ -374,11 +374,48 @@ def _mean_over_seeds(rows: Sequence[dict], method: str, key: str) -> float | Non
     return float(np.mean(values)) if values else None
 
 
+def seed_margin(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard error) for two rows' per-seed scores, at least 2 seeds each:
+    the SE of the difference of the seed means (Welch, sqrt(s_a^2/n_a + s_b^2/n_b)), which holds the
+    test set's noise and each row's seed-to-seed spread."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a seed-level margin needs at least 2 seeds of each row, got {len(a)} and {len(b)}")
+    return float(a.mean() - b.mean()), float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
+def _in_diff(margin: float, diff_se: float) -> str:
+    return f"{margin / diff_se:+.1f}x" if diff_se > 0 else "undefined (no spread)"
+
+
+def _methods_over_seeds(rows: Sequence[dict]) -> list[str]:
+    """For each method other than the oracle and random with at least 2 seeds: its seed-level margin
+    over random and over the oracle (where they have 2 seeds or more), `seed_margin`."""
+    seeds: dict[str, list[float]] = {}
+    for r in rows:
+        if "target_acc" in r:
+            seeds.setdefault(r["method"], []).append(r["target_acc"])
+    lines = []
+    for method, mine in seeds.items():
+        if method in ("oracle", "random") or len(mine) < 2:
+            continue
+        said = []
+        for ref in ("random", "oracle"):
+            if len(seeds.get(ref, ())) > 1:
+                margin, diff_se = seed_margin(mine, seeds[ref])
+                said.append(f"vs {ref}: margin {margin:+.3f} = {_in_diff(margin, diff_se)}")
+        if said:
+            lines.append(f"{method} over {len(mine)} seeds, target acc. {np.mean(mine):.3f} +- "
+                         f"{np.std(mine, ddof=1):.3f}; " + "; ".join(said) + " (in SEs of the difference of seed means)")
+    return lines
+
+
 def checks(result: dict, config: RealStudyConfig) -> list[str]:
     """The acceptance figures in words: the oracle's margin over the base and random in standard
     errors of the target accuracy (and, with several seeds of both, their seed-to-seed spread beside
-    that SE), the time of each seed that has a row of every method in
-    ``config.methods``, and LESS's / ROSE's clean-target share against the pool's."""
+    that SE), every other method with several seeds against random and the oracle over seeds
+    (`seed_margin`), the time of each seed that has a row of every method in ``config.methods``,
+    and LESS's / ROSE's clean-target share against the pool's."""
     rows, base, pool = result["rows"], result["base"], result["pool"]
     lines = [f"pool: noisy share {pool['noisy_share']:.2f}, target share {pool['target_share']:.2f}, "
              f"clean target share {pool['clean_target_share']:.2f}"]
@@ -395,14 +432,10 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
         if all(len(v) > 1 for v in spread.values()):
             said = ", ".join(f"{m} {np.std(v, ddof=1):.3f} over {len(v)} seeds" for m, v in spread.items())
             lines.append(f"seed spread of target acc. (sample std): {said}; the test set's SE is {se:.3f}")
-            # The seed-level view: the SE of the difference of the two seed means, which holds the
-            # test-set noise and each row's seed-to-seed spread (Welch: sqrt(s_o^2/n_o + s_r^2/n_r)).
-            o, r = (np.asarray(spread[m], np.float64) for m in ("oracle", "random"))
-            diff_se = float(np.sqrt(o.var(ddof=1) / len(o) + r.var(ddof=1) / len(r)))
-            margin = float(o.mean() - r.mean())
-            in_diff = f"{margin / diff_se:+.1f}x" if diff_se > 0 else "undefined (no spread)"
-            lines.append(f"oracle vs random over seeds: margin {margin:+.3f} = {in_diff} the SE of the difference of "
-                         f"seed means ({diff_se:.3f}, seed-to-seed variation included)")
+            margin, diff_se = seed_margin(spread["oracle"], spread["random"])
+            lines.append(f"oracle vs random over seeds: margin {margin:+.3f} = {_in_diff(margin, diff_se)} the SE of "
+                         f"the difference of seed means ({diff_se:.3f}, seed-to-seed variation included)")
+    lines += _methods_over_seeds(rows)
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["method"]: r for r in rows if r["seed"] == seed}
         if set(config.methods) <= set(mine):

@@ -175,3 +175,31 @@ def test_rows_from_report_names_the_file_row_and_field_and_writes_nothing(tmp_pa
     with pytest.raises(FileNotFoundError):
         rows_from_report(work, tmp_path / "missing.json")
     assert (work / "rows.jsonl").read_bytes() == before
+
+
+def test_checks_give_every_method_with_several_seeds_its_margin_over_random_and_the_oracle():
+    from jraise.study_real import seed_margin
+
+    margin, se = seed_margin([0.4, 0.5, 0.6], [0.3, 0.35])
+    assert margin == pytest.approx(0.175) and se == pytest.approx(np.sqrt(0.01 / 3 + 0.00125 / 2))
+    with pytest.raises(ValueError, match="at least 2 seeds of each row, got 1 and 2"):
+        seed_margin([0.4], [0.3, 0.35])
+    config = RealStudyConfig(targets=("boolq", "piqa"), n_test=100)
+    per_category = {"boolq": 0.5, "piqa": 0.5}
+    rows = ([{"method": "oracle", "seed": s, "target_acc": a, "per_category": per_category} for s, a in ((0, 0.7), (1, 0.6))]
+            + [{"method": "random", "seed": s, "target_acc": a} for s, a in ((0, 0.3), (1, 0.35))]
+            + [{"method": "less", "seed": s, "target_acc": a, "clean_target_share": 0.5, "noisy_share": 0.1}
+               for s, a in ((0, 0.4), (1, 0.5), (2, 0.6))]
+            + [{"method": "rose", "seed": 0, "target_acc": 0.9, "clean_target_share": 0.5, "noisy_share": 0.1}])  # 1 seed
+    result = {"rows": rows, "base": {"target_acc": 0.1},
+              "pool": {"noisy_share": 0.2, "target_share": 0.2, "clean_target_share": 0.1}}
+    over = [line for line in checks(result, config) if line.startswith(("less", "rose")) and "seeds" in line]
+    vs_random = 0.175 / np.sqrt(0.01 / 3 + 0.00125 / 2)
+    vs_oracle = -0.15 / np.sqrt(0.01 / 3 + 0.005 / 2)
+    assert over == [f"less over 3 seeds, target acc. 0.500 +- 0.100; vs random: margin +0.175 = {vs_random:+.1f}x; "
+                    f"vs oracle: margin -0.150 = {vs_oracle:+.1f}x (in SEs of the difference of seed means)"]
+    # Without a second seed of random, only the oracle is a reference.
+    fewer = [r for r in rows if not (r["method"] == "random" and r["seed"] == 1)]
+    over = [line for line in checks({**result, "rows": fewer}, config) if line.startswith("less") and "seeds" in line]
+    assert over == [f"less over 3 seeds, target acc. 0.500 +- 0.100; vs oracle: margin -0.150 = {vs_oracle:+.1f}x "
+                    "(in SEs of the difference of seed means)"]
