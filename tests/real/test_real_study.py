@@ -86,6 +86,15 @@ def test_demo_real_prints_the_table_and_verdict_and_writes_chart(tmp_path, smoll
     assert json.loads(before.splitlines()[0])["method"] == "base (no fine-tune)"
     again = run_demo(tmp_path, real=True, methods=("random", "oracle"), echo=lambda *_: None, **sizes)
     assert (tmp_path / "rows.jsonl").read_text() == before and again["rows"] == result["rows"]
+    # A fresh work directory given the report's rows (`real_study.py --rows-from`) resumes from them:
+    # the pool is rebuilt by seed, and nothing is fine-tuned or scored again.
+    from jraise.study_real import rows_from_report
+
+    fresh = tmp_path / "fresh"
+    assert rows_from_report(fresh, tmp_path / "study.json") == 3  # the base row, random, oracle
+    resumed = run_demo(fresh, real=True, methods=("random", "oracle"), echo=lambda *_: None, **sizes)
+    assert resumed["rows"] == result["rows"] and resumed["base"] == result["base"]
+    assert (fresh / "pool" / "pool.jsonl").read_bytes() == (tmp_path / "pool" / "pool.jsonl").read_bytes()
     # Every seed scores the same test set: another seed reads the base row back.
     run_demo(tmp_path, seed=1, real=True, methods=("random",), echo=lambda *_: None, **sizes)
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
