@@ -230,8 +230,12 @@ def rows_from_report(work: str | Path, report: str | Path) -> int:
     rows_file = work / "rows.jsonl"
     old = read_jsonl(rows_file) if rows_file.exists() else []
     have = {(r.get("method"), r.get("seed"), r.get("settings")) for r in old}
-    added = [r for r in found if (r["method"], r["seed"], r["settings"]) not in have]
-    added = list({(r["method"], r["seed"], r["settings"]): r for r in added}.values())  # one per key
+    added = []
+    for row in found:  # the first row of a method, seed and settings is kept
+        key = (row["method"], row["seed"], row["settings"])
+        if key not in have:
+            have.add(key)
+            added.append(row)
     if added:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_jsonl(rows_file, old + added)
