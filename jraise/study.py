@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -627,8 +628,6 @@ def plot_summary(summary: Sequence[dict], path: str | Path, bench=None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import textwrap
 
     names = [e["method"] for e in summary]
     x = np.arange(len(names))

@@ -392,13 +392,19 @@ def _in_diff(margin: float, diff_se: float) -> str:
     return f"{margin / diff_se:+.1f}x" if diff_se > 0 else "undefined (no spread)"
 
 
-def _methods_over_seeds(rows: Sequence[dict]) -> list[str]:
-    """For each method other than the oracle and random with at least 2 seeds: its seed-level margin
-    over random and over the oracle (where they have 2 seeds or more), `seed_margin`."""
+def _target_acc_by_method(rows: Sequence[dict]) -> dict[str, list[float]]:
+    """Each method's per-seed target accuracies (rows without one are left out)."""
     seeds: dict[str, list[float]] = {}
     for r in rows:
         if "target_acc" in r:
             seeds.setdefault(r["method"], []).append(r["target_acc"])
+    return seeds
+
+
+def _methods_over_seeds(seeds: dict[str, list[float]]) -> list[str]:
+    """For each method other than the oracle and random with at least 2 seeds (``seeds``:
+    `_target_acc_by_method`): its seed-level margin over random and over the oracle (where they
+    have 2 seeds or more), `seed_margin`."""
     lines = []
     for method, mine in seeds.items():
         if method in ("oracle", "random") or len(mine) < 2:
@@ -421,6 +427,7 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
     (`seed_margin`), the time of each seed that has a row of every method in ``config.methods``,
     and LESS's / ROSE's clean-target share against the pool's."""
     rows, base, pool = result["rows"], result["base"], result["pool"]
+    by_method = _target_acc_by_method(rows)
     lines = [f"pool: noisy share {pool['noisy_share']:.2f}, target share {pool['target_share']:.2f}, "
              f"clean target share {pool['clean_target_share']:.2f}"]
     oracle = [r for r in rows if r["method"] == "oracle"]
@@ -432,14 +439,14 @@ def checks(result: dict, config: RealStudyConfig) -> list[str]:
                 in_se = f"{(acc - ref) / se:+.1f} SE" if se > 0 else "undefined in SE (accuracies of 0 or 1)"
                 lines.append(f"oracle vs {name}: target acc. {acc:.3f} vs {ref:.3f}, margin {acc - ref:+.3f} = "
                              f"{in_se} (SE {se:.3f}; needs > 2)")
-        spread = {m: [r["target_acc"] for r in rows if r["method"] == m] for m in ("oracle", "random")}
+        spread = {m: by_method.get(m, []) for m in ("oracle", "random")}
         if all(len(v) > 1 for v in spread.values()):
             said = ", ".join(f"{m} {np.std(v, ddof=1):.3f} over {len(v)} seeds" for m, v in spread.items())
             lines.append(f"seed spread of target acc. (sample std): {said}; the test set's SE is {se:.3f}")
             margin, diff_se = seed_margin(spread["oracle"], spread["random"])
             lines.append(f"oracle vs random over seeds: margin {margin:+.3f} = {_in_diff(margin, diff_se)} the SE of "
                          f"the difference of seed means ({diff_se:.3f}, seed-to-seed variation included)")
-    lines += _methods_over_seeds(rows)
+    lines += _methods_over_seeds(by_method)
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["method"]: r for r in rows if r["seed"] == seed}
         if set(config.methods) <= set(mine):
