@@ -73,6 +73,8 @@ class FeatureConfig:
     gradients of a large model); the sjlt mode sketches each chunk in place (chunk x P at most,
     plus its hash table, 8 bytes per coordinate and nonzero).
 
+    ``n_buckets``: at most this many length buckets, and one per whole group (`feature_buckets`).
+
     ``projection.mode``: ``"dense"`` projects the flattened gradient by one JL matrix;
     ``"factored"`` projects each 2-D leaf by its own Kronecker matrix (LoGra) and the other leaves
     densely (`jraise.grads.projection.project_tree_factored`): the same per-example gradients,
@@ -181,6 +183,19 @@ def _jit_on(mesh, fn):
 _PROGRAMS = CompiledCache(8)
 
 
+def feature_buckets(lengths, config: FeatureConfig) -> tuple[int, ...]:
+    """The length buckets of a pool's feature groups: `length_buckets` of all its ``lengths``, with
+    at most one bucket per whole group of examples, ``min(n_buckets, max(1, len(lengths) // group))``.
+
+    Every bucket is a program of its own to trace and compile (with its short last group, two),
+    which on SmolLM2 costs about what the gradients of ten examples do; a pool smaller than a
+    group, such as a validation set of 16 pairs, is cheaper padded to one length than split over
+    four compiled shapes. Fitted to the whole pool, not to one shard's rows, so every shard of a
+    store uses the same shapes."""
+    lengths = np.asarray(lengths)
+    return length_buckets(lengths, min(config.n_buckets, max(1, len(lengths) // config.group)))
+
+
 def grouped_indices(lengths: np.ndarray, rows: np.ndarray, buckets, group: int, tail_multiple: int | None = None):
     """(bucket length, pool indices padded with -1) for ``rows``, sorted by length so each group
     holds examples of one bucket: ``group`` indices, except that with ``tail_multiple`` a bucket's
@@ -256,7 +271,7 @@ def compute_features(graphdef, trainable, frozen, pool: InstructionPool | Prefer
     trainable, frozen, reference, moments = placed_inputs(trainable, frozen, reference, moments, mesh)
     key = parallel.shard_replicated(config.projection.key(), mesh)
     extra = (*moments, key) if moments is not None else key
-    buckets = length_buckets(pool.lengths, config.n_buckets)
+    buckets = feature_buckets(pool.lengths, config)
     rows = np.asarray(rows, dtype=np.int64)
     position = {int(r): k for k, r in enumerate(rows)}
     out = np.zeros((len(rows), config.projection.dim), np.float32)

@@ -154,8 +154,21 @@ def test_a_buckets_last_group_is_padded_to_whole_chunks_only():
     assert full == [(16, 8), (16, 8), (64, 8)]  # without tail_multiple every group is whole
 
 
+def test_a_pool_smaller_than_a_group_has_one_bucket_and_a_larger_one_up_to_n_buckets():
+    from jraise.data.batching import length_buckets
+    from jraise.grads.features import feature_buckets
+
+    lengths = np.array([20, 33, 47, 90, 130, 150, 170, 190] * 2)  # 16 examples, as a validation set
+    assert feature_buckets(lengths, FeatureConfig(group=64)) == (192,)
+    assert feature_buckets(lengths, FeatureConfig(group=8)) == length_buckets(lengths, 2)
+    many = np.resize(lengths, 480)
+    assert feature_buckets(many, FeatureConfig(group=64)) == length_buckets(many, 4)
+    assert len(length_buckets(lengths, 4)) == 4  # what the small set had before: four programs
+
+
 def test_features_do_not_depend_on_the_group_size(setup):
-    """7 rows in groups of 16 (one short group of 8 rows) and in groups of 2: the same features."""
+    """7 rows in groups of 16 (one short group of 8 rows, one length bucket for the 30-example pool)
+    and in groups of 2 (four buckets): the same features."""
     _, pool, _, graphdef, trainable, frozen = setup
     rows = np.array([5, 0, 17, 3, 29, 11, 8])
     for mode in ("dense", "sjlt"):
