@@ -318,3 +318,15 @@ def test_bad_input_is_named(model, tok):
         evaluate(model, tok, LOSS_RECORDS, kinds=("bleu",))
     with pytest.raises(ValueError, match="no records with 'options'"):
         evaluate(model, tok, LOSS_RECORDS, kinds=("multiple_choice",))
+
+
+def test_a_partial_last_batch_is_padded_to_eight_rows_and_decodes_as_alone(eos_model, tok):
+    from jraise.eval.report import _batch_rows, greedy_completions, prompt_messages, prompt_token_ids
+
+    assert [_batch_rows(n, 32) for n in (1, 3, 8, 9, 31, 32)] == [8, 8, 8, 16, 32, 32]
+    assert _batch_rows(3, 4) == 4  # never past the batch size
+    prompts = prompt_token_ids(tok, [prompt_messages(r) for r in EM_RECORDS])
+    alone = [greedy_completions(eos_model, tok, [p], NEW_TOKENS, batch_size=1)[0] for p in prompts]
+    # 32-row batches: every batch is the partial last one, padded to a multiple of 8 rows.
+    assert greedy_completions(eos_model, tok, prompts, NEW_TOKENS, batch_size=32) == alone
+    assert greedy_completions(eos_model, tok, prompts[:3], NEW_TOKENS, batch_size=32) == alone[:3]
