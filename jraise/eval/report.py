@@ -417,9 +417,10 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Sequence[int]], max_n
     """Greedy replies to token-id prompts, decoded with ``skip_special_tokens=True``, in order.
 
     Prompts are sorted by length and left-padded to a few length buckets; a partial last batch is
-    filled with one-token padding prompts, whose outputs are dropped, up to `_batch_rows`. A prompt longer than
-    ``max_prompt_len`` (None: the model's ``max_position_embeddings`` less ``max_new_tokens``) is
-    refused before anything is generated; callers check lengths first to name the record.
+    filled up to `_batch_rows` with one-token padding prompts, whose outputs are dropped. A prompt
+    longer than ``max_prompt_len`` (None: the model's ``max_position_embeddings`` less
+    ``max_new_tokens``) is refused before anything is generated; callers check lengths first to
+    name the record.
     """
     if not prompts:
         return []
