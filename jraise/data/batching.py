@@ -97,6 +97,13 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     return min(fitting)
 
 
+def partial_group_rows(n: int, group: int, multiple: int) -> int:
+    """Rows to compute for a group holding ``n`` real rows: ``group``, or for a partial (last) group
+    the next multiple of ``multiple``: at most one more compiled shape per length, instead of up to
+    ``group - 1`` padding rows computed for nothing."""
+    return min(group, -(-n // multiple) * multiple)
+
+
 def _checked_indices(indices: Sequence[int], n: int, allow_padding: bool) -> np.ndarray:
     index = np.asarray(indices, dtype=np.int64).reshape(-1)
     real = index != PAD_INDEX if allow_padding else np.ones(len(index), dtype=bool)

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from jraise.atomic import atomic_write_text
-from jraise.data.batching import iterate_batches, length_buckets, pick_bucket
+from jraise.data.batching import iterate_batches, length_buckets, partial_group_rows, pick_bucket
 from jraise.data.formats import TemplateError, encode_rendered, read_records, render_conversation
 from jraise.data.pool import InstructionPool, load_pool, skipped_summary
 from jraise.data.records import Conversation, Location, RecordError, SourceRecord, user_prompt
@@ -278,11 +278,9 @@ PARTIAL_BATCH_MULTIPLE = 8  # a partial last batch is padded to a multiple of th
 
 
 def _batch_rows(n: int, batch_size: int) -> int:
-    """Rows of a batch holding ``n`` real rows: ``batch_size``, or for a partial last batch the next
-    multiple of `PARTIAL_BATCH_MULTIPLE` (at most one more compiled shape per length, instead of
-    up to ``batch_size - 1`` padding rows computed for nothing: 3 test prompts in a 32-row batch
-    cost 10x their own work)."""
-    return min(batch_size, -(-n // PARTIAL_BATCH_MULTIPLE) * PARTIAL_BATCH_MULTIPLE)
+    """Rows of a batch holding ``n`` real rows: `partial_group_rows` with `PARTIAL_BATCH_MULTIPLE`
+    (3 test prompts in a 32-row batch cost 10x their own work)."""
+    return partial_group_rows(n, batch_size, PARTIAL_BATCH_MULTIPLE)
 
 
 def _right_padded(rows: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, length: int, pad_id: int):

@@ -39,6 +39,7 @@ from jraise.data.batching import (
     PAD_INDEX,
     length_buckets,
     make_batch,
+    partial_group_rows,
     pick_bucket,
     preference_batch,
 )
@@ -211,7 +212,7 @@ def grouped_indices(lengths: np.ndarray, rows: np.ndarray, buckets, group: int, 
     for bucket, members in sorted(by_bucket.items()):
         for start in range(0, len(members), group):
             chunk = members[start : start + group]
-            size = group if tail_multiple is None else min(group, -(-len(chunk) // tail_multiple) * tail_multiple)
+            size = group if tail_multiple is None else partial_group_rows(len(chunk), group, tail_multiple)
             yield bucket, np.array(chunk + [PAD_INDEX] * (size - len(chunk)), dtype=np.int64)
 
 
